@@ -1,0 +1,58 @@
+# Every target that needs Python creates the virtualenv on first use, so a fresh clone needs only
+# `make pipeline` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build by default; GPU users pass e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+TORCH  ?= torch==2.13.0
+CONFIG ?= configs/tiny.yaml
+ARGS   ?=
+# `make ppo LAUNCH=configs/accelerate/ddp.yaml` runs the stages under `accelerate launch`.
+LAUNCH ?=
+STAMP  := $(VENV)/.installed-stamp
+RLHF   := $(BIN)/rlhf
+RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
+
+.PHONY: help setup test pretrain sft reward ppo pipeline report chat bench data status plan clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and alone: a bare `torch` requirement would otherwise pull the CUDA wheels.
+	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project (done automatically by every target)
+
+test: $(STAMP)  ## run the test suite (CPU, a few minutes)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+pretrain: $(STAMP)  ## train tokenizer + tiny model on data/ (artifact: pretrain)
+	$(RUN) --until pretrain $(ARGS)
+
+sft: $(STAMP)  ## supervised fine-tuning (runs pretrain first if needed)
+	$(RUN) --until sft $(ARGS)
+
+reward: $(STAMP)  ## reward model (runs pretrain and sft first if needed)
+	$(RUN) --until reward $(ARGS)
+
+ppo: $(STAMP)  ## PPO (runs every earlier stage first if needed)
+	$(RUN) --until ppo $(ARGS)
+
+pipeline: $(STAMP)  ## every stage of CONFIG, then the report
+	$(RUN) $(ARGS)
+
+plan: $(STAMP)  ## what `make pipeline` would run, and why
+	$(RLHF) plan $(CONFIG) $(ARGS)
+
+status: $(STAMP)  ## artifacts in the store with their lineage
+	$(RLHF) status $(CONFIG)
+
+data: $(STAMP)  ## rebuild data/ from the Debian packages fortunes and wordnet-base
+	$(BIN)/python data/build.py
+
+clean:  ## remove the artifact store, reports and runs (keeps .venv)
+	rm -rf artifacts reports runs

@@ -1,0 +1,211 @@
+"""The artifact store: content-keyed Hugging Face checkpoints that stages hand to each other.
+
+Layout under the root (a local path or any fsspec URL):
+
+    artifacts/<key>/          a loadable HF checkpoint + manifest.json (written last)
+    aliases/<experiment>/<stage>   a text file holding the key the experiment last produced
+    tmp/                      artifacts being built (local roots only; renamed into artifacts/ when done)
+    work/<key>/               resumable training state of a stage that has not finished yet
+
+An artifact without a manifest does not exist: readers check for manifest.json, writers put it last.
+On a local root the whole directory appears at once by rename, so a crash never leaves a half artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST = "manifest.json"
+
+
+def content_key(payload: dict[str, Any]) -> str:
+    """A stable 16-hex-digit key for the JSON-serialisable description of a piece of work."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def digest(text: str | None) -> str | None:
+    """Short sha256 of a string (tokenizer files, chat templates), for manifests and compatibility checks."""
+    return None if text is None else hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour decides what an artifact contains."""
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "rlhf-pipeline"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def code_version() -> str:
+    """The git commit of the project checkout (with '+dirty' for local changes), or 'unknown'."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class ArtifactStore:
+    """Content-keyed artifacts under a local path or fsspec URL, with atomic writes and aliases."""
+
+    def __init__(self, root: str, cache_dir: str | None = None):
+        self.url = str(root)
+        self.fs, path = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = path.rstrip("/") if not self.is_local else str(Path(path).resolve())
+        cache = cache_dir or os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf-pipeline"
+        # Remote artifacts are copied here before from_pretrained reads them.
+        self.cache = Path(cache) / content_key({"root": self.url})
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        """True when the artifact is complete (its manifest is there)."""
+        return self.fs.exists(self._path("artifacts", key, MANIFEST))
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        """The manifest of a complete artifact; KeyError when there is none."""
+        try:
+            with self.fs.open(self._path("artifacts", key, MANIFEST), "r") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise KeyError(f"no artifact {key} in {self.url}") from None
+
+    def keys(self) -> list[str]:
+        """Keys of all complete artifacts."""
+        found = self.fs.glob(self._path("artifacts", "*", MANIFEST))
+        return sorted(p.rstrip("/").split("/")[-2] for p in found)
+
+    def local_dir(self, key: str) -> Path:
+        """A local directory holding the artifact, ready for `from_pretrained` (remote roots are cached)."""
+        if not self.exists(key):
+            raise KeyError(f"no artifact {key} in {self.url}")
+        if self.is_local:
+            return Path(self._path("artifacts", key))
+        dest = self.cache / "artifacts" / key
+        if not (dest / MANIFEST).exists():
+            tmp = self.cache / "tmp" / f"{key}.{uuid.uuid4().hex[:8]}"
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get(self._path("artifacts", key) + "/", str(tmp), recursive=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(tmp, dest)
+            except OSError:  # another process cached it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, key: str) -> Iterator[Path]:
+        """A fresh local directory to build an artifact in; removed afterwards unless published."""
+        base = Path(self._path("tmp")) if self.is_local else self.cache / "tmp"
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=base))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, staged: Path, key: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest last and make the staged directory the artifact `key`, atomically."""
+        manifest = {**manifest, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        with open(staged / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+        if self.is_local:
+            dest = Path(self._path("artifacts", key))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if (dest / MANIFEST).exists():  # same key = same work; someone finished it first
+                return
+            if dest.exists():  # a directory without a manifest is not an artifact: replace it
+                shutil.rmtree(dest)
+            os.rename(staged, dest)
+            return
+        # Remote roots have no rename: upload everything, the manifest last, so readers that check
+        # for the manifest never see a partial artifact.
+        dest = self._path("artifacts", key)
+        for path in sorted(staged.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                self.fs.makedirs(self._path("artifacts", key, *path.relative_to(staged).parts[:-1]), exist_ok=True)
+                self.fs.put_file(str(path), dest + "/" + path.relative_to(staged).as_posix())
+        self.fs.put_file(str(staged / MANIFEST), dest + "/" + MANIFEST)
+
+    def work_dir(self, key: str) -> Path:
+        """Local directory for the resumable training state of the work that will produce `key`."""
+        base = Path(self._path("work")) if self.is_local else self.cache / "work"
+        path = base / key
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clear_work(self, key: str) -> None:
+        """Drop the training state of finished work."""
+        base = Path(self._path("work")) if self.is_local else self.cache / "work"
+        shutil.rmtree(base / key, ignore_errors=True)
+
+    # ---- aliases -------------------------------------------------------------------------------
+
+    def set_alias(self, experiment: str, stage: str, key: str) -> None:
+        """Point `<experiment>/<stage>` at `key`."""
+        path = self._path("aliases", experiment, stage)
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}"
+            Path(tmp).write_text(key + "\n")
+            os.replace(tmp, path)
+        else:
+            self.fs.makedirs(self._path("aliases", experiment), exist_ok=True)
+            self.fs.pipe_file(path, (key + "\n").encode())
+
+    def alias(self, experiment: str, stage: str) -> str | None:
+        """The key `<experiment>/<stage>` points at, or None."""
+        path = self._path("aliases", experiment, stage)
+        try:
+            with self.fs.open(path, "r") as f:
+                return f.read().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def resolve(self, ref: str) -> str:
+        """A key from a key, a unique key prefix, or an alias `<experiment>/<stage>`."""
+        if "/" in ref:
+            experiment, stage = ref.split("/", 1)
+            key = self.alias(experiment, stage)
+            if key is None:
+                raise KeyError(f"no alias {ref} in {self.url}")
+            return key
+        matches = [k for k in self.keys() if k.startswith(ref)]
+        if len(matches) != 1:
+            raise KeyError(f"{ref!r} matches {len(matches)} artifacts in {self.url}")
+        return matches[0]

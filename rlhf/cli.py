@@ -1,0 +1,142 @@
+"""The `rlhf` command: run, plan and inspect experiments.
+
+    rlhf run CONFIG [key=value ...] [--until STAGE] [--force STAGE]
+    rlhf plan CONFIG [key=value ...]
+    rlhf status [CONFIG] [--store ROOT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+log = logging.getLogger("rlhf")
+
+HEADLINE = ("perplexity", "unigram_perplexity", "eos_rate", "accuracy", "gold_score", "kl")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(config: str, overrides: list[str]):
+    from rlhf.config import load_experiment
+    from rlhf.pipeline import Pipeline
+
+    return Pipeline(load_experiment(config, overrides))
+
+
+def _fmt_metrics(metrics: dict) -> str:
+    parts = []
+    for k in HEADLINE:
+        v = metrics.get(k)
+        if isinstance(v, (int, float)):
+            parts.append(f"{k} {v:.3g}")
+    return ", ".join(parts)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    pipeline = _load(args.config, args.overrides)
+    t0 = time.time()
+    results = pipeline.run(until=args.until, force=tuple(args.force))
+    print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  metrics")
+    for r in results:
+        print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {_fmt_metrics(r.metrics)}")
+    for r in results:
+        if not r.ran:
+            print(f"{r.name}: up to date (key {r.key})")
+    print(f"total {time.time() - t0:.1f}s; store {pipeline.store.url}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    pipeline = _load(args.config, args.overrides)
+    for step in pipeline.plan(until=args.until, force=tuple(args.force)):
+        state = "will run" if step.will_run else "up to date"
+        print(f"{step.name:<10} {step.key}  {state:<10}  {step.reason if step.will_run else ''}".rstrip())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rlhf.artifacts import ArtifactStore
+
+    if args.config:
+        from rlhf.config import load_experiment
+
+        cfg = load_experiment(args.config, args.overrides).config
+        store = ArtifactStore(args.store or cfg.store, cfg.cache_dir)
+    else:
+        store = ArtifactStore(args.store or "artifacts")
+    keys = store.keys()
+    if not keys:
+        print(f"no artifacts in {store.url}")
+        return 0
+    manifests = {k: store.manifest(k) for k in keys}
+    print(f"{len(keys)} artifact(s) in {store.url}\n")
+    for key, m in sorted(manifests.items(), key=lambda kv: kv[1].get("created", "")):
+        exp, stage = m.get("experiment"), m.get("stage")
+        alias = f"  [{exp}/{stage}]" if store.alias(exp, stage) == key else ""
+        print(f"{key}  {stage:<9} {m.get('kind', ''):<13} {m.get('created', '')}{alias}")
+        for fname, ref in m.get("inputs", {}).items():
+            src = ref.get("stage") or ref.get("external")
+            print(f"    <- {fname}: {src} {ref.get('key')}")
+        headline = _fmt_metrics(m.get("metrics", {}))
+        if headline:
+            print(f"    {headline}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf",
+        description="Pretrain -> SFT -> reward model -> PPO, as stages that hand checkpoints through an artifact store.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def experiment_args(sp: argparse.ArgumentParser, config_required: bool = True) -> None:
+        sp.add_argument("config", nargs=None if config_required else "?", help="experiment YAML, e.g. configs/tiny.yaml")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.pretrain.max_steps=50")
+
+    run = sub.add_parser("run", help="run every out-of-date stage of an experiment")
+    experiment_args(run)
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs what it needs first)")
+    run.add_argument("--force", metavar="STAGE", action="append", default=[], help="rerun this stage even if up to date")
+    run.set_defaults(fn=cmd_run)
+
+    plan = sub.add_parser("plan", help="show each stage's key, whether it would run, and why")
+    experiment_args(plan)
+    plan.add_argument("--until", metavar="STAGE")
+    plan.add_argument("--force", metavar="STAGE", action="append", default=[])
+    plan.set_defaults(fn=cmd_plan)
+
+    status = sub.add_parser("status", help="list the artifacts in a store with their lineage")
+    experiment_args(status, config_required=False)
+    status.add_argument("--store", help="store root (default: the config's, else ./artifacts)")
+    status.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from rlhf.config import ConfigError
+    from rlhf.data import DataError
+    from rlhf.stage import StageError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished artifacts are kept, training state resumes on the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Data: load local files or hub datasets, validate every row, fingerprint for artifact keys.
+
+Wherever YAML names data it may name a local file (.jsonl, .json, .parquet, .txt, optionally .gz) or a
+hub dataset id (`owner/name`, with `#split` to pick a split; default `train`). Schemas (JSON Lines):
+
+    text         {"text"}
+    sft          {"prompt", "response"}  or  {"messages": [{"role", "content"}, ...]}
+    preferences  {"prompt", "chosen", "rejected"}
+    prompts      {"prompt"}
+
+Errors name the file and line (or row) and say what is wrong: `data/sft.jsonl line 41: "response" is empty`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+SCHEMAS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # each schema: alternative sets of required non-empty string fields
+    "text": (("text",),),
+    "sft": (("prompt", "response"), ("messages",)),
+    "preferences": (("prompt", "chosen", "rejected"),),
+    "prompts": (("prompt",),),
+}
+
+
+class DataError(ValueError):
+    """A data file or row is unusable; the message names the file and line or row."""
+
+
+def is_local(spec: str) -> bool:
+    """A data spec names a local file when it exists or carries a data-file suffix."""
+    return Path(spec).exists() or Path(spec.removesuffix(".gz")).suffix in LOCAL_SUFFIXES
+
+
+def fingerprint(spec: str) -> str:
+    """Content hash of a local file, or the id and split of a hub dataset (the hub pins revisions)."""
+    if is_local(spec):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"{spec}: file not found")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()[:16]
+    return "hub:" + spec
+
+
+def _open_text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line, decoding strictly so bad bytes are reported by line."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    for number, line in enumerate(io.BytesIO(raw), start=1):
+        try:
+            yield number, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path} line {number}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                "re-encode the file as UTF-8"
+            ) from None
+
+
+def _check_row(row: Any, schema: str, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    options = SCHEMAS[schema]
+    fields = next((opt for opt in options if all(k in row for k in opt)), None)
+    if fields is None:
+        wanted = " or ".join("{" + ", ".join(f'"{k}"' for k in opt) + "}" for opt in options)
+        raise DataError(f"{where}: missing field(s); a {schema} row needs {wanted}, got keys {sorted(row)}")
+    for k in fields:
+        value = row[k]
+        if k == "messages":
+            _check_messages(value, where)
+        elif not isinstance(value, str):
+            raise DataError(f'{where}: "{k}" must be a string, got {type(value).__name__}')
+        elif not value.strip():
+            raise DataError(f'{where}: "{k}" is empty')
+    if schema == "preferences" and row["chosen"].strip() == row["rejected"].strip():
+        raise DataError(f'{where}: "chosen" and "rejected" are identical; a preference needs two different responses')
+    return row
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f'{where}: messages[{i}] needs "role" system, user or assistant')
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise DataError(f'{where}: messages[{i}] "content" is empty or not a string')
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f'{where}: the last message must be the assistant\'s response')
+
+
+def read_local(path: Path, schema: str) -> list[dict[str, Any]]:
+    """Read and validate every row of a local .jsonl/.json/.txt file (optionally gzipped)."""
+    kind = Path(str(path).removesuffix(".gz")).suffix
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if kind == ".txt":
+        if schema != "text":
+            raise DataError(f"{path}: a .txt file holds plain text (one document per line), not {schema} rows")
+        rows = [{"text": line.rstrip("\n")} for _, line in _open_text_lines(path) if line.strip()]
+    elif kind == ".json":
+        text = "".join(line for _, line in _open_text_lines(path))
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a .json data file must hold a list of objects")
+        rows = [_check_row(r, schema, f"{path} item {i}") for i, r in enumerate(data)]
+    else:
+        rows = []
+        for number, line in _open_text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_check_row(row, schema, f"{path} line {number}"))
+    if not rows:
+        raise DataError(f"{path}: file is empty; it needs at least one {schema} row")
+    return rows
+
+
+def load_rows(spec: str, schema: str, limit: int | None = None):
+    """Load a local file or hub dataset as a `datasets.Dataset`, every row validated against `schema`."""
+    import datasets
+
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; one of {sorted(SCHEMAS)}")
+    if is_local(spec):
+        path = Path(spec)
+        if Path(spec.removesuffix(".gz")).suffix == ".parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+            _validate_dataset(ds, schema, spec)
+        else:
+            ds = datasets.Dataset.from_list(read_local(path, schema))
+    else:
+        name, _, split = spec.partition("#")
+        try:
+            ds = datasets.load_dataset(name, split=split or "train")
+        except Exception as e:  # the hub client raises many types; the message is what matters
+            raise DataError(
+                f"{spec}: not a local file and could not be loaded as a hub dataset ({type(e).__name__}: {e}). "
+                "Check the path, or the dataset id and network access (HF_HUB_OFFLINE)."
+            ) from None
+        _validate_dataset(ds, schema, spec)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return ds
+
+
+def _validate_dataset(ds, schema: str, spec: str) -> None:
+    if len(ds) == 0:
+        raise DataError(f"{spec}: dataset is empty; it needs at least one {schema} row")
+    for i, row in enumerate(ds):
+        _check_row(row, schema, f"{spec} row {i}")
+
+
+def pack_texts(ds, tokenizer, block_size: int, num_proc: int | None = None):
+    """Tokenize documents, join them with EOS and cut into `block_size` blocks (causal-LM packing).
+
+    Every block is full, so no padding and no attention mask are needed; the tail shorter than a
+    block is dropped.
+    """
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids]}
+
+    def group(batch):
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        n = (len(flat) // block_size) * block_size
+        return {"input_ids": [flat[i : i + block_size] for i in range(0, n, block_size)]}
+
+    tokenized = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
+    return tokenized.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks")

@@ -1,0 +1,190 @@
+"""The stage graph: order stages by their inputs, compute every key up front, run what is out of date."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.artifacts import ArtifactStore
+from rlhf.config import ConfigError, Experiment
+from rlhf.models import external_fingerprint
+from rlhf.stage import InputRef, Stage, registered_stages
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class PlannedStage:
+    """One stage of a plan: its key, whether it must run, and why."""
+
+    name: str
+    stage: Stage
+    key: str
+    will_run: bool
+    reason: str
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    ran: bool
+    seconds: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """An experiment's stages, ordered by their inputs, over one artifact store."""
+
+    def __init__(self, experiment: Experiment, store: ArtifactStore | None = None):
+        self.experiment = experiment
+        cfg = experiment.config
+        self.store = store or ArtifactStore(cfg.store, cfg.cache_dir)
+        self.order = self._order()
+        self.stages = self._instantiate()
+
+    def _upstream(self, name: str) -> dict[str, str | None]:
+        """For each input field of stage `name`: the upstream stage it names, or None for an outside model."""
+        spec = self.experiment.stages[name]
+        known = set(registered_stages())
+        out: dict[str, str | None] = {}
+        for fname in spec.cls.inputs:
+            value = getattr(spec.config, fname)
+            if value in self.experiment.stages:
+                out[fname] = value
+            elif value in known:
+                raise ConfigError(
+                    f"{self.experiment.source}: stages.{name}.{fname} = {value!r} names a stage that is not in "
+                    f"this experiment; add a `{value}:` block under stages, or name a hub id or local model directory"
+                )
+            else:
+                out[fname] = None
+        return out
+
+    def _order(self) -> list[str]:
+        order: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in order:
+                return
+            if name in visiting:
+                raise ConfigError(f"{self.experiment.source}: stage inputs form a cycle through {name!r}")
+            visiting.add(name)
+            for up in self._upstream(name).values():
+                if up:
+                    visit(up)
+            visiting.discard(name)
+            order.append(name)
+
+        for name in self.experiment.stages:
+            visit(name)
+        return order
+
+    def _instantiate(self) -> dict[str, Stage]:
+        stages: dict[str, Stage] = {}
+        for name in self.order:
+            spec = self.experiment.stages[name]
+            refs = {}
+            for fname, up in self._upstream(name).items():
+                value = getattr(spec.config, fname)
+                if up:
+                    refs[fname] = InputRef(fname, stages[up].key, stage=up)
+                else:
+                    refs[fname] = InputRef(fname, external_fingerprint(value), external=value)
+            stages[name] = spec.cls(spec.config, self.experiment.config, self.store, refs, stage_name=name)
+        return stages
+
+    def selected(self, until: str | None = None) -> list[str]:
+        """Stage names to consider: all, or `until` and everything it needs."""
+        if until is None:
+            return list(self.order)
+        if until not in self.stages:
+            known = registered_stages()
+            hint = "" if until in known else " (this stage is not built yet)"
+            raise ConfigError(
+                f"{self.experiment.source}: no stage {until!r} in this experiment{hint}; stages: {', '.join(self.order)}"
+            )
+        needed: set[str] = set()
+
+        def add(name: str) -> None:
+            needed.add(name)
+            for up in self._upstream(name).values():
+                if up:
+                    add(up)
+
+        add(until)
+        return [n for n in self.order if n in needed]
+
+    def plan(self, until: str | None = None, force: tuple[str, ...] | list[str] = ()) -> list[PlannedStage]:
+        """What `run` would do: each stage's key, whether it runs, and why."""
+        for name in force:
+            if name not in self.stages:
+                raise ConfigError(f"--force {name}: no such stage; stages: {', '.join(self.order)}")
+        plan: list[PlannedStage] = []
+        running: set[str] = set()
+        for name in self.selected(until):
+            stage = self.stages[name]
+            ups = [u for u in self._upstream(name).values() if u]
+            if name in force:
+                will, why = True, "forced"
+            elif self.store.exists(stage.key):
+                will, why = False, "up to date"
+            elif running.intersection(ups):
+                will, why = True, f"input {', '.join(sorted(running.intersection(ups)))} will run"
+            else:
+                will, why = True, self._why_new(name, stage)
+            if will:
+                running.add(name)
+            plan.append(PlannedStage(name, stage, stage.key, will, why))
+        return plan
+
+    def _why_new(self, name: str, stage: Stage) -> str:
+        """Explain a missing key by comparing with the artifact the experiment's alias points at."""
+        old_key = self.store.alias(self.experiment.name, name)
+        if old_key is None or not self.store.exists(old_key):
+            return "never built"
+        old = self.store.manifest(old_key)
+        payload = stage.key_payload()
+        # Only result-relevant fields are in the payload, so logging-only edits never show up here.
+        changes = _diff("", old.get("config", {}), payload["config"])
+        if old.get("seed") != payload["seed"]:
+            changes.append(f"seed {old.get('seed')} -> {payload['seed']}")
+        if old.get("data") != payload["data"]:
+            changes.append("data changed")
+        old_inputs = {f: v["key"] for f, v in old.get("inputs", {}).items()}
+        if old_inputs != payload["inputs"]:
+            changes.append("inputs changed")
+        if not changes:
+            changes.append(f"stage code changed ({old.get('class')})")
+        return f"changed since {old_key[:8]}: " + "; ".join(changes[:6])
+
+    def run(self, until: str | None = None, force: tuple[str, ...] | list[str] = ()) -> list[StageResult]:
+        """Run every out-of-date stage up to `until`, in order; skip the up-to-date ones."""
+        results = []
+        for step in self.plan(until, force):
+            if not step.will_run:
+                log.info("%s: up to date (key %s)", step.name, step.key)
+                self.store.set_alias(self.experiment.name, step.name, step.key)
+                results.append(StageResult(step.name, step.key, False, 0.0, self.store.manifest(step.key)["metrics"]))
+                continue
+            log.info("%s: running (key %s): %s", step.name, step.key, step.reason)
+            t0 = time.time()
+            manifest = step.stage.run()
+            results.append(StageResult(step.name, step.key, True, time.time() - t0, manifest["metrics"]))
+        return results
+
+
+def _diff(prefix: str, old: Any, new: Any) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in new:
+            if k in old:
+                out += _diff(f"{prefix}{k}.", old[k], new[k])
+            else:
+                out.append(f"{prefix}{k} added")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
+

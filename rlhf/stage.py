@@ -1,0 +1,234 @@
+"""The Stage base class: one piece of work that turns input artifacts into an output artifact.
+
+`run()` is the lifecycle every stage shares:
+
+    1. validate inputs   upstream artifacts exist and fit together
+    2. setup             seed, tracking, models, data (the stage's `setup`)
+    3. resume            training state under the store's work/<key>/ is picked up by `train`
+    4. train             the stage's own loop or trainer
+    5. evaluate          held-out metrics, into the manifest
+    6. save              into a staging directory; reloaded and compared; published atomically
+
+Subclasses declare `name`, `config_class`, `kind`, `inputs` and implement `setup`, `train`,
+`evaluate` and `save`. Researchers subclass a stage and point the YAML at it with `class:`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, ClassVar
+
+from rlhf.artifacts import ArtifactStore, code_version, content_key, library_versions
+from rlhf.config import ConfigError, ExperimentConfig, as_dict, import_object, result_config
+
+log = logging.getLogger("rlhf")
+
+ENTRY_POINT_GROUP = "rlhf.stages"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or produced something unusable; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """Where a stage input comes from: an upstream stage's artifact, or a model from outside.
+
+    `stage` is set for upstream stages (then `key` is that stage's artifact key); otherwise `external`
+    is a hub id or a local Hugging Face directory, and `key` is its fingerprint.
+    """
+
+    field: str
+    key: str
+    stage: str | None = None
+    external: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.stage} ({self.key})" if self.stage else f"{self.external} ({self.key})"
+
+
+def registered_stages() -> dict[str, str]:
+    """Stage names registered through the `rlhf.stages` entry points, with their class paths."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def stage_class(name: str, class_path: str | None = None) -> type[Stage]:
+    """The class that runs stage `name`: `class_path` if given, else the registered one."""
+    if class_path:
+        cls = import_object(class_path, "class")
+    else:
+        known = registered_stages()
+        if name not in known:
+            raise ConfigError(
+                f"no stage named {name!r} (registered: {', '.join(sorted(known)) or 'none'}); "
+                f"name a class with `class: package.module:StageClass`"
+            )
+        cls = import_object(known[name], "class")
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise ConfigError(f"class {class_path or name!r} is not a subclass of rlhf.stage.Stage")
+    return cls
+
+
+class Stage:
+    """Base class of every stage. See the module docstring for the lifecycle."""
+
+    name: ClassVar[str] = "stage"
+    """Default stage name (the key of its block under `stages:`)."""
+    config_class: ClassVar[type]
+    """The dataclass its YAML block is validated against."""
+    kind: ClassVar[str] = "causal-lm"
+    """What the artifact is: causal-lm, reward-model or policy."""
+    inputs: ClassVar[dict[str, str]] = {}
+    """Config fields that name an input model, with the upstream stage each defaults to."""
+
+    def __init__(
+        self,
+        config: Any,
+        experiment: ExperimentConfig,
+        store: ArtifactStore,
+        inputs: dict[str, InputRef] | None = None,
+        stage_name: str | None = None,
+    ):
+        self.config = config
+        self.experiment = experiment
+        self.store = store
+        self.input_refs = inputs or {}
+        self.stage_name = stage_name or self.name
+        self.seed = experiment.seed
+        self._key: str | None = None
+
+    # ---- identity ------------------------------------------------------------------------------
+
+    def data_files(self) -> dict[str, str | None]:
+        """The data this stage reads, by role (local paths or hub dataset ids). Part of the key."""
+        return {}
+
+    def data_fingerprints(self) -> dict[str, str]:
+        from rlhf.data import fingerprint
+
+        return {role: fingerprint(spec) for role, spec in self.data_files().items() if spec}
+
+    def key_payload(self) -> dict[str, Any]:
+        """Everything that decides what this stage produces; its hash is the artifact key."""
+        cls = type(self)
+        return {
+            "stage": f"{cls.__module__}.{cls.__qualname__}",
+            "config": result_config(self.config),
+            "inputs": {f: ref.key for f, ref in sorted(self.input_refs.items())},
+            "data": self.data_fingerprints(),
+            "seed": self.seed,
+        }
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = content_key(self.key_payload())
+        return self._key
+
+    def input_path(self, field: str) -> str:
+        """A path or hub id that `from_pretrained` can load for input `field`."""
+        ref = self.input_refs[field]
+        if ref.stage is not None:
+            return str(self.store.local_dir(ref.key))
+        return ref.external  # type: ignore[return-value]
+
+    def input_manifest(self, field: str) -> dict[str, Any] | None:
+        ref = self.input_refs[field]
+        return self.store.manifest(ref.key) if ref.stage is not None else None
+
+    # ---- lifecycle (override these) ------------------------------------------------------------
+
+    def validate_inputs(self) -> None:
+        """Step 1: fail early when inputs are missing or do not fit together."""
+        for ref in self.input_refs.values():
+            if ref.stage is not None and not self.store.exists(ref.key):
+                raise StageError(
+                    f"{self.stage_name}: input {ref.field} = stage {ref.stage!r} has no artifact {ref.key} "
+                    f"in {self.store.url}; run `rlhf run <config> --until {ref.stage}` first"
+                )
+
+    def setup(self) -> None:
+        """Step 2: build models, tokenizer and data. `self.work_dir` is ready for resumable state."""
+        raise NotImplementedError
+
+    def train(self) -> dict[str, float]:
+        """Step 3-4: train, resuming from the state under `self.work_dir` if any; return metrics."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, Any]:
+        """Step 5: held-out metrics for the manifest."""
+        return {}
+
+    def save(self, out: Path) -> None:
+        """Step 6: write a loadable Hugging Face checkpoint (model, tokenizer, generation config) to `out`."""
+        raise NotImplementedError
+
+    def verify_saved(self, out: Path) -> None:
+        """Reload what `save` wrote and check it behaves like the model in memory."""
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """Stage-specific manifest fields (tokenizer digests, reward statistics, ...)."""
+        return {}
+
+    # ---- the shared run ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run the whole lifecycle and return the manifest of the published artifact."""
+        from accelerate import PartialState
+
+        from rlhf.tracking import Tracker
+
+        started = time.time()
+        state = PartialState()
+        # 1. validate inputs
+        self.validate_inputs()
+        # 2. setup: seed every RNG, open tracking, build models and data
+        from transformers import set_seed
+
+        set_seed(self.seed)
+        self.work_dir = self.store.work_dir(self.key)
+        self.tracker = Tracker(self.experiment, self.stage_name, self.key, enabled=state.is_main_process)
+        try:
+            self.setup()
+            # 3-4. train (resuming from self.work_dir when a checkpoint is there)
+            train_metrics = self.train()
+            # 5. evaluate
+            eval_metrics = self.evaluate()
+            metrics = {**train_metrics, **eval_metrics}
+            self.tracker.summary(metrics)
+            # 6. save, reload-check and publish (main process only; others wait)
+            manifest = self.build_manifest(metrics, time.time() - started)
+            if state.is_main_process:
+                with self.store.staging(self.key) as out:
+                    self.save(out)
+                    self.verify_saved(out)
+                    self.tracker.copy_metrics(out)
+                    self.store.publish(out, self.key, manifest)
+                self.store.set_alias(self.experiment.name, self.stage_name, self.key)
+                self.store.clear_work(self.key)
+            state.wait_for_everyone()
+        finally:
+            self.tracker.close()
+        return self.store.manifest(self.key)
+
+    def build_manifest(self, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+        cls = type(self)
+        return {
+            "stage": self.stage_name,
+            "class": f"{cls.__module__}:{cls.__qualname__}",
+            "kind": self.kind,
+            "experiment": self.experiment.name,
+            "inputs": {f: {"key": r.key, "stage": r.stage, "external": r.external} for f, r in self.input_refs.items()},
+            "config": as_dict(self.config),
+            "seed": self.seed,
+            "data": self.data_fingerprints(),
+            "libraries": library_versions(),
+            "code_version": code_version(),
+            "metrics": metrics,
+            "seconds": round(seconds, 1),
+            **self.manifest_extra(),
+        }
