@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny real-looking data, a 2-layer experiment, a store in a temporary directory.
+
+Every test runs offline (HF_HUB_OFFLINE) with wandb disabled unless a test turns it on, in its own
+working directory so runs/ and artifacts/ never touch the checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = (
+    "the a cat dog bird sat ran sang on in under over mat tree sky happy sad bright dark "
+    "morning evening river stone quick slow green red blue small large old young"
+).split()
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))).capitalize() + "." for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A fresh working directory (runs/ and relative stores land here)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_data(workdir) -> dict[str, Path]:
+    """Small text corpora in the project's schemas."""
+    d = workdir / "data"
+    return {
+        "pretrain_train": write_jsonl(d / "pretrain_train.jsonl", [{"text": s} for s in sentences(600, 0)]),
+        "pretrain_eval": write_jsonl(d / "pretrain_eval.jsonl", [{"text": s} for s in sentences(60, 1)]),
+    }
+
+
+def tiny_config(data: dict[str, Path], store: str, **pretrain) -> dict:
+    """A 2-layer experiment that trains in seconds."""
+    block = {
+        "train_data": str(data["pretrain_train"]),
+        "eval_data": str(data["pretrain_eval"]),
+        "tokenizer": {"vocab_size": 320, "min_frequency": 1},
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64},
+        "block_size": 32,
+        "max_steps": 8,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "eval_blocks": 16,
+        "logging_steps": 2,
+        "save_steps": 4,
+    }
+    block.update(pretrain)
+    return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled"}, "stages": {"pretrain": block}}
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_yaml(workdir, tiny_data) -> Path:
+    return write_config(workdir / "exp.yaml", tiny_config(tiny_data, str(workdir / "store")))
