@@ -170,10 +170,10 @@ def _typed(cls: type, data: Any, layers: list[tuple[str, DictConfig]], prefix: s
         key = prefix + str(e.full_key or e.key)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{_origin(layers, key)}: {key}: wrong type: {msg}") from None
-    except ConfigError as e:  # raised by a dataclass's own __post_init__ checks
-        raise ConfigError(f"{layers[-1][0]}: {prefix}{e}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{layers[-1][0]}: {prefix.rstrip('.')}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # a dataclass's own __post_init__ checks, which name their field
+        raise ConfigError(f"{layers[-1][0]}: {prefix}{e}") from None
 
 
 def _field_owner(cls: type, dotted: str) -> type:
