@@ -1,0 +1,48 @@
+"""PPO for RLHF: the math (`core`) and KL-coefficient controllers (`kl`).
+
+Everything here is pure tensor arithmetic with plain-float hyperparameters; the training loop that
+generates rollouts and calls these lives elsewhere.
+"""
+
+from rlhf.ppo.core import (
+    apply_no_eos_penalty,
+    compute_rewards,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    has_eos,
+    kl_k1,
+    kl_k3,
+    last_token_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    response_mask_from_eos,
+    value_loss,
+)
+from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "apply_no_eos_penalty",
+    "compute_rewards",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "has_eos",
+    "kl_k1",
+    "kl_k3",
+    "last_token_index",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "response_mask_from_eos",
+    "value_loss",
+]

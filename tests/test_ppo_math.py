@@ -1,0 +1,456 @@
+"""Golden tests for the PPO math in rlhf.ppo.
+
+Expected values are derived by hand; the arithmetic is written next to each one. Padding positions
+hold large or NaN values on purpose, so a function that ignored its mask would fail.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    apply_no_eos_penalty,
+    compute_rewards,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    has_eos,
+    kl_k1,
+    kl_k3,
+    last_token_index,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    response_mask_from_eos,
+    value_loss,
+)
+
+ATOL = 1e-6
+NAN = float("nan")
+
+
+def close(actual: torch.Tensor, expected, atol: float = ATOL) -> None:
+    """Assert `actual` equals `expected` elementwise within a tight absolute tolerance."""
+    expected = torch.as_tensor(expected, dtype=actual.dtype)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked reductions
+# --------------------------------------------------------------------------------------------------
+
+# Real entries 1, 2, 4; padding holds 100 (would shift every statistic if the mask were ignored).
+X = torch.tensor([[1.0, 2.0, 100.0], [4.0, 100.0, 100.0]])
+M = torch.tensor([[True, True, False], [True, False, False]])
+
+
+def test_masked_sum_and_mean():
+    # sum = 1 + 2 + 4 = 7; mean = 7 / 3
+    close(masked_sum(X, M), 7.0)
+    close(masked_mean(X, M), 7.0 / 3.0)
+    # per row: (1 + 2) / 2 = 1.5 and 4 / 1 = 4; sums 3 and 4
+    close(masked_mean(X, M, dim=1), [1.5, 4.0])
+    close(masked_sum(X, M, dim=1), [3.0, 4.0])
+    # per column: (1 + 4) / 2 = 2.5, 2 / 1 = 2, no entries -> 0
+    close(masked_mean(X, M, dim=0), [2.5, 2.0, 0.0])
+
+
+def test_masked_mean_ignores_nan_in_padding_and_empty_mask_gives_zero():
+    x = torch.tensor([[1.0, 3.0, NAN]])
+    mask = torch.tensor([[True, True, False]])
+    # (1 + 3) / 2 = 2; the NaN sits in padding and must not leak in
+    close(masked_mean(x, mask), 2.0)
+    close(masked_mean(x, torch.zeros_like(mask)), 0.0)
+
+
+def test_masked_var():
+    # mean = 7/3; deviations -4/3, -1/3, 5/3; squares 16/9 + 1/9 + 25/9 = 42/9 = 14/3
+    # unbiased: (14/3) / (3 - 1) = 7/3; biased: (14/3) / 3 = 14/9
+    close(masked_var(X, M), 7.0 / 3.0)
+    close(masked_var(X, M, unbiased=True), 7.0 / 3.0)
+    close(masked_var(X, M, unbiased=False), 14.0 / 9.0)
+    # A single real entry has variance 0 (not NaN from dividing by n - 1 = 0).
+    close(masked_var(X, torch.tensor([[True, False, False], [False, False, False]])), 0.0)
+
+
+def test_masked_whiten():
+    # mean = 7/3, unbiased var = 7/3 (see test_masked_var), so
+    # whitened = [1 - 7/3, 2 - 7/3, 4 - 7/3] / sqrt(7/3 + eps) = [-4/3, -1/3, 5/3] / sqrt(7/3 + eps)
+    eps = 1e-8
+    s = math.sqrt(7.0 / 3.0 + eps)
+    close(masked_whiten(X, M, eps=eps), [[-4 / 3 / s, -1 / 3 / s, 0.0], [5 / 3 / s, 0.0, 0.0]])
+    # shift_mean=False adds the mean 7/3 back to real entries; padding stays 0.
+    m = 7.0 / 3.0
+    close(
+        masked_whiten(X, M, shift_mean=False, eps=eps),
+        [[-4 / 3 / s + m, -1 / 3 / s + m, 0.0], [5 / 3 / s + m, 0.0, 0.0]],
+    )
+
+
+def test_masked_whiten_gives_zero_mean_unit_variance_on_random_data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, generator=g, dtype=torch.float64) * 3.0 + 5.0
+    mask = torch.rand(4, 9, generator=g) > 0.3
+    w = masked_whiten(x, mask)
+    close(masked_mean(w, mask), 0.0, atol=1e-12)
+    close(masked_var(w, mask), 1.0, atol=1e-6)
+    assert torch.all(w[~mask] == 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators
+# --------------------------------------------------------------------------------------------------
+
+
+def test_kl_estimators_hand_values():
+    logp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    # k1 = logp - ref = [-1 + 1.5, -2 + 1] = [0.5, -1.0]
+    close(kl_k1(logp, ref), [[0.5, -1.0]])
+    # k3: d = ref - logp = [-0.5, 1.0]; r = e^d; k3 = (r - 1) - d
+    #   token 0: e^-0.5 - 1 + 0.5 = 0.6065306597 - 0.5 = 0.1065306597
+    #   token 1: e^1 - 1 - 1     = 2.7182818285 - 2   = 0.7182818285
+    # (with logp and ref swapped token 0 would be e^0.5 - 1.5 = 0.1487212707)
+    close(kl_k3(logp, ref), [[0.1065306597, 0.7182818285]])
+
+
+def test_kl_estimators_zero_when_equal_and_k3_nonnegative():
+    g = torch.Generator().manual_seed(1)
+    logp = -torch.rand(8, 16, generator=g) * 5.0
+    ref = -torch.rand(8, 16, generator=g) * 5.0
+    assert torch.all(kl_k1(logp, logp) == 0)
+    assert torch.all(kl_k3(logp, logp) == 0)
+    assert torch.all(kl_k3(logp, ref) >= 0)
+    # Tiny differences must not round below 0 either.
+    assert torch.all(kl_k3(logp, logp + 1e-7) >= 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# --------------------------------------------------------------------------------------------------
+
+
+def test_logprobs_from_logits_with_temperature():
+    # logits [0, ln 2, ln 3]: at T=1 softmax is [1, 2, 3] / 6.
+    logits = torch.tensor([[[0.0, math.log(2.0), math.log(3.0)]] * 2])  # (1, 2, 3)
+    tokens = torch.tensor([[2, 0]])
+    # T=1: log p(2) = ln(3/6) = ln(1/2); log p(0) = ln(1/6)
+    close(logprobs_from_logits(logits, tokens), [[math.log(0.5), math.log(1 / 6)]])
+    # T=2: softmax(logits / 2) is proportional to [1, sqrt 2, sqrt 3], Z = 1 + sqrt 2 + sqrt 3
+    z = 1.0 + math.sqrt(2.0) + math.sqrt(3.0)
+    close(
+        logprobs_from_logits(logits, tokens, temperature=2.0),
+        [[math.log(math.sqrt(3.0) / z), math.log(1.0 / z)]],
+    )
+    # The caller's logits are not modified by the temperature division.
+    close(logits[0, 0], [0.0, math.log(2.0), math.log(3.0)])
+
+
+def test_logprobs_match_log_softmax_gather_and_upcast_half_precision():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 11, generator=g) * 4.0
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    close(logprobs_from_logits(logits, tokens, temperature=0.7), expected, atol=1e-5)
+    out = logprobs_from_logits(logits.bfloat16(), tokens, temperature=0.7)
+    assert out.dtype == torch.float32
+    rounded = logits.bfloat16().float()
+    ref = torch.log_softmax(rounded / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    close(out, ref, atol=1e-5)
+    with pytest.raises(ValueError):
+        logprobs_from_logits(logits, tokens, temperature=0.0)
+
+
+def test_entropy_from_logits():
+    # Uniform over V = 5 at any temperature: H = ln 5
+    logits = torch.full((2, 3, 5), 0.7)
+    close(entropy_from_logits(logits), torch.full((2, 3), math.log(5.0)))
+    close(entropy_from_logits(logits, temperature=2.0), torch.full((2, 3), math.log(5.0)))
+    # logits [0, ln 3]: p = [1/4, 3/4]; H = 1/4 ln 4 + 3/4 ln(4/3) = ln 4 - 3/4 ln 3 = 0.5623351446
+    two = torch.tensor([[[0.0, math.log(3.0)]]])
+    close(entropy_from_logits(two), [[math.log(4.0) - 0.75 * math.log(3.0)]])
+    # A banned token (-inf logit) has p = 0 and contributes 0, not NaN.
+    banned = torch.tensor([[[0.0, math.log(3.0), -math.inf]]])
+    close(entropy_from_logits(banned), [[math.log(4.0) - 0.75 * math.log(3.0)]])
+    # T=2: logits / 2 = [0, ln sqrt 3]: p = [1, sqrt 3] / (1 + sqrt 3); H = -sum p ln p
+    p = [1 / (1 + math.sqrt(3.0)), math.sqrt(3.0) / (1 + math.sqrt(3.0))]
+    close(entropy_from_logits(two, temperature=2.0), [[-sum(q * math.log(q) for q in p)]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Response masks, EOS, rewards
+# --------------------------------------------------------------------------------------------------
+
+EOS = 2
+RESPONSES = torch.tensor(
+    [
+        [5, 2, 0, 0],  # EOS in the middle, then padding
+        [5, 6, 7, 2],  # EOS at the last position
+        [5, 6, 7, 8],  # no EOS: truncated at the length limit
+        [2, 2, 2, 2],  # EOS first; pad id == EOS id
+        [5, 2, 7, 2],  # tokens and a second EOS after the first EOS
+    ]
+)
+
+
+def test_response_mask_has_eos_and_last_index():
+    close(
+        response_mask_from_eos(RESPONSES, EOS).float(),
+        [
+            [1, 1, 0, 0],
+            [1, 1, 1, 1],
+            [1, 1, 1, 1],
+            [1, 0, 0, 0],
+            [1, 1, 0, 0],
+        ],
+    )
+    assert has_eos(RESPONSES, EOS).tolist() == [True, True, False, True, True]
+    assert last_token_index(response_mask_from_eos(RESPONSES, EOS)).tolist() == [1, 3, 3, 0, 1]
+    # An all-False row is defined to give index 0.
+    assert last_token_index(torch.zeros(2, 4, dtype=torch.bool)).tolist() == [0, 0]
+
+
+def test_compute_rewards_places_score_at_eos_or_last_token():
+    mask = response_mask_from_eos(RESPONSES[:3], EOS)  # rows: EOS at 1, EOS at 3, no EOS
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    kl = torch.tensor(
+        [
+            [0.5, -1.0, 9.0, 9.0],  # 9.0 in padding must be ignored
+            [0.2, 0.4, 0.0, 1.0],
+            [1.0, 1.0, 1.0, 1.0],
+        ]
+    )
+    # reward = -0.1 * kl on real tokens, plus the score on the last real token:
+    #   row 0: [-0.05, +0.1 + 1.0, 0, 0]          = [-0.05, 1.1, 0, 0]
+    #   row 1: [-0.02, -0.04, 0, -0.1 + 2.0]      = [-0.02, -0.04, 0, 1.9]
+    #   row 2: [-0.1, -0.1, -0.1, -0.1 + 3.0]     = [-0.1, -0.1, -0.1, 2.9]
+    close(
+        compute_rewards(scores, kl, 0.1, mask),
+        [[-0.05, 1.1, 0.0, 0.0], [-0.02, -0.04, 0.0, 1.9], [-0.1, -0.1, -0.1, 2.9]],
+    )
+    # A row without any real token gets nothing, not a score on padding.
+    empty = torch.zeros(1, 3, dtype=torch.bool)
+    close(compute_rewards(torch.tensor([5.0]), torch.ones(1, 3), 0.1, empty), [[0.0] * 3])
+
+
+def test_no_eos_penalty_replaces_score():
+    scores = torch.tensor([0.5, -0.3, 2.0, 4.0])
+    eos = torch.tensor([True, False, True, False])
+    # rows without EOS get exactly the penalty (-1), whatever their score was
+    close(apply_no_eos_penalty(scores, eos, -1.0), [0.5, -1.0, 2.0, -1.0])
+    # The usual wiring: penalise, then place on the last token (row 2 has no EOS: score 3 -> -1).
+    mask = response_mask_from_eos(RESPONSES[:3], EOS)
+    penalised = apply_no_eos_penalty(torch.tensor([1.0, 2.0, 3.0]), has_eos(RESPONSES[:3], EOS), -1.0)
+    rewards = compute_rewards(penalised, torch.zeros(3, 4), 0.1, mask)
+    close(rewards, [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, -1.0]])
+
+
+# --------------------------------------------------------------------------------------------------
+# GAE
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_gae(rewards, values, lengths, gamma, lam):
+    """Plain double loop: each row is an episode of `length` tokens; V after the last token is 0."""
+    batch, seq_len = len(rewards), len(rewards[0])
+    advantages = [[0.0] * seq_len for _ in range(batch)]
+    returns = [[0.0] * seq_len for _ in range(batch)]
+    for b in range(batch):
+        last_gae = 0.0
+        for t in reversed(range(lengths[b])):
+            next_value = values[b][t + 1] if t + 1 < lengths[b] else 0.0
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            last_gae = delta + gamma * lam * last_gae
+            advantages[b][t] = last_gae
+            returns[b][t] = last_gae + values[b][t]
+    return advantages, returns
+
+
+def test_gae_hand_values():
+    # Real tokens t = 0..2, padding at t = 3 holds reward 5 and value 7 that must be ignored.
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 5.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.4, 0.3, 7.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False]])
+    # gamma = 0.9, lam = 0.8, gamma * lam = 0.72
+    #   t=2: delta = 1 + 0.9 * 0   - 0.3 =  0.7;   A2 = 0.7
+    #   t=1: delta = 0 + 0.9 * 0.3 - 0.4 = -0.13;  A1 = -0.13 + 0.72 * 0.7   = 0.374
+    #   t=0: delta = 0 + 0.9 * 0.4 - 0.5 = -0.14;  A0 = -0.14 + 0.72 * 0.374 = 0.12928
+    # returns = A + V = [0.62928, 0.774, 1.0]
+    # (gamma and lam swapped would give A1 = -0.16 + 0.504 = 0.344)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    close(adv, [[0.12928, 0.374, 0.7, 0.0]], atol=1e-12)
+    close(ret, [[0.62928, 0.774, 1.0, 0.0]], atol=1e-12)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.5), (0.5, 0.9), (1.0, 0.0)])
+def test_gae_matches_plain_loop(gamma, lam):
+    g = torch.Generator().manual_seed(3)
+    lengths = [7, 4, 1, 6, 0]
+    seq_len = 7
+    rewards = torch.randn(len(lengths), seq_len, generator=g, dtype=torch.float64)
+    values = torch.randn(len(lengths), seq_len, generator=g, dtype=torch.float64)
+    mask = torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]
+    expected_adv, expected_ret = reference_gae(rewards.tolist(), values.tolist(), lengths, gamma, lam)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    close(adv, expected_adv, atol=1e-12)
+    close(ret, expected_ret, atol=1e-12)
+
+
+def test_gae_gamma_one_lam_one_is_future_reward_sum_minus_value():
+    g = torch.Generator().manual_seed(4)
+    rewards = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    values = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # A_t = sum_{k >= t, k real} r_k - V_t; R_t = sum_{k >= t, k real} r_k
+    masked_r = rewards * mask
+    future = masked_r.flip(1).cumsum(1).flip(1)
+    close(adv, (future - values.detach()) * mask, atol=1e-12)
+    close(ret, future * mask, atol=1e-12)
+    # Targets carry no gradient back into the value head.
+    assert not adv.requires_grad and not ret.requires_grad
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+
+
+def test_policy_loss_clipping_hand_values():
+    clip = 0.2
+    ratios = torch.tensor([[1.5, 0.5, 1.5], [0.5, 1.1, 3.0]], dtype=torch.float64)
+    adv = torch.tensor([[1.0, 1.0, -1.0], [-1.0, 2.0, 100.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    old = torch.full((2, 3), -1.0, dtype=torch.float64)
+    logp = (old + ratios.log()).requires_grad_(True)
+    # per token -min(r A, clip(r, 0.8, 1.2) A) = max(-r A, -clip(r) A):
+    #   A=+1, r=1.5: max(-1.5, -1.2) = -1.2   clipped (active)
+    #   A=+1, r=0.5: max(-0.5, -0.8) = -0.5   unclipped
+    #   A=-1, r=1.5: max( 1.5,  1.2) =  1.5   unclipped
+    #   A=-1, r=0.5: max( 0.5,  0.8) =  0.8   clipped (active)
+    #   A=+2, r=1.1: max(-2.2, -2.2) = -2.2   inside the range, not counted as clipped
+    #   padding (A=100, r=3) ignored
+    # loss = (-1.2 - 0.5 + 1.5 + 0.8 - 2.2) / 5 = -1.6 / 5 = -0.32; clipfrac = 2 / 5 = 0.4
+    # ratio_mean = (1.5 + 0.5 + 1.5 + 0.5 + 1.1) / 5 = 1.02
+    # approx_kl = mean((r - 1) - ln r) = [2 (0.5 - ln 1.5) + 2 (-0.5 - ln 0.5) + (0.1 - ln 1.1)] / 5
+    loss, stats = policy_loss(logp, old, adv, mask, clip)
+    close(loss.detach(), -0.32, atol=1e-12)
+    close(stats["clipfrac"], 0.4, atol=1e-12)
+    close(stats["ratio_mean"], 1.02, atol=1e-12)
+    approx_kl = (2 * (0.5 - math.log(1.5)) + 2 * (-0.5 - math.log(0.5)) + (0.1 - math.log(1.1))) / 5
+    close(stats["approx_kl"], approx_kl, atol=1e-12)
+    # d loss / d logp = -A r / 5 where the unclipped term is selected, 0 where clipping is active:
+    #   [0, -0.5 / 5, 1.5 / 5] and [0, -2.2 / 5, 0 (padding)]
+    loss.backward()
+    close(logp.grad, [[0.0, -0.1, 0.3], [0.0, -0.44, 0.0]], atol=1e-12)
+
+
+def test_policy_loss_ratio_one_is_minus_mean_advantage():
+    adv = torch.tensor([[1.0, -3.0, 0.5], [2.0, 7.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, -3.0]])
+    loss, stats = policy_loss(logp, logp.clone(), adv, mask, 0.2)
+    # r = 1 everywhere: loss = -mean(A over real) = -(1 - 3 + 0.5 + 2) / 4 = -0.5 / 4 = -0.125
+    close(loss, -0.125)
+    close(stats["clipfrac"], 0.0)
+    close(stats["approx_kl"], 0.0)
+    close(stats["ratio_mean"], 1.0)
+
+
+def test_value_loss_clipping_hand_values():
+    clip = 0.2
+    values = torch.tensor([[1.5, 1.5, 1.1], [-0.5, -0.5, 10.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    returns = torch.tensor([[2.0, 1.0, 0.0], [0.0, -1.0, -10.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    # clipped v = old + clamp(v - old, -0.2, 0.2); per token max((v - R)^2, (v_clip - R)^2):
+    #   v=1.5, old=1, R=2:   (-0.5)^2 = 0.25, v_clip=1.2: (-0.8)^2 = 0.64 -> 0.64 clipped (active)
+    #   v=1.5, old=1, R=1:   0.25,            v_clip=1.2: 0.2^2   = 0.04 -> 0.25
+    #   v=1.1, old=1, R=0:   1.21,            v_clip=1.1: 1.21          -> 1.21 not clipped
+    #   v=-0.5, old=0, R=0:  0.25,            v_clip=-0.2: 0.04         -> 0.25
+    #   v=-0.5, old=0, R=-1: 0.25,            v_clip=-0.2: 0.64         -> 0.64 clipped (active)
+    #   padding ignored
+    # loss = 0.5 * (0.64 + 0.25 + 1.21 + 0.25 + 0.64) / 5 = 0.5 * 2.99 / 5 = 0.299; clipfrac = 2/5
+    loss, stats = value_loss(values, old, returns, mask, clip)
+    close(loss.detach(), 0.299, atol=1e-12)
+    close(stats["clipfrac"], 0.4, atol=1e-12)
+    # Gradient flows only through unclipped tokens: d/dv 0.5 (v - R)^2 / 5 = (v - R) / 5
+    #   [0, 0.5 / 5, 1.1 / 5] and [-0.5 / 5, 0, 0]
+    loss.backward()
+    close(values.grad, [[0.0, 0.1, 0.22], [-0.1, 0.0, 0.0]], atol=1e-12)
+
+
+def test_explained_variance():
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0, 50.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    # perfect prediction: Var(R - V) = 0 -> 1
+    close(explained_variance(returns.clone(), returns, mask), 1.0)
+    # V = [1, 2, 3, 3]: R - V = [0, 0, 0, 1], mean 0.25, unbiased var = (3 * 0.0625 + 0.5625) / 3 = 0.25
+    # Var(R): mean 2.5, (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3 -> EV = 1 - 0.25 / (5/3) = 0.85
+    values = torch.tensor([[1.0, 2.0, 3.0, 3.0, -50.0]])
+    close(explained_variance(values, returns, mask), 0.85)
+    # predicting the constant mean explains nothing: EV = 0
+    close(explained_variance(torch.full((1, 5), 2.5), returns, mask), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL controllers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_fixed_kl_controller():
+    ctl = FixedKLController(0.05)
+    ctl.update(current_kl=100.0, n_steps=256)
+    assert ctl.value == 0.05
+    other = FixedKLController(1.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == 0.05
+
+
+@pytest.mark.parametrize(
+    "current_kl,expected",
+    [
+        # target 6, horizon 10000, n_steps 256, value 0.2; value *= 1 + clip(kl/6 - 1, -0.2, 0.2) * 256 / 10000
+        (6.6, 0.2 * (1 + 0.1 * 0.0256)),  # error 6.6/6 - 1 = 0.1 -> 0.2 * 1.00256 = 0.200512
+        (5.4, 0.2 * (1 - 0.1 * 0.0256)),  # error -0.1 -> 0.2 * 0.99744 = 0.199488
+        (12.0, 0.2 * (1 + 0.2 * 0.0256)),  # error 1.0 clipped to 0.2 -> 0.2 * 1.00512 = 0.201024
+        (0.0, 0.2 * (1 - 0.2 * 0.0256)),  # error -1.0 clipped to -0.2 -> 0.2 * 0.99488 = 0.198976
+        (6.0, 0.2),  # on target: unchanged
+    ],
+)
+def test_adaptive_kl_controller_update(current_kl, expected):
+    ctl = AdaptiveKLController(init_value=0.2, target=6.0, horizon=10000)
+    ctl.update(current_kl=current_kl, n_steps=256)
+    assert ctl.value == pytest.approx(expected, abs=1e-12)
+
+
+def test_adaptive_kl_controller_state_dict_round_trip():
+    ctl = AdaptiveKLController(init_value=0.2, target=6.0, horizon=10000)
+    for kl in (9.0, 7.5, 2.0):
+        ctl.update(kl, n_steps=512)
+    resumed = AdaptiveKLController(init_value=0.2, target=6.0, horizon=10000)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.value == ctl.value != 0.2
+    # Both continue identically after the resume.
+    ctl.update(8.0, n_steps=512)
+    resumed.update(8.0, n_steps=512)
+    assert resumed.value == ctl.value
+
+
+def test_kl_controllers_reject_bad_arguments():
+    with pytest.raises(ValueError):
+        AdaptiveKLController(init_value=0.2, target=0.0, horizon=10000)
+    with pytest.raises(ValueError):
+        AdaptiveKLController(init_value=0.2, target=6.0, horizon=0)
+    with pytest.raises(ValueError):
+        FixedKLController(-0.1)
+    with pytest.raises(ValueError):
+        FixedKLController(0.1).load_state_dict({"value": float("nan")})
