@@ -173,6 +173,13 @@ def _validate_dataset(ds, schema: str, spec: str) -> None:
         _check_row(row, schema, f"{spec} row {i}")
 
 
+def to_messages(row: dict[str, Any]) -> dict[str, Any]:
+    """An sft row as chat messages: {"prompt","response"} becomes one user and one assistant turn."""
+    if row.get("messages"):
+        return {"messages": row["messages"]}
+    return {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]}
+
+
 def pack_texts(ds, tokenizer, block_size: int, num_proc: int | None = None):
     """Tokenize documents, join them with EOS and cut into `block_size` blocks (causal-LM packing).
 

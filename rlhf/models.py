@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +35,28 @@ class ModelConfig:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
 
 
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft."""
+
+    enabled: bool = False
+    """Train low-rank adapters instead of all weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: int = 16
+    """Scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (keep 0 for PPO: dropout breaks the ratio-1 check)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get adapters."""
+
+    def peft_config(self, task_type: str = "CAUSAL_LM"):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type=task_type)
+
+
 def build_causal_lm(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     """A freshly initialised LlamaForCausalLM sized by `cfg`, with the tokenizer's special-token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -54,6 +75,36 @@ def build_causal_lm(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+def load_causal_lm(path: str):
+    """Load (model, tokenizer) from an artifact, local directory or hub id, ready for the pipeline.
+
+    A tokenizer without a distinct pad token gets one (PPO must tell padding from EOS), and the
+    embeddings grow to match; dropout is switched off because RLHF stages compare logprobs across passes.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    disable_dropout(model)
+    return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (modules and config), so repeated forwards agree exactly."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+        if getattr(model.config, name, None):
+            setattr(model.config, name, 0.0)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -111,8 +162,3 @@ def verify_reload(model: torch.nn.Module, path: Path, auto_class, tokenizer, ato
 
 def _first_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
-
-
-def read_json(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

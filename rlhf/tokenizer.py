@@ -7,6 +7,7 @@ three different tokens: PPO tells "the response ended" (EOS) from "nothing here"
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -88,10 +89,24 @@ def load_tokenizer(path: str):
     return tok
 
 
+def tokenizer_digest(tok) -> str:
+    """Digest of what maps text to ids (vocabulary, merges, added tokens, pre/post-processing).
+
+    Padding and truncation settings are left out: trainers change them at run time without changing
+    which id a piece of text gets.
+    """
+    if hasattr(tok, "backend_tokenizer"):
+        spec = json.loads(tok.backend_tokenizer.to_str())
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+        return digest(json.dumps(spec, sort_keys=True))
+    return digest(json.dumps(tok.get_vocab(), sort_keys=True))
+
+
 def tokenizer_facts(tok) -> dict:
     """Digests and ids that downstream stages compare to refuse mismatched models."""
     return {
-        "tokenizer_digest": digest(tok.backend_tokenizer.to_str()) if hasattr(tok, "backend_tokenizer") else None,
+        "tokenizer_digest": tokenizer_digest(tok),
         "chat_template_digest": digest(tok.chat_template),
         "special_token_ids": {
             "bos": tok.bos_token_id,

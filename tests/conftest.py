@@ -52,10 +52,23 @@ def tiny_data(workdir) -> dict[str, Path]:
     return {
         "pretrain_train": write_jsonl(d / "pretrain_train.jsonl", [{"text": s} for s in sentences(600, 0)]),
         "pretrain_eval": write_jsonl(d / "pretrain_eval.jsonl", [{"text": s} for s in sentences(60, 1)]),
+        "sft_train": write_jsonl(d / "sft_train.jsonl", sft_rows(400, 2)),
+        "sft_eval": write_jsonl(d / "sft_eval.jsonl", sft_rows(40, 3)),
+        "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_rows(40, 4)]),
     }
 
 
-def tiny_config(data: dict[str, Path], store: str, **pretrain) -> dict:
+def sft_rows(n: int, seed: int) -> list[dict]:
+    """Pairs in the default experiment's form: use a word in a short sentence."""
+    rng = random.Random(seed)
+    rows = []
+    for s in sentences(n, seed):
+        word = rng.choice(s.rstrip(".").split()).lower()
+        rows.append({"prompt": f'Use the word "{word}" in a sentence.', "response": s})
+    return rows
+
+
+def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("pretrain",), **pretrain) -> dict:
     """A 2-layer experiment that trains in seconds."""
     block = {
         "train_data": str(data["pretrain_train"]),
@@ -71,7 +84,26 @@ def tiny_config(data: dict[str, Path], store: str, **pretrain) -> dict:
         "save_steps": 4,
     }
     block.update(pretrain)
-    return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled"}, "stages": {"pretrain": block}}
+    blocks = {
+        "pretrain": block,
+        "sft": {
+            "train_data": str(data["sft_train"]),
+            "eval_data": str(data["sft_eval"]),
+            "eval_prompts": str(data["prompts"]),
+            "max_length": 48,
+            "max_steps": 6,
+            "batch_size": 8,
+            "warmup_steps": 1,
+            "eval_examples": 16,
+            "eval_samples": 8,
+            "max_new_tokens": 8,
+            "min_eos_rate": 0.0,
+            "logging_steps": 2,
+            "save_steps": 3,
+        },
+    }
+    return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled"},
+            "stages": {name: blocks[name] for name in stages}}
 
 
 def write_config(path: Path, cfg: dict) -> Path:

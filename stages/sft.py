@@ -1,0 +1,211 @@
+"""Supervised fine-tuning: teach the pretrained model to answer prompts through the chat template.
+
+In:  a causal LM (the `pretrain` artifact, a hub id or a local HF directory) and prompt/response pairs.
+Out: a policy artifact (LoRA merged if used; the adapter kept in `adapter/`), with held-out loss and
+     perplexity, samples on held-out prompts and the EOS rate: a policy that never stops is useless to PPO,
+     so a rate below `min_eos_rate` fails the stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.config import logging_only
+from rlhf.data import load_rows, to_messages
+from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_reload
+from rlhf.sampling import sample
+from rlhf.stage import Stage, StageError
+from rlhf.tokenizer import tokenizer_facts
+from rlhf.tracking import trainer_callback
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class SFTConfig:
+    model: str = "pretrain"
+    """Starting model: an upstream stage name, a hub id (`owner/name`) or a local HF directory."""
+    train_data: str = "data/sft/train.jsonl.gz"
+    """Training pairs: {"prompt","response"} or {"messages"} rows (local file or hub dataset)."""
+    eval_data: str = "data/sft/valid.jsonl.gz"
+    """Held-out pairs for loss and perplexity."""
+    eval_prompts: str = "data/prompts/eval.jsonl.gz"
+    """Held-out prompts that samples and the EOS rate are measured on."""
+    max_examples: int | None = None
+    """Train on at most this many pairs (None: all)."""
+    max_length: int = 128
+    """Longest tokenized example; longer ones are truncated."""
+    packing: bool = False
+    """Pack several examples into one sequence (TRL's best-fit packing)."""
+    max_steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per device per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step."""
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Train LoRA adapters instead of all weights (merged into the artifact afterwards)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPUs that support it)."""
+    eval_examples: int = 512
+    """Held-out pairs used for loss and perplexity."""
+    eval_samples: int = 128
+    """Held-out prompts sampled to measure the EOS rate."""
+    max_new_tokens: int = 48
+    """Response length limit when sampling for the EOS rate."""
+    temperature: float = 1.0
+    """Sampling temperature for the EOS-rate samples."""
+    min_eos_rate: float = 0.8
+    """Fail the stage when fewer samples than this end with EOS (lower it only on purpose)."""
+    logging_steps: int = logging_only(10)
+    """Log training loss every N steps."""
+    save_steps: int = logging_only(100)
+    """Write a resumable checkpoint every N steps."""
+    num_logged_samples: int = logging_only(8)
+    """Samples kept in the manifest for people to read."""
+
+
+class SFTStage(Stage):
+    """Supervised fine-tuning with `trl.SFTTrainer`, loss on assistant tokens only."""
+
+    name = "sft"
+    config_class = SFTConfig
+    kind = "policy"
+    inputs = {"model": "pretrain"}
+
+    def data_files(self):
+        c = self.config
+        return {"train": c.train_data, "eval": c.eval_data, "eval_prompts": c.eval_prompts}
+
+    # -- override points --------------------------------------------------------------------------
+
+    def build_model(self):
+        """The starting model and tokenizer (pad token added and embeddings resized if it had none)."""
+        return load_causal_lm(self.input_path("model"))
+
+    def build_dataset(self):
+        """(train, eval) datasets of chat `messages`, so the template's assistant mask drives the loss."""
+        c = self.config
+        train = load_rows(c.train_data, "sft", limit=c.max_examples)
+        evals = load_rows(c.eval_data, "sft", limit=c.eval_examples)
+        return (train.map(to_messages, remove_columns=train.column_names, desc="chat format"),
+                evals.map(to_messages, remove_columns=evals.column_names, desc="chat format"))
+
+    def build_trainer(self):
+        """The `trl.SFTTrainer` (checkpoints under the work directory)."""
+        from trl import SFTConfig as TRLSFTConfig
+        from trl import SFTTrainer
+
+        c = self.config
+        args = TRLSFTConfig(
+            output_dir=str(self.work_dir / "checkpoints"),
+            max_steps=c.max_steps,
+            per_device_train_batch_size=c.batch_size,
+            per_device_eval_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.gradient_accumulation_steps,
+            learning_rate=c.learning_rate,
+            warmup_steps=c.warmup_steps,
+            lr_scheduler_type="cosine",
+            weight_decay=c.weight_decay,
+            max_grad_norm=c.max_grad_norm,
+            max_length=c.max_length,
+            packing=c.packing,
+            assistant_only_loss=True,
+            bf16=c.bf16,
+            logging_steps=c.logging_steps,
+            save_steps=c.save_steps,
+            save_total_limit=2,
+            report_to="none",
+            seed=self.seed,
+            data_seed=self.seed,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        return SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_ds,
+            eval_dataset=self.eval_ds,
+            processing_class=self.tokenizer,
+            peft_config=c.lora.peft_config() if c.lora.enabled else None,
+            callbacks=[trainer_callback(self.tracker)],
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.model, self.tokenizer = self.build_model()
+        self.train_ds, self.eval_ds = self.build_dataset()
+        self.eval_prompt_rows = load_rows(self.config.eval_prompts, "prompts", limit=self.config.eval_samples)
+        self.trainer = self.build_trainer()
+        self.model = self.trainer.model  # a PeftModel when LoRA is on
+        log.info("sft: %d trainable of %d parameters, %d training pairs", count_parameters(self.model, True),
+                 count_parameters(self.model), len(self.train_ds))
+
+    def train(self) -> dict[str, float]:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ckpt_dir = self.work_dir / "checkpoints"
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last:
+            log.info("sft: resuming from %s", last)
+        out = self.trainer.train(resume_from_checkpoint=last)
+        if self.config.lora.enabled:
+            # Keep the adapter before merging: merging folds it into the base weights and removes it.
+            self.model.save_pretrained(str(self.work_dir / "adapter"))
+            self.model = self.model.merge_and_unload()  # PPO and users get a plain checkpoint
+        return {"train_loss": out.training_loss, "train_steps": out.global_step,
+                "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0}
+
+    def evaluate(self) -> dict:
+        c = self.config
+        loss = self.trainer.evaluate()["eval_loss"]
+        samples = sample(self.model, self.tokenizer, self.eval_prompt_rows["prompt"], max_new_tokens=c.max_new_tokens,
+                         temperature=c.temperature, batch_size=64, progress=True)
+        eos_rate = sum(s.ended for s in samples) / len(samples)
+        metrics = {
+            "eval_loss": loss,
+            "perplexity": math.exp(loss),
+            "eos_rate": eos_rate,
+            "mean_response_tokens": sum(s.num_tokens for s in samples) / len(samples),
+            "samples": [{"prompt": s.prompt, "response": s.response, "ended": s.ended}
+                        for s in samples[: c.num_logged_samples]],
+        }
+        self.tracker.log({k: v for k, v in metrics.items() if k != "samples"}, step=self.trainer.state.global_step)
+        log.info("sft: held-out perplexity %.2f, EOS rate %.2f", metrics["perplexity"], eos_rate)
+        if eos_rate < c.min_eos_rate:
+            raise StageError(
+                f"sft: only {eos_rate:.0%} of {len(samples)} held-out samples end with EOS within {c.max_new_tokens} "
+                f"tokens (floor stages.sft.min_eos_rate={c.min_eos_rate}). A policy that does not stop gives PPO "
+                "nothing to score; train longer (stages.sft.max_steps), check that responses end with EOS, or lower "
+                "the floor on purpose."
+            )
+        return metrics
+
+    def save(self, out) -> None:
+        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        self.model.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+        if self.config.lora.enabled:
+            shutil.copytree(self.work_dir / "adapter", out / "adapter")
+
+    def verify_saved(self, out) -> None:
+        from transformers import AutoModelForCausalLM
+
+        verify_reload(self.model, out, AutoModelForCausalLM, self.tokenizer)
+
+    def manifest_extra(self):
+        return tokenizer_facts(self.tokenizer)

@@ -1,0 +1,105 @@
+"""The SFT stage: assistant-only loss, EOS floor, LoRA merged with its adapter kept, outside models as input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config, write_config
+from rlhf.artifacts import ArtifactStore
+from rlhf.config import load_experiment
+from rlhf.pipeline import Pipeline
+from rlhf.stage import StageError
+from stages.sft import SFTStage
+
+
+def _run(path, *overrides, until=None):
+    pipe = Pipeline(load_experiment(path, list(overrides)))
+    return pipe, {r.name: r for r in pipe.run(until=until)}
+
+
+@pytest.fixture
+def sft_yaml(workdir, tiny_data):
+    return write_config(workdir / "exp.yaml", tiny_config(tiny_data, str(workdir / "store"), stages=("pretrain", "sft")))
+
+
+def test_prompt_tokens_carry_no_loss(sft_yaml, monkeypatch):
+    seen = {}
+
+    def capture(self):  # stop after setup: the trainer's prepared dataset is what we inspect
+        seen["trainer"], seen["tok"] = self.trainer, self.tokenizer
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SFTStage, "train", capture)
+    with pytest.raises(KeyboardInterrupt):
+        _run(sft_yaml, "stages.sft.max_length=512")  # no truncation: every row ends with its EOS
+    tok, ds = seen["tok"], seen["trainer"].train_dataset
+    assistant_id = tok.convert_tokens_to_ids("<|assistant|>")
+    for row in ds.select(range(20)):
+        ids, labels = row["input_ids"], row["labels"]
+        start = ids.index(assistant_id) + 1  # first response token
+        # everything up to and including <|assistant|> (BOS, role tokens, the prompt) is masked out ...
+        assert all(label == -100 for label in labels[:start])
+        # ... and every response token, the closing EOS included, is trained on
+        assert labels[start:] == ids[start:] and ids[-1] == tok.eos_token_id
+
+
+def test_sft_artifact_metrics_and_input_from_store(sft_yaml):
+    pipe, results = _run(sft_yaml)
+    store = pipe.store
+    m = store.manifest(results["sft"].key)
+    assert m["kind"] == "policy"
+    assert m["inputs"]["model"] == {"key": results["pretrain"].key, "stage": "pretrain", "external": None}
+    metrics = m["metrics"]
+    for k in ("eval_loss", "perplexity", "eos_rate", "samples", "train_loss"):
+        assert k in metrics
+    assert 0.0 <= metrics["eos_rate"] <= 1.0 and len(metrics["samples"]) == 8
+    assert m["tokenizer_digest"] == store.manifest(results["pretrain"].key)["tokenizer_digest"]
+
+
+def test_eos_floor_fails_the_stage_and_publishes_nothing(sft_yaml):
+    # eight SFT steps of a 2-layer model cannot make every sample stop within 8 tokens
+    with pytest.raises(StageError, match=r"end with EOS.*min_eos_rate=1\.0"):
+        _run(sft_yaml, "stages.sft.min_eos_rate=1.0", "stages.sft.max_new_tokens=2")
+    store = ArtifactStore(str(sft_yaml.parent / "store"))
+    assert [store.manifest(k)["stage"] for k in store.keys()] == ["pretrain"]
+
+
+def test_lora_artifact_is_merged_and_keeps_adapter(sft_yaml):
+    from transformers import AutoModelForCausalLM
+
+    pipe, results = _run(sft_yaml, "stages.sft.lora.enabled=true", "stages.sft.lora.r=4")
+    art = pipe.store.local_dir(results["sft"].key)
+    assert (art / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(art)
+    assert not any("lora" in n for n, _ in merged.named_parameters())  # a plain checkpoint
+    base = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["pretrain"].key))
+    diffs = [(merged.state_dict()[k] - v).abs().max().item() for k, v in base.state_dict().items()]
+    assert max(diffs) > 0  # the adapter's update was folded into the weights
+
+    from peft import PeftModel
+
+    with_adapter = PeftModel.from_pretrained(base, str(art / "adapter")).merge_and_unload()
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-5)
+
+
+def test_sft_from_a_local_model_directory_skips_pretraining(workdir, tiny_data, sft_yaml):
+    pipe, results = _run(sft_yaml, until="pretrain")
+    local_model = str(pipe.store.local_dir(results["pretrain"].key))
+    cfg = tiny_config(tiny_data, str(workdir / "store2"), stages=("sft",))
+    cfg["stages"]["sft"]["model"] = local_model  # what a user does with a released model
+    path = write_config(workdir / "from_dir.yaml", cfg)
+    pipe2, results2 = _run(path)
+    assert list(results2) == ["sft"]
+    m = pipe2.store.manifest(results2["sft"].key)
+    assert m["inputs"]["model"]["external"] == local_model and m["inputs"]["model"]["key"].startswith("dir:")
+
+
+def test_input_naming_a_stage_missing_from_the_experiment_is_an_error(workdir, tiny_data):
+    from rlhf.config import ConfigError
+
+    cfg = tiny_config(tiny_data, str(workdir / "store"), stages=("sft",))  # model: pretrain, but no pretrain block
+    path = write_config(workdir / "e.yaml", cfg)
+    with pytest.raises(ConfigError, match=r"stages\.sft\.model = 'pretrain' names a stage that is not in this experiment"):
+        Pipeline(load_experiment(path))
