@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,10 @@ def import_object(path: str, what: str = "object") -> Any:
     module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not attr:
         raise ConfigError(f"{what} {path!r}: expected 'package.module:Name'")
+    # Researchers keep their subclasses and judges next to their experiments: resolve from the working
+    # directory as `python -m` would, even under the `rlhf` console script.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:

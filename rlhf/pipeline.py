@@ -52,6 +52,8 @@ class Pipeline:
         out: dict[str, str | None] = {}
         for fname in spec.cls.inputs:
             value = getattr(spec.config, fname)
+            if value is None:  # an optional input left unset
+                continue
             if value in self.experiment.stages:
                 out[fname] = value
             elif value in known:
@@ -89,7 +91,7 @@ class Pipeline:
             spec = self.experiment.stages[name]
             refs = {}
             for fname, up in self._upstream(name).items():
-                value = getattr(spec.config, fname)
+                value = getattr(spec.config, fname)  # not None: _upstream skips unset inputs
                 if up:
                     refs[fname] = InputRef(fname, stages[up].key, stage=up)
                 else:

@@ -151,6 +151,25 @@ class Stage:
                     f"in {self.store.url}; run `rlhf run <config> --until {ref.stage}` first"
                 )
 
+    def input_tokenizer_digest(self, field: str) -> str:
+        """Tokenizer digest of an input: from its manifest, or by loading an outside model's tokenizer."""
+        manifest = self.input_manifest(field)
+        if manifest is not None and manifest.get("tokenizer_digest"):
+            return manifest["tokenizer_digest"]
+        from rlhf.tokenizer import load_tokenizer, tokenizer_digest
+
+        return tokenizer_digest(load_tokenizer(self.input_path(field)))
+
+    def require_same_tokenizer(self, *fields: str) -> None:
+        """Refuse inputs whose tokenizers differ: token ids from one would be garbage to the other."""
+        digests = {f: self.input_tokenizer_digest(f) for f in fields if f in self.input_refs}
+        if len(set(digests.values())) > 1:
+            listing = "; ".join(f"{f} = {self.input_refs[f].describe()} has tokenizer {d}" for f, d in digests.items())
+            raise StageError(
+                f"{self.stage_name}: inputs use different tokenizers ({listing}). Train them from the same "
+                "tokenizer, e.g. start the reward model from the SFT policy."
+            )
+
     def setup(self) -> None:
         """Step 2: build models, tokenizer and data. `self.work_dir` is ready for resumable state."""
         raise NotImplementedError

@@ -48,14 +48,32 @@ def workdir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def tiny_data(workdir) -> dict[str, Path]:
     """Small text corpora in the project's schemas."""
-    d = workdir / "data"
+    return make_tiny_data(workdir)
+
+
+def make_tiny_data(root: Path) -> dict[str, Path]:
+    d = root / "data"
     return {
         "pretrain_train": write_jsonl(d / "pretrain_train.jsonl", [{"text": s} for s in sentences(600, 0)]),
         "pretrain_eval": write_jsonl(d / "pretrain_eval.jsonl", [{"text": s} for s in sentences(60, 1)]),
         "sft_train": write_jsonl(d / "sft_train.jsonl", sft_rows(400, 2)),
         "sft_eval": write_jsonl(d / "sft_eval.jsonl", sft_rows(40, 3)),
         "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_rows(40, 4)]),
+        "prefs_train": write_jsonl(d / "prefs_train.jsonl", preference_rows(200, 5)),
+        "prefs_eval": write_jsonl(d / "prefs_eval.jsonl", preference_rows(40, 6)),
     }
+
+
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """Pairs where the chosen sentence is the cheerful one, as the default experiment's judge prefers."""
+    rng = random.Random(seed)
+    rows = []
+    for s, row in zip(sentences(n, seed), sft_rows(n, seed)):
+        body = s.rstrip(".").lower()
+        rows.append({"prompt": row["prompt"],
+                     "chosen": f"{rng.choice(['Happy', 'Bright', 'Lovely'])} {body}.",
+                     "rejected": f"{rng.choice(['Sad', 'Dark', 'Awful'])} {body}."})
+    return rows
 
 
 def sft_rows(n: int, seed: int) -> list[dict]:
@@ -101,8 +119,23 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
             "logging_steps": 2,
             "save_steps": 3,
         },
+        "reward": {
+            "train_data": str(data["prefs_train"]),
+            "eval_data": str(data["prefs_eval"]),
+            "onpolicy": {"prompts": str(data["prompts"]), "num_prompts": 20, "k": 3, "margin": 0.0,
+                         "eval_fraction": 0.25, "max_new_tokens": 8},
+            "max_length": 64,
+            "max_steps": 6,
+            "batch_size": 8,
+            "warmup_steps": 1,
+            "min_accuracy": 0.0,
+            "stats_samples": 16,
+            "logging_steps": 2,
+            "save_steps": 3,
+        },
     }
-    return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled"},
+    runs = str(Path(store).parent / "runs")
+    return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled", "dir": runs},
             "stages": {name: blocks[name] for name in stages}}
 
 
@@ -114,3 +147,23 @@ def write_config(path: Path, cfg: dict) -> Path:
 @pytest.fixture
 def tiny_yaml(workdir, tiny_data) -> Path:
     return write_config(workdir / "exp.yaml", tiny_config(tiny_data, str(workdir / "store")))
+
+
+PPO_BLOCK = {
+    "max_new_tokens": 8,
+    "num_steps": 2,
+    "rollout_batch_size": 8,
+    "num_minibatches": 2,
+    "ppo_epochs": 2,
+    "eval_num_prompts": 8,
+    "eval_every": 0,
+    "save_every": 1,
+    "num_logged_samples": 2,
+}
+
+
+def ppo_config(data: dict[str, Path], store: str, **ppo) -> dict:
+    """The whole four-stage tiny experiment."""
+    cfg = tiny_config(data, store, stages=("pretrain", "sft", "reward"))
+    cfg["stages"]["ppo"] = {"prompts": str(data["prompts"]), "eval_prompts": str(data["prompts"]), **PPO_BLOCK, **ppo}
+    return cfg
