@@ -51,6 +51,11 @@ def tiny_data(workdir) -> dict[str, Path]:
     return make_tiny_data(workdir)
 
 
+def length_judge(prompts: list[str], responses: list[str]) -> list[float]:
+    """A user-style judge (named by dotted path in YAML) that always separates a 2-layer model's samples."""
+    return [float(len(r)) for r in responses]
+
+
 def make_tiny_data(root: Path) -> dict[str, Path]:
     d = root / "data"
     return {
@@ -123,6 +128,7 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
             "train_data": str(data["prefs_train"]),
             "eval_data": str(data["prefs_eval"]),
             "onpolicy": {"prompts": str(data["prompts"]), "num_prompts": 20, "k": 3, "margin": 0.0,
+                         "judge": "conftest:length_judge",
                          "eval_fraction": 0.25, "max_new_tokens": 8},
             "max_length": 64,
             "max_steps": 6,

@@ -1,0 +1,336 @@
+"""Reward model: learn which of two responses the annotators prefer.
+
+In:  the `sft` artifact (or a hub id / local directory) to start from, and preferences from two sources,
+     mixable in YAML: a preference file or hub dataset, and on-policy pairs (the stage samples K
+     responses per prompt from the policy and a judge ranks them: the InstructGPT loop with simulated
+     annotators).
+Out: a reward-model artifact (AutoModelForSequenceClassification, one label, score read at the last real
+     token), with held-out pairwise accuracy per source, the mean margin, and the reward mean/std over
+     policy samples that PPO normalises scores with. Below `min_accuracy` the stage fails instead of
+     handing a useless reward model to PPO.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.config import logging_only
+from rlhf.data import load_rows
+from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload
+from rlhf.sampling import batches, chat_prompt, sample
+from rlhf.stage import Stage, StageError
+from rlhf.tokenizer import load_tokenizer, tokenizer_facts
+from rlhf.tracking import trainer_callback
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class OnPolicyConfig:
+    """On-policy preference collection: sample K responses per prompt, let a judge pick best and worst."""
+
+    enabled: bool = True
+    """Collect on-policy pairs."""
+    prompts: str = "data/prompts/train.jsonl.gz"
+    """Prompts to sample responses for ({"prompt"} rows)."""
+    num_prompts: int = 1024
+    """How many prompts to use."""
+    k: int = 4
+    """Responses sampled per prompt."""
+    judge: str = "vader"
+    """The simulated annotator: a built-in judge name or a dotted path to `fn(prompts, responses) -> scores`."""
+    margin: float = 0.1
+    """Drop pairs whose judge scores differ by less than this."""
+    label_noise: float = 0.0
+    """Probability of swapping chosen and rejected (annotator noise experiments)."""
+    eval_fraction: float = 0.1
+    """Share of prompts whose pairs are held out for evaluation."""
+    max_new_tokens: int = 48
+    """Response length limit when sampling."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+
+    def __post_init__(self) -> None:
+        if self.k < 2:
+            raise ValueError(f"onpolicy.k: {self.k}; ranking needs at least 2 responses per prompt")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"onpolicy.label_noise: {self.label_noise} is not a probability")
+
+
+@dataclass
+class RewardConfig:
+    model: str = "sft"
+    """Model the reward model starts from: an upstream stage name, a hub id or a local HF directory."""
+    policy: str | None = None
+    """Policy that on-policy responses are sampled from; None = the same as `model`."""
+    train_data: str | None = "data/preferences/train.jsonl.gz"
+    """Preference pairs ({"prompt","chosen","rejected"}); None to train on on-policy pairs only."""
+    eval_data: str | None = "data/preferences/valid.jsonl.gz"
+    """Held-out preference pairs."""
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy pairs ranked by a judge."""
+    max_length: int = 128
+    """Pairs with a side longer than this many tokens are dropped."""
+    max_steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Pairs per device per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step."""
+    learning_rate: float = 5e-4
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warmup steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    center_rewards_coefficient: float | None = 0.01
+    """Penalty on (r_chosen + r_rejected)^2 that keeps scores centred near 0 (None: off)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Train LoRA adapters instead of all weights (merged into the artifact)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPUs that support it)."""
+    min_accuracy: float = 0.7
+    """Promotion gate: fail when held-out pairwise accuracy is below this."""
+    stats_samples: int = 256
+    """Policy samples scored to get the reward mean and std PPO normalises with."""
+    logging_steps: int = logging_only(10)
+    """Log training loss every N steps."""
+    save_steps: int = logging_only(100)
+    """Write a resumable checkpoint every N steps."""
+
+
+class RewardStage(Stage):
+    """Reward modelling with `trl.RewardTrainer` on human and on-policy preference pairs."""
+
+    name = "reward"
+    config_class = RewardConfig
+    kind = "reward-model"
+    inputs = {"model": "sft", "policy": "sft"}
+
+    def data_files(self):
+        c = self.config
+        files = {"train": c.train_data, "eval": c.eval_data}
+        if c.onpolicy.enabled:
+            files["onpolicy_prompts"] = c.onpolicy.prompts
+        return files
+
+    def validate_inputs(self) -> None:
+        super().validate_inputs()
+        if self.config.train_data is None and not self.config.onpolicy.enabled:
+            raise StageError("reward: no preferences: set stages.reward.train_data or enable stages.reward.onpolicy")
+        if "policy" in self.input_refs:
+            self.require_same_tokenizer("model", "policy")
+
+    # -- override points --------------------------------------------------------------------------
+
+    def collect_onpolicy(self) -> tuple[list[dict], list[dict], list[str]]:
+        """Sample K responses per prompt from the policy and let the judge rank them.
+
+        Returns (train pairs, held-out pairs, all sampled responses). Pairs are split by prompt so
+        held-out prompts were never seen in training.
+        """
+        from rlhf.judges import load_judge, rank_pairs
+
+        c = self.config.onpolicy
+        cached = self.work_dir / "onpolicy.json"
+        if cached.exists():  # a resumed run must train on the same pairs
+            import json
+
+            saved = json.loads(cached.read_text())
+            return saved["train"], saved["eval"], saved["responses"]
+        judge = load_judge(c.judge, field="stages.reward.onpolicy.judge")
+        prompts = load_rows(c.prompts, "prompts", limit=c.num_prompts)["prompt"]
+        policy_path = self.input_path("policy" if "policy" in self.input_refs else "model")
+        policy, tok = load_causal_lm(policy_path)
+        repeated = [p for p in prompts for _ in range(c.k)]
+        samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                         batch_size=64, progress=True)
+        grouped = [[s.response for s in samples[i * c.k : (i + 1) * c.k]] for i in range(len(prompts))]
+        pairs = rank_pairs(prompts, grouped, judge, margin=c.margin, noise=c.label_noise, seed=self.seed)
+        held = set(random.Random(self.seed).sample(list(prompts), int(len(prompts) * c.eval_fraction)))
+        train = [p for p in pairs if p["prompt"] not in held]
+        evals = [p for p in pairs if p["prompt"] in held]
+        responses = [s.response for s in samples]
+        import json
+
+        cached.write_text(json.dumps({"train": train, "eval": evals, "responses": responses}))
+        log.info("reward: %d on-policy pairs from %d prompts x %d samples (%d held out)",
+                 len(pairs), len(prompts), c.k, len(evals))
+        return train, evals, responses
+
+    def build_model(self):
+        """A sequence-classification model with one label on top of the input model; dropout off."""
+        from transformers import AutoModelForSequenceClassification
+
+        path = self.input_path("model")
+        tok = load_tokenizer(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        if len(tok) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tok))
+        model.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
+        disable_dropout(model)
+        return model, tok
+
+    def build_dataset(self):
+        """(train, {source: eval}) preference datasets in conversational form."""
+        import datasets
+
+        c = self.config
+        train_rows, evals = [], {}
+        if c.train_data:
+            train_rows += load_rows(c.train_data, "preferences").to_list()
+        if c.eval_data:
+            evals["human"] = [_conversational(r) for r in load_rows(c.eval_data, "preferences").to_list()]
+        if c.onpolicy.enabled:
+            on_train, on_eval, self.policy_responses = self.collect_onpolicy()
+            train_rows += on_train
+            if on_eval:
+                evals["onpolicy"] = [_conversational(r) for r in on_eval]
+        if not train_rows:
+            raise StageError("reward: no training pairs (the judge kept none; lower stages.reward.onpolicy.margin)")
+        train = datasets.Dataset.from_list([_conversational(r) for r in train_rows]).shuffle(seed=self.seed)
+        return train, {k: datasets.Dataset.from_list(v) for k, v in evals.items()}
+
+    def build_trainer(self):
+        """The `trl.RewardTrainer` (checkpoints under the work directory)."""
+        from trl import RewardConfig as TRLRewardConfig
+        from trl import RewardTrainer
+
+        c = self.config
+        args = TRLRewardConfig(
+            output_dir=str(self.work_dir / "checkpoints"),
+            max_steps=c.max_steps,
+            per_device_train_batch_size=c.batch_size,
+            per_device_eval_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.gradient_accumulation_steps,
+            learning_rate=c.learning_rate,
+            warmup_steps=c.warmup_steps,
+            lr_scheduler_type="cosine",
+            weight_decay=c.weight_decay,
+            max_grad_norm=c.max_grad_norm,
+            max_length=c.max_length,
+            center_rewards_coefficient=c.center_rewards_coefficient,
+            bf16=c.bf16,
+            logging_steps=c.logging_steps,
+            save_steps=c.save_steps,
+            save_total_limit=2,
+            report_to="none",
+            seed=self.seed,
+            data_seed=self.seed,
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        return RewardTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_ds,
+            processing_class=self.tokenizer,
+            peft_config=c.lora.peft_config("SEQ_CLS") if c.lora.enabled else None,
+            callbacks=[trainer_callback(self.tracker)],
+        )
+
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Reward-model scores of responses to prompts, formatted exactly as PPO will feed them."""
+        tok, model = self.tokenizer, self.model
+        model.eval()
+        texts = [chat_prompt(tok, p) + r + tok.eos_token for p, r in zip(prompts, responses)]
+        out = []
+        with torch.no_grad():
+            for chunk in batches(texts, batch_size):
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                out.append(model(**enc).logits[:, 0].float().cpu())
+        return torch.cat(out)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.policy_responses: list[str] = []
+        self.model, self.tokenizer = self.build_model()
+        self.train_ds, self.eval_sets = self.build_dataset()
+        self.trainer = self.build_trainer()
+        self.model = self.trainer.model
+        log.info("reward: %d trainable of %d parameters, %d training pairs", count_parameters(self.model, True),
+                 count_parameters(self.model), len(self.train_ds))
+
+    def train(self) -> dict[str, float]:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        ckpt_dir = self.work_dir / "checkpoints"
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        out = self.trainer.train(resume_from_checkpoint=last)
+        if self.config.lora.enabled:
+            self.model.save_pretrained(str(self.work_dir / "adapter"))
+            self.model = self.model.merge_and_unload()
+        return {"train_loss": out.training_loss, "train_steps": out.global_step, "train_pairs": len(self.train_ds),
+                "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0}
+
+    def evaluate(self) -> dict:
+        c = self.config
+        metrics: dict = {}
+        correct = total = 0
+        for source, ds in self.eval_sets.items():
+            prompts = [r[0]["content"] for r in ds["prompt"]]
+            chosen = self.score(prompts, [r[0]["content"] for r in ds["chosen"]])
+            rejected = self.score(prompts, [r[0]["content"] for r in ds["rejected"]])
+            wins = (chosen > rejected).sum().item()
+            metrics[f"accuracy_{source}"] = wins / len(ds)
+            metrics[f"margin_{source}"] = (chosen - rejected).mean().item()
+            metrics[f"eval_pairs_{source}"] = len(ds)
+            correct, total = correct + wins, total + len(ds)
+        metrics["accuracy"] = correct / total if total else float("nan")
+        # Reward statistics over policy samples: PPO can normalise scores with them.
+        responses = self.policy_responses[: c.stats_samples] or self._sample_policy(c.stats_samples)
+        prompts = self._stats_prompts(len(responses))
+        scores = self.score(prompts, responses)
+        metrics["reward_mean"], metrics["reward_std"] = scores.mean().item(), scores.std().item()
+        self.tracker.log({k: v for k, v in metrics.items()}, step=self.trainer.state.global_step)
+        log.info("reward: held-out accuracy %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                           if k.startswith("accuracy")))
+        if total and metrics["accuracy"] < c.min_accuracy:
+            raise StageError(
+                f"reward: held-out accuracy {metrics['accuracy']:.3f} is below stages.reward.min_accuracy="
+                f"{c.min_accuracy}; a reward model this weak would steer PPO at random. Train longer, add pairs, "
+                "or lower the gate on purpose."
+            )
+        return metrics
+
+    def _stats_prompts(self, n: int) -> list[str]:
+        c = self.config.onpolicy
+        prompts = load_rows(c.prompts, "prompts", limit=c.num_prompts)["prompt"]
+        return [p for p in prompts for _ in range(c.k)][:n] if c.enabled else prompts[:n]
+
+    def _sample_policy(self, n: int) -> list[str]:
+        c = self.config.onpolicy
+        policy, tok = load_causal_lm(self.input_path("policy" if "policy" in self.input_refs else "model"))
+        prompts = load_rows(c.prompts, "prompts", limit=n)["prompt"]
+        return [s.response for s in sample(policy, tok, prompts, max_new_tokens=c.max_new_tokens,
+                                           temperature=c.temperature)]
+
+    def save(self, out) -> None:
+        self.model.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+        if self.config.lora.enabled:
+            shutil.copytree(self.work_dir / "adapter", out / "adapter")
+
+    def verify_saved(self, out) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        verify_reload(self.model, out, AutoModelForSequenceClassification, self.tokenizer)
+
+    def manifest_extra(self):
+        return tokenizer_facts(self.tokenizer)
+
+
+def _conversational(row: dict) -> dict:
+    """A {"prompt","chosen","rejected"} row as chat turns, so TRL renders it through the chat template."""
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
