@@ -1,0 +1,89 @@
+"""Rollout machinery: sequences in, per-token logprobs / values / scores out.
+
+Layout of every batch: prompts are LEFT-padded to P tokens, responses RIGHT-padded to R tokens, so
+the sequence is `[pad.. prompt | response ..pad]` of length P + R and the response always starts at
+column P. Position ids come from the attention mask, so padding never shifts a token's position.
+The logits at column P - 1 + t predict response token t; the value of the state before token t is
+read at the same column.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from rlhf.ppo.core import entropy_from_logits, last_token_index, logprobs_from_logits
+
+
+class Trajectory(NamedTuple):
+    """One rollout batch. B = prompts in the batch, P = padded prompt length, R = padded response length."""
+
+    query_ids: torch.Tensor
+    """(B, P) left-padded prompt ids."""
+    query_mask: torch.Tensor
+    """(B, P) bool; True = a real prompt token."""
+    response_ids: torch.Tensor
+    """(B, R) generated ids, pad after the first EOS."""
+    response_mask: torch.Tensor
+    """(B, R) bool; True = a real response token (up to and including the first EOS)."""
+    logprobs: torch.Tensor
+    """(B, R) policy logprobs of the response tokens at the sampling temperature."""
+    ref_logprobs: torch.Tensor
+    """(B, R) reference-model logprobs of the same tokens and temperature."""
+    values: torch.Tensor
+    """(B, R) value estimates of the state before each response token."""
+    scores: torch.Tensor
+    """(B,) reward-model score after the no-EOS penalty and normalisation."""
+    raw_scores: torch.Tensor
+    """(B,) reward-model score as read at the last real token."""
+    has_eos: torch.Tensor
+    """(B,) bool; True when the response ended with EOS."""
+
+
+def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
+    """(input_ids, attention_mask, position_ids) of the whole sequence, each (B, P + R)."""
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def policy_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                   with_entropy: bool = False):
+    """Logprobs (B, R) of the response tokens under `model` at `temperature` (and entropy if asked)."""
+    input_ids, attention_mask, position_ids = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    p = query_ids.shape[1]
+    logits = logits[:, p - 1 : -1]  # (B, R, V): column p-1+t predicts response token t
+    logprobs = logprobs_from_logits(logits, response_ids, temperature)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logprobs, entropy
+
+
+def head_per_token(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """A sequence-classification model's scalar head applied at every position: (B, T).
+
+    The reward model is trained on the head's output at the last real token; the value model reuses the
+    same architecture and reads the head at every position.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+    return model.score(hidden).squeeze(-1).float()
+
+
+def value_forward(model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+    """Values (B, R) of the states before each response token."""
+    seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
+    p = query_ids.shape[1]
+    return head_per_token(model, *seq)[:, p - 1 : -1]
+
+
+def score_at_eos(model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+    """Reward-model score (B,) read at the last real response token: the EOS when there is one."""
+    seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
+    per_token = head_per_token(model, *seq)
+    index = query_ids.shape[1] + last_token_index(response_mask)
+    return per_token.gather(1, index.unsqueeze(1)).squeeze(1)

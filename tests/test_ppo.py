@@ -1,0 +1,209 @@
+"""PPO invariants on a tiny model: the checks that decide whether PPO is correct, not just running."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_data, ppo_config, write_config
+from rlhf.config import load_experiment
+from rlhf.pipeline import Pipeline
+from rlhf.ppo import logprobs_from_logits, policy_loss, response_mask_from_eos
+from rlhf.ppo.rollout import policy_forward
+from rlhf.sampling import encode_prompts
+from rlhf.tracking import Tracker
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """pretrain -> sft -> reward artifacts, built once for every PPO test of this module."""
+    root = tmp_path_factory.mktemp("ppo")
+    data = make_tiny_data(root)
+    path = write_config(root / "exp.yaml", ppo_config(data, str(root / "store")))
+    Pipeline(load_experiment(path)).run(until="reward")
+    return path
+
+
+def ppo_stage(path, *overrides):
+    """A PPO stage after setup, ready to roll out and update."""
+    stage = Pipeline(load_experiment(path, list(overrides))).stages["ppo"]
+    stage.work_dir = stage.store.work_dir(stage.key)
+    stage.tracker = Tracker(stage.experiment, "ppo", stage.key, enabled=False)
+    stage.setup()
+    return stage
+
+
+def test_value_model_starts_as_the_reward_model(upstream):
+    stage = ppo_stage(upstream)
+    value, reward = stage.value_model.state_dict(), stage.reward_model.state_dict()
+    assert value.keys() == reward.keys()
+    assert all(torch.equal(value[k], reward[k]) for k in value)
+    assert torch.equal(stage.value_model.score.weight, stage.reward_model.score.weight)
+
+
+def test_first_minibatch_has_ratio_one_and_zero_kl(upstream):
+    stage = ppo_stage(upstream)
+    torch.manual_seed(0)
+    traj = stage.make_trajectory(stage.prompts_for_step(0))
+    m = traj.response_mask
+    assert m.any()
+    # the reference is the policy before any update: per-token KL is exactly zero
+    assert torch.allclose(traj.logprobs[m], traj.ref_logprobs[m], atol=1e-6)
+    idx = torch.arange(stage.config.minibatch_size)
+    new, _ = policy_forward(stage.policy, traj.query_ids[idx], traj.query_mask[idx], traj.response_ids[idx],
+                            traj.response_mask[idx], stage.config.temperature)
+    adv = torch.randn_like(new)
+    _, stats = policy_loss(new, traj.logprobs[idx], adv, traj.response_mask[idx], 0.2)
+    assert stats["ratio_mean"].item() == pytest.approx(1.0, abs=1e-5)
+    assert stats["approx_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert stats["clipfrac"].item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_logprobs_equal_sampling_logprobs(upstream, temperature):
+    stage = ppo_stage(upstream, f"stages.ppo.temperature={temperature}")
+    tok, policy = stage.tokenizer, stage.policy
+    enc = encode_prompts(tok, stage.prompts_for_step(0))
+    torch.manual_seed(1)
+    out = policy.generate(**enc, max_new_tokens=8, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                          return_dict_in_generate=True, output_scores=True)
+    response = out.sequences[:, enc["input_ids"].shape[1]:]
+    # generate's scores are the logits after its processors (temperature): the distribution sampled from
+    sampling_logprobs = logprobs_from_logits(torch.stack(out.scores, dim=1), response, 1.0)
+    mask = response_mask_from_eos(response, tok.eos_token_id)
+    recomputed, _ = policy_forward(policy, enc["input_ids"], enc["attention_mask"].bool(), response, mask, temperature)
+    assert torch.allclose(recomputed[mask], sampling_logprobs[mask], atol=1e-4)
+
+
+def test_left_padding_gives_the_same_logprobs(upstream):
+    stage = ppo_stage(upstream)
+    tok, policy = stage.tokenizer, stage.policy
+    short, long = "Use the word \"sky\" in a sentence.", "Use the word \"river\" in a sentence, please, right now."
+    response = torch.tensor([tok("The sky is blue.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    r_mask = torch.ones_like(response, dtype=torch.bool)
+    alone = encode_prompts(tok, [short])
+    batch = encode_prompts(tok, [short, long])
+    assert (batch["attention_mask"][0] == 0).any()  # the short prompt really is left-padded
+    lp_alone, _ = policy_forward(policy, alone["input_ids"], alone["attention_mask"].bool(), response, r_mask, 1.0)
+    lp_batch, _ = policy_forward(policy, batch["input_ids"], batch["attention_mask"].bool(), response.repeat(2, 1),
+                                 r_mask.repeat(2, 1), 1.0)
+    assert torch.allclose(lp_alone[0], lp_batch[0], atol=1e-5)
+
+
+def _captured_gradients(stage, traj, advantages, returns):
+    grads = {}
+
+    def capture():
+        for name, p in list(stage.policy.named_parameters()) + list(stage.value_model.named_parameters()):
+            if p.grad is not None:
+                grads[name] = p.grad.detach().clone()
+
+    stage.optimizer.step = capture  # look at the accumulated gradient instead of stepping
+    torch.manual_seed(3)
+    stage.update(traj, advantages, returns)
+    return grads
+
+
+def test_gradient_accumulation_equals_full_batch(upstream):
+    common = ["stages.ppo.ppo_epochs=1", "stages.ppo.num_minibatches=1", "stages.ppo.max_grad_norm=1e9"]
+    full = ppo_stage(upstream, *common, "stages.ppo.gradient_accumulation_steps=1")
+    accum = ppo_stage(upstream, *common, "stages.ppo.gradient_accumulation_steps=4")
+    torch.manual_seed(0)
+    traj = full.make_trajectory(full.prompts_for_step(0))
+    # Give rows different response lengths (as EOS at different places would), so micro-batches hold
+    # different token counts and a plain average of micro-batch means would not match the full batch.
+    lengths = torch.arange(traj.response_ids.shape[0]) % traj.response_ids.shape[1] + 1
+    mask = torch.arange(traj.response_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+    traj = traj._replace(response_mask=mask)
+    rewards, _ = full.compute_rewards(traj)
+    advantages, returns = full.compute_advantages(rewards, traj)
+    g_full = _captured_gradients(full, traj, advantages, returns)
+    g_accum = _captured_gradients(accum, traj, advantages, returns)
+    assert g_full.keys() == g_accum.keys() and g_full
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_accum[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_every_trainable_parameter_changes(upstream):
+    stage = ppo_stage(upstream)
+    before = {n: p.detach().clone() for n, p in list(stage.policy.named_parameters())
+              + [("v." + n, p) for n, p in stage.value_model.named_parameters()] if p.requires_grad}
+    stage.baseline = None
+    torch.manual_seed(0)
+    traj = stage.make_trajectory(stage.prompts_for_step(0))
+    rewards, _ = stage.compute_rewards(traj)
+    stage.update(traj, *stage.compute_advantages(rewards, traj))
+    after = dict(list(stage.policy.named_parameters()) + [("v." + n, p) for n, p in stage.value_model.named_parameters()])
+    unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
+    assert unchanged == []
+    assert all(not p.requires_grad for p in stage.reward_model.parameters())
+    assert all(not p.requires_grad for p in stage.reference.parameters())
+
+
+def _run_ppo(path, *overrides):
+    """Run the experiment; return (pipeline, PPO metrics, PPO weights)."""
+    from transformers import AutoModelForCausalLM
+
+    pipe = Pipeline(load_experiment(path, list(overrides)))
+    result = {r.name: r for r in pipe.run()}["ppo"]
+    weights = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(result.key)).state_dict()
+    return pipe, result, weights
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(upstream, monkeypatch):
+    import shutil
+
+    from stages.ppo import PPOStage
+
+    overrides = ["stages.ppo.num_steps=4", "stages.ppo.save_every=1", "stages.ppo.kl_coef=0.07"]
+    pipe, result, uninterrupted = _run_ppo(upstream, *overrides)
+    shutil.rmtree(pipe.store.local_dir(result.key))  # forget it, so the same key must be trained again
+
+    original = PPOStage.make_trajectory
+    calls = {"n": 0}
+
+    def dies_at_third_rollout(self, prompts):  # killed after the checkpoint of step 2
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, prompts)
+
+    monkeypatch.setattr(PPOStage, "make_trajectory", dies_at_third_rollout)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(load_experiment(upstream, overrides)).run()
+    monkeypatch.setattr(PPOStage, "make_trajectory", original)
+
+    _, resumed, resumed_weights = _run_ppo(upstream, *overrides)
+    assert resumed.key == result.key and resumed.metrics["resumed_from_step"] == 2
+    for k in uninterrupted:
+        assert torch.allclose(resumed_weights[k], uninterrupted[k], atol=1e-6), k
+
+
+def test_watchdog_stops_and_keeps_the_last_good_policy(upstream):
+    pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=4", "stages.ppo.kl_budget=1e-9"]))
+    results = {r.name: r for r in pipe.run()}
+    m = results["ppo"].metrics
+    # step 0's rollout comes from the SFT policy (KL 0); step 1's from the updated policy (KL > 0): stop there
+    assert m["stopped_early"].startswith("step 1: KL to the reference")
+    assert m["train_steps"] == 1
+    from transformers import AutoModelForCausalLM
+
+    ppo = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["ppo"].key)).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["sft"].key)).state_dict()
+    assert all(torch.equal(ppo[k], sft[k]) for k in sft)  # the last good policy is the one before the update
+
+
+def test_ppo_manifest_reports_sft_vs_ppo(upstream):
+    pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=2"]))
+    results = {r.name: r for r in pipe.run()}
+    m = pipe.store.manifest(results["ppo"].key)
+    metrics = m["metrics"]
+    for name in ("gold", "heldout", "fluency"):
+        for suffix in ("sft", "ppo", "gain", "gain_ci"):
+            assert f"{name}_{suffix}" in metrics
+    assert len(metrics["samples"]) == 2 and {"prompt", "sft", "ppo"} <= set(metrics["samples"][0])
+    assert m["inputs"]["policy"]["stage"] == "sft" and m["inputs"]["reward_model"]["stage"] == "reward"
+    assert m["kind"] == "policy"
