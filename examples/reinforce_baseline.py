@@ -1,0 +1,60 @@
+"""A worked PPO subclass: replace GAE with a REINFORCE-style advantage and a choice of baseline.
+
+Point an experiment at it from YAML:
+
+    stages:
+      ppo:
+        class: examples.reinforce_baseline:ReinforceBaselinePPO
+        baseline: batch_mean        # or: value (the value model's estimate at the first response token)
+
+Only `compute_advantages` changes; rollout, scoring, the KL-penalised rewards, the clipped update,
+logging, resume and the watchdogs are inherited unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.ppo import masked_sum, masked_whiten
+from stages.ppo import PPOConfig, PPOStage
+
+
+@dataclass
+class ReinforceBaselineConfig(PPOConfig):
+    baseline: str = "batch_mean"
+    """What is subtracted from each sequence's return: batch_mean or value."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.baseline not in ("batch_mean", "value"):
+            raise ValueError(f"baseline: {self.baseline!r}; one of batch_mean, value")
+
+
+def sequence_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Every real token of a sequence gets that sequence's total reward minus its baseline.
+
+    rewards (B, R), response_mask (B, R) bool, baseline (B,). Returns (B, R), zero outside the mask.
+    """
+    returns = masked_sum(rewards, response_mask, dim=1)  # (B,)
+    return torch.where(response_mask, (returns - baseline).unsqueeze(1), 0.0)
+
+
+class ReinforceBaselinePPO(PPOStage):
+    """PPO's clipped update driven by REINFORCE advantages with a batch-mean or value baseline."""
+
+    config_class = ReinforceBaselineConfig
+
+    def compute_advantages(self, rewards, traj):
+        returns_per_seq = masked_sum(rewards, traj.response_mask, dim=1)  # (B,)
+        if self.config.baseline == "batch_mean":
+            baseline = returns_per_seq.mean().expand_as(returns_per_seq)
+        else:
+            baseline = traj.values[:, 0]
+        advantages = sequence_advantages(rewards, traj.response_mask, baseline)
+        if self.config.whiten_advantages:
+            advantages = masked_whiten(advantages, traj.response_mask)
+        # The value model still learns to predict the per-sequence return at every token.
+        value_targets = torch.where(traj.response_mask, returns_per_seq.unsqueeze(1), 0.0)
+        return advantages, value_targets
