@@ -205,7 +205,8 @@ def rank_pairs(
     learn). With probability `noise` the kept pair's labels are swapped, simulating annotator mistakes.
 
     The noise draws come from `random.Random(seed)`, one per prompt with K >= 2 whether or not its pair is
-    kept, so which prompts get swapped does not depend on `margin`. Ties go to the earliest response.
+    kept, so which prompts get swapped does not depend on `margin`. Among tied scores the best is the
+    earliest response and the worst the latest.
 
     Returns dicts `{"prompt", "chosen", "rejected", "margin"}` in prompt order, where `margin` is the
     judge's score gap (best - worst, >= 0), left as is when the labels are swapped: a mistaken annotator
@@ -243,7 +244,9 @@ def rank_pairs(
         start += len(group)
         swap = rng.random() < noise
         best = max(range(len(group)), key=group_scores.__getitem__)
-        worst = min(range(len(group)), key=group_scores.__getitem__)
+        # The last of the lowest, so a group whose scores all tie still pairs two different responses
+        # (kept only when margin <= 0, as the caller asked for every pair).
+        worst = min(reversed(range(len(group))), key=group_scores.__getitem__)
         gap = group_scores[best] - group_scores[worst]
         if gap < margin or group[best] == group[worst]:
             continue
