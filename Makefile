@@ -44,6 +44,13 @@ ppo: $(STAMP)  ## PPO (runs every earlier stage first if needed)
 
 pipeline: $(STAMP)  ## every stage of CONFIG, then the report
 	$(RUN) $(ARGS)
+	$(RLHF) report $(CONFIG) $(ARGS)
+
+report: $(STAMP)  ## reports/<experiment>/report.md with plots
+	$(RLHF) report $(CONFIG) $(ARGS)
+
+chat: $(STAMP)  ## talk to a stage's model, e.g. make chat STAGE=ppo
+	$(RLHF) chat $(or $(STAGE),ppo) --config $(CONFIG)
 
 plan: $(STAMP)  ## what `make pipeline` would run, and why
 	$(RLHF) plan $(CONFIG) $(ARGS)

@@ -3,6 +3,9 @@
     rlhf run CONFIG [key=value ...] [--until STAGE] [--force STAGE]
     rlhf plan CONFIG [key=value ...]
     rlhf status [CONFIG] [--store ROOT]
+    rlhf report CONFIG
+    rlhf chat STAGE-or-ARTIFACT [--config CONFIG]
+    rlhf generate STAGE-or-ARTIFACT --prompts FILE --out FILE
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ def _fmt_metrics(metrics: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf.report import headline
+
     pipeline = _load(args.config, args.overrides)
     t0 = time.time()
     results = pipeline.run(until=args.until, force=tuple(args.force))
-    print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  metrics")
+    print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
     for r in results:
-        print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {_fmt_metrics(r.metrics)}")
+        print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {headline(r.name, r.metrics)}")
     for r in results:
         if not r.ran:
             print(f"{r.name}: up to date (key {r.key})")
@@ -90,6 +95,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rlhf.artifacts import ArtifactStore
+    from rlhf.config import load_experiment
+    from rlhf.report import write_report
+
+    cfg = load_experiment(args.config, args.overrides).config
+    store = ArtifactStore(cfg.store, cfg.cache_dir)
+    out = Path(args.out or Path("reports") / cfg.name)
+    try:
+        path, plots, missing = write_report(store, cfg.name, out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if missing:
+        print(f"note: stages not run yet for {cfg.name}: {', '.join(missing)} (the report covers the others)")
+    print(f"wrote {path} with {len(plots)} plot(s): {', '.join(plots)}")
+    return 0
+
+
+def _load_model(ref: str, config: str | None):
+    from rlhf.chat import resolve_model
+    from rlhf.models import load_causal_lm
+
+    try:
+        path = resolve_model(ref, config)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        sys.exit(2)
+    model, tok = load_causal_lm(path)
+    return model.eval(), tok
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from rlhf.chat import chat_loop
+
+    model, tok = _load_model(args.model, args.config)
+    chat_loop(model, tok, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rlhf.chat import generate_file
+
+    model, tok = _load_model(args.model, args.config)
+    n = generate_file(model, tok, args.prompts, args.out, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(f"wrote {n} responses to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rlhf",
@@ -118,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_args(status, config_required=False)
     status.add_argument("--store", help="store root (default: the config's, else ./artifacts)")
     status.set_defaults(fn=cmd_status)
+
+    report = sub.add_parser("report", help="write reports/<experiment>/report.md with plots")
+    experiment_args(report)
+    report.add_argument("--out", help="output directory (default reports/<experiment>)")
+    report.set_defaults(fn=cmd_report)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="stage name (with --config), alias experiment/stage, artifact key, "
+                                      "local model directory or hub id")
+        sp.add_argument("--config", default="configs/tiny.yaml", help="experiment that stage names refer to")
+        sp.add_argument("--max-new-tokens", type=int, default=64)
+        sp.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+
+    chat = sub.add_parser("chat", help="talk to a model through its chat template (/reset, /quit)")
+    model_args(chat)
+    chat.set_defaults(fn=cmd_chat)
+
+    gen = sub.add_parser("generate", help="answer a file of prompts, writing JSON Lines")
+    model_args(gen)
+    gen.add_argument("--prompts", required=True, help='file of {"prompt"} rows')
+    gen.add_argument("--out", required=True, help="output .jsonl")
+    gen.add_argument("--batch-size", type=int, default=32)
+    gen.set_defaults(fn=cmd_generate)
     return p
 
 

@@ -1,0 +1,97 @@
+"""Talking to a model: an interactive terminal chat and batch generation from a file of prompts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+
+HELP = "Type a message. /reset clears the history, /quit (or end of input) leaves."
+
+
+def resolve_model(ref: str, config: str | None = None) -> str:
+    """A loadable path for a stage name (with a config), an alias `experiment/stage`, a key (prefix),
+    a local directory or a hub id."""
+    from rlhf.artifacts import ArtifactStore
+
+    if Path(ref).is_dir():
+        return ref
+    store_root, experiment = "artifacts", None
+    if config:
+        from rlhf.config import load_experiment
+
+        exp = load_experiment(config).config
+        store_root, experiment = exp.store, exp.name
+    store = ArtifactStore(store_root)
+    candidates = [f"{experiment}/{ref}"] if experiment and "/" not in ref else []
+    candidates.append(ref)
+    for candidate in candidates:
+        try:
+            return str(store.local_dir(store.resolve(candidate)))
+        except KeyError:
+            continue
+    if "/" in ref and not ref.startswith((".", "/")) and not experiment:
+        return ref  # a hub id: from_pretrained will fetch (or fail offline with its own message)
+    raise KeyError(f"{ref!r} is not a stage of {config or 'the experiment'}, an alias, an artifact key in "
+                   f"{store.url}, or a local model directory")
+
+
+def chat_loop(model, tokenizer, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
+              max_new_tokens: int = 64, temperature: float = 0.7) -> int:
+    """Read user turns until /quit or end of input; stream each reply token by token. Returns turns answered."""
+    from transformers import TextStreamer
+
+    history: list[dict] = []
+    print(HELP, file=out, flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n",
+                                                                      file=out, flush=True)
+    turns = 0
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            print(file=out)
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history = []
+            print("(history cleared)", file=out, flush=True)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True).to(model.device)
+        print("model> ", end="", file=out, flush=True)
+        with torch.no_grad():
+            seq = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                 temperature=temperature if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=streamer)
+        reply = tokenizer.decode(seq[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        history.append({"role": "assistant", "content": reply})
+        turns += 1
+    return turns
+
+
+def generate_file(model, tokenizer, prompts_path: str, out_path: str, *, batch_size: int, max_new_tokens: int,
+                  temperature: float) -> int:
+    """Answer every prompt of a prompts file in batches; write {"prompt","response","ended"} JSON Lines."""
+    from rlhf.data import load_rows
+    from rlhf.sampling import sample
+
+    prompts = load_rows(prompts_path, "prompts")["prompt"]
+    samples = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                     batch_size=batch_size, progress=True)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{out_path}.tmp")
+    with open(tmp, "w") as f:
+        for s in samples:
+            f.write(json.dumps({"prompt": s.prompt, "response": s.response, "ended": s.ended}) + "\n")
+    tmp.replace(out_path)
+    return len(samples)

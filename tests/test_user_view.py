@@ -1,0 +1,108 @@
+"""What a user sees: the report and its plots, chat, generate."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_data, ppo_config, write_config
+from rlhf.cli import main as rlhf_main
+from rlhf.config import load_experiment
+from rlhf.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The whole tiny experiment, run once for this module."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = make_tiny_data(root)
+    cfg = ppo_config(data, str(root / "store"), eval_every=1)
+    path = write_config(root / "exp.yaml", cfg)
+    Pipeline(load_experiment(path)).run()
+    return root, path
+
+
+def test_report_writes_every_plot_it_names(finished, capsys):
+    root, path = finished
+    out = root / "report"
+    assert rlhf_main(["report", str(path), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    named = [line.split("(")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
+    assert set(named) == {"losses.png", "reward_accuracy.png", "ppo_training.png", "gold_vs_kl.png"}
+    for name in named:
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+    for heading in ("## Stages", "## Training losses", "## Reward model", "## PPO", "### SFT vs PPO", "### Samples"):
+        assert heading in md
+    assert "Missing stages" not in md
+
+
+def test_report_names_missing_stages(workdir, tiny_data, capsys):
+    cfg = ppo_config(tiny_data, str(workdir / "store"))
+    path = write_config(workdir / "exp.yaml", cfg)
+    Pipeline(load_experiment(path)).run(until="sft")
+    assert rlhf_main(["report", str(path), "--out", str(workdir / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "stages not run yet for test: reward, ppo" in out
+    assert "**Missing stages:** reward, ppo" in (workdir / "r" / "report.md").read_text()
+
+
+def test_report_on_an_empty_store_says_so(workdir, tiny_data, capsys):
+    path = write_config(workdir / "exp.yaml", ppo_config(tiny_data, str(workdir / "empty")))
+    assert rlhf_main(["report", str(path)]) == 1
+    assert "has no artifacts" in capsys.readouterr().err
+
+
+class Writer(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return super().write(s)
+
+
+def test_chat_answers_streams_resets_and_quits(finished):
+    from rlhf.chat import chat_loop, resolve_model
+    from rlhf.models import load_causal_lm
+
+    root, path = finished
+    model, tok = load_causal_lm(resolve_model("ppo", str(path)))
+    lines = iter(["Use the word \"sky\" in a sentence.", "/reset", "again", "/quit", "never read"])
+    out = Writer()
+    turns = chat_loop(model, tok, read=lambda prompt: next(lines), out=out, max_new_tokens=6, temperature=0.0)
+    assert turns == 2
+    text = out.getvalue()
+    assert text.count("model> ") == 2 and "(history cleared)" in text
+    start = out.writes.index("model> ")
+    end = next(i for i in range(start + 1, len(out.writes)) if out.writes[i].endswith("\n"))
+    assert end - start >= 2  # the reply arrived in pieces as it was generated, not at once
+
+    def eof(prompt):
+        raise EOFError
+
+    assert chat_loop(model, tok, read=eof, out=Writer()) == 0  # end of input exits cleanly
+
+
+def test_chat_command_over_stdin_and_generate(finished):
+    root, path = finished
+    rlhf = str(Path(sys.executable).parent / "rlhf")
+    run = subprocess.run([rlhf, "chat", "ppo", "--config", str(path), "--max-new-tokens", "4"],
+                         input="hello\n/quit\n", capture_output=True, text=True, cwd=root, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "model> " in run.stdout and "/reset" in run.stdout
+    out = root / "answers.jsonl"
+    run = subprocess.run([rlhf, "generate", "test/ppo", "--config", str(path), "--prompts",
+                          str(root / "data" / "prompts.jsonl"), "--out", str(out), "--max-new-tokens", "4"],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 40 and {"prompt", "response", "ended"} <= set(rows[0])
+    bad = subprocess.run([rlhf, "chat", "nope", "--config", str(path)], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "'nope' is not a stage" in bad.stderr
