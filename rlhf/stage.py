@@ -15,6 +15,7 @@ Subclasses declare `name`, `config_class`, `kind`, `inputs` and implement `setup
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -188,6 +189,23 @@ class Stage:
 
     def verify_saved(self, out: Path) -> None:
         """Reload what `save` wrote and check it behaves like the model in memory."""
+
+    def last_checkpoint(self) -> str | None:
+        """The newest complete trainer checkpoint under the work directory, or None.
+
+        A process killed while saving leaves a checkpoint directory without its trainer_state.json
+        (the Trainer writes it last); resuming from that would crash, so such directories are skipped.
+        """
+        ckpt_dir = self.work_dir / "checkpoints"
+        found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True) \
+            if ckpt_dir.is_dir() else []
+        for path in found:
+            try:
+                json.loads((path / "trainer_state.json").read_text())
+                return str(path)
+            except (OSError, ValueError):
+                log.warning("%s: skipping incomplete checkpoint %s", self.stage_name, path.name)
+        return None
 
     def manifest_extra(self) -> dict[str, Any]:
         """Stage-specific manifest fields (tokenizer digests, reward statistics, ...)."""

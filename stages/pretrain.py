@@ -150,8 +150,6 @@ class PretrainStage(Stage):
         )
 
     def train(self) -> dict[str, float]:
-        from transformers.trainer_utils import get_last_checkpoint
-
         # Perplexity of the untrained model is measured once and kept beside the checkpoints,
         # so a resumed run still reports the true starting point.
         before_file = self.work_dir / "before.json"
@@ -160,8 +158,7 @@ class PretrainStage(Stage):
         else:
             before = {"perplexity_before": math.exp(self.trainer.evaluate()["eval_loss"])}
             before_file.write_text(json.dumps(before))
-        ckpt_dir = self.work_dir / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        last = self.last_checkpoint()
         resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
         if last:
             log.info("pretrain: resuming from %s (step %d)", last, resumed_from)

@@ -259,10 +259,7 @@ class RewardStage(Stage):
                  count_parameters(self.model), len(self.train_ds))
 
     def train(self) -> dict[str, float]:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        ckpt_dir = self.work_dir / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        last = self.last_checkpoint()
         out = self.trainer.train(resume_from_checkpoint=last)
         if self.config.lora.enabled:
             self.model.save_pretrained(str(self.work_dir / "adapter"))

@@ -155,10 +155,7 @@ class SFTStage(Stage):
                  count_parameters(self.model), len(self.train_ds))
 
     def train(self) -> dict[str, float]:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        ckpt_dir = self.work_dir / "checkpoints"
-        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        last = self.last_checkpoint()
         if last:
             log.info("sft: resuming from %s", last)
         out = self.trainer.train(resume_from_checkpoint=last)
