@@ -80,18 +80,26 @@ def chat_loop(model, tokenizer, read: Callable[[str], str] = input, out: TextIO 
 
 
 def generate_file(model, tokenizer, prompts_path: str, out_path: str, *, batch_size: int, max_new_tokens: int,
-                  temperature: float) -> int:
-    """Answer every prompt of a prompts file in batches; write {"prompt","response","ended"} JSON Lines."""
+                  temperature: float, samples: int = 1) -> int:
+    """Answer every prompt of a prompts file in batches, written as JSON Lines.
+
+    One sample per prompt gives {"prompt","response","ended"}; more give {"prompt","responses"}, the
+    candidates `rlhf label` asks a person to rank.
+    """
     from rlhf.data import load_rows
     from rlhf.sampling import sample
 
     prompts = load_rows(prompts_path, "prompts")["prompt"]
-    samples = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                     batch_size=batch_size, progress=True)
+    repeated = [p for p in prompts for _ in range(samples)]
+    out = sample(model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature,
+                 batch_size=batch_size, progress=True)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{out_path}.tmp")
     with open(tmp, "w") as f:
-        for s in samples:
-            f.write(json.dumps({"prompt": s.prompt, "response": s.response, "ended": s.ended}) + "\n")
+        for i, prompt in enumerate(prompts):
+            group = out[i * samples : (i + 1) * samples]
+            row = ({"prompt": prompt, "response": group[0].response, "ended": group[0].ended} if samples == 1
+                   else {"prompt": prompt, "responses": [s.response for s in group]})
+            f.write(json.dumps(row) + "\n")
     tmp.replace(out_path)
-    return len(samples)
+    return len(prompts)

@@ -5,7 +5,8 @@
     rlhf status [CONFIG] [--store ROOT]
     rlhf report CONFIG
     rlhf chat STAGE-or-ARTIFACT [--config CONFIG]
-    rlhf generate STAGE-or-ARTIFACT --prompts FILE --out FILE
+    rlhf generate STAGE-or-ARTIFACT --prompts FILE --out FILE [--samples K]
+    rlhf label CANDIDATES --out PREFERENCES
 """
 
 from __future__ import annotations
@@ -142,8 +143,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model, tok = _load_model(args.model, args.config)
     n = generate_file(model, tok, args.prompts, args.out, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    print(f"wrote {n} responses to {args.out}")
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, samples=args.samples)
+    print(f"wrote {n} prompts' responses to {args.out}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from rlhf.label import label, load_candidates
+
+    label(load_candidates(args.candidates), args.out)
     return 0
 
 
@@ -197,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts", required=True, help='file of {"prompt"} rows')
     gen.add_argument("--out", required=True, help="output .jsonl")
     gen.add_argument("--batch-size", type=int, default=32)
+    gen.add_argument("--samples", type=int, default=1, help="responses per prompt (2+ makes candidates for `rlhf label`)")
     gen.set_defaults(fn=cmd_generate)
+
+    lab = sub.add_parser("label", help="pick the better of two responses in the terminal, writing preferences")
+    lab.add_argument("candidates", help='JSON Lines of {"prompt", "responses": [...]} (rlhf generate --samples 2)')
+    lab.add_argument("--out", required=True, help="preference file to append to (resumes where it stopped)")
+    lab.set_defaults(fn=cmd_label)
     return p
 
 

@@ -106,3 +106,27 @@ def test_chat_command_over_stdin_and_generate(finished):
     assert len(rows) == 40 and {"prompt", "response", "ended"} <= set(rows[0])
     bad = subprocess.run([rlhf, "chat", "nope", "--config", str(path)], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "'nope' is not a stage" in bad.stderr
+
+
+def test_label_writes_preferences_and_resumes(tmp_path):
+    from rlhf.data import load_rows
+    from rlhf.label import label, load_candidates
+
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "p1", "responses": ["a sunny day", "a dull day"]},
+        {"prompt": "p2", "responses": ["same", "same"]},  # nothing to choose between: not asked
+        {"prompt": "p3", "responses": ["x", "y", "z"]},
+        {"prompt": "p4", "responses": ["good", "bad"]},
+    ]) + "\n")
+    rows = load_candidates(str(cands))
+    assert [r["prompt"] for r in rows] == ["p1", "p3", "p4"]
+    out = tmp_path / "prefs.jsonl"
+    answers = iter(["2", "?", "s", "q"])  # p1: second; p3: a typo, then skip; then quit before p4
+    counts = label(rows, str(out), read=lambda _: next(answers), out=io.StringIO())
+    assert counts == {"labelled": 1, "skipped": 1, "already": 0}
+    assert load_rows(str(out), "preferences").to_list() == [{"prompt": "p1", "chosen": "a dull day", "rejected": "a sunny day"}]
+    answers = iter(["1", "1"])  # a later session: p1 is done; p3 and p4 are asked
+    counts = label(rows, str(out), read=lambda _: next(answers), out=io.StringIO())
+    assert counts == {"labelled": 2, "skipped": 0, "already": 1}
+    assert [r["chosen"] for r in load_rows(str(out), "preferences")] == ["a dull day", "x", "good"]
