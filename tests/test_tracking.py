@@ -1,0 +1,31 @@
+"""Tracking: metrics.jsonl always; wandb offline by default, writing a local run."""
+
+from __future__ import annotations
+
+import json
+
+from rlhf.config import ExperimentConfig, TrackingConfig
+from rlhf.tracking import Tracker
+
+
+def test_offline_wandb_run_and_metrics_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = ExperimentConfig(name="exp", tracking=TrackingConfig(wandb="offline", dir=str(tmp_path / "runs")))
+    t = Tracker(cfg, "pretrain", "abc123")
+    t.log({"loss": 2.5, "lr": float("nan")}, step=1)
+    t.log({"loss": 2.0}, step=2)
+    t.close()
+    run_dir = tmp_path / "runs" / "exp" / "pretrain-abc123"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 2.5), (2, 2.0)]
+    assert rows[0]["lr"] is None  # NaN is not valid JSON; it is written as null
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+
+
+def test_disabled_wandb_still_writes_metrics(tmp_path):
+    cfg = ExperimentConfig(name="exp", tracking=TrackingConfig(wandb="disabled", dir=str(tmp_path / "runs")))
+    t = Tracker(cfg, "sft", "k")
+    t.log({"loss": 1.0}, step=3)
+    t.close()
+    run_dir = tmp_path / "runs" / "exp" / "sft-k"
+    assert (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()
