@@ -22,9 +22,9 @@ HEADLINE = ("perplexity", "unigram_perplexity", "eos_rate", "accuracy", "gold_sc
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Our own progress at INFO; libraries only when they warn (their INFO chatter buries the story).
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _load(config: str, overrides: list[str]):
