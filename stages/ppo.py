@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -163,6 +164,32 @@ class _Progress:
         self.step = int(state["step"])
 
 
+class PhaseTimer:
+    """Wall time per phase of a PPO step, summed until `pop()` (the `time/*` stats of every step).
+
+    On GPU the clock waits for queued kernels first, otherwise a phase would be charged to the next one.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict[str, float]:
+        """{"time/<phase>": seconds} since the last pop, and a fresh start."""
+        out, self.seconds = {f"time/{k}": v for k, v in self.seconds.items()}, {}
+        return out
+
+
 class PPOStage(Stage):
     """PPO with a separate value model, a frozen reference, per-token KL in the reward and GAE."""
 
@@ -227,6 +254,7 @@ class PPOStage(Stage):
         self.reward_model = reward.to(device)
         self.kl_ctl = self.build_kl_controller()
         self.progress = _Progress()
+        self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
         self.prompts = load_rows(c.prompts, "prompts")["prompt"]
         self.eval_prompts = load_rows(c.eval_prompts, "prompts", limit=c.eval_num_prompts)["prompt"]
@@ -330,12 +358,18 @@ class PPOStage(Stage):
 
     def make_trajectory(self, prompts: list[str]) -> Trajectory:
         """Steps 1-2 and the forwards that go with them: one rollout batch with everything PPO needs."""
-        q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)
+        timed = self.timer
+        with timed("rollout"):
+            q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)
         with torch.no_grad():
-            logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, self.config.temperature)[0]
-            ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask)
-            values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask)
-        scores, raw = self.score(q_ids, q_mask, r_ids, r_mask)
+            with timed("policy_forward"):
+                logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, self.config.temperature)[0]
+            with timed("reference_forward"):
+                ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask)
+            with timed("value_forward"):
+                values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask)
+        with timed("score"):
+            scores, raw = self.score(q_ids, q_mask, r_ids, r_mask)
         return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw,
                           has_eos(r_ids, self.tokenizer.eos_token_id))
 
@@ -387,6 +421,7 @@ class PPOStage(Stage):
 
         bar = tqdm(range(self.progress.step, c.num_steps), desc="ppo", initial=self.progress.step, total=c.num_steps)
         for step in bar:
+            step_start = time.perf_counter()
             # 1-2. rollout and score
             traj = self.make_trajectory(self.prompts_for_step(step))
             # 3. rewards: per-token KL penalty plus the score at EOS
@@ -408,7 +443,8 @@ class PPOStage(Stage):
                          for k, v in self.accelerator.unwrap_model(self.policy).state_dict().items()}
             good_step = step
             # 5. update
-            stats = self.update(traj, advantages, returns)
+            with self.timer("update"):
+                stats = self.update(traj, advantages, returns)
             self.kl_ctl.update(seq_kl, c.rollout_batch_size)
             # 6. log
             m = traj.response_mask
@@ -418,6 +454,7 @@ class PPOStage(Stage):
                 "env/kl_coef": self.kl_ctl.value, "env/response_length": length,
                 "env/eos_rate": traj.has_eos.float().mean().item(),
                 "value/explained_variance": explained_variance(traj.values, returns, m).item(),
+                **self.timer.pop(), "time/step": time.perf_counter() - step_start,
             })
             self.progress.step = step + 1
             if c.eval_every and self.progress.step % c.eval_every == 0:
