@@ -61,5 +61,21 @@ status: $(STAMP)  ## artifacts in the store with their lineage
 data: $(STAMP)  ## rebuild data/ from the Debian packages fortunes and wordnet-base
 	$(BIN)/python data/build.py
 
+# TRL 1.12.0, the last release with a PPO trainer, in its own virtualenv (our .venv has a newer TRL).
+BENCH_VENV  ?= bench/.venv
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP):
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	# torch first and alone, as for .venv; then TRL and the versions it was measured with
+	$(BENCH_VENV)/bin/python -m pip install --disable-pip-version-check -q $(TORCH)
+	$(BENCH_VENV)/bin/python -m pip install --disable-pip-version-check -q trl==1.12.0 transformers==5.24.0 \
+		accelerate==1.15.0 datasets==5.2.0
+	@touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)  ## ours vs TRL (PPO, SFT) and pipeline wall time -> bench/RESULTS.md (BENCH_ARGS=--quick: minutes)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:  ## remove the artifact store, reports and runs (keeps .venv)
 	rm -rf artifacts reports runs

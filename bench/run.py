@@ -1,0 +1,268 @@
+"""`make bench`: our stages against their peers, in one run; writes bench/RESULTS.md.
+
+1. Pipeline: wall time of `make pipeline` from an empty store, then of a rerun with nothing changed.
+2. PPO: our PPO stage vs TRL 1.12.0's PPOTrainer (bench/.venv) on the SFT policy and reward model that
+   pipeline built, with the same prompts and hyperparameters, interleaved; every final policy scored by
+   one script (bench/eval_policy.py) on the same held-out prompts.
+3. SFT: our SFT stage vs a plain trl.SFTTrainer script on the pretrain model, interleaved.
+
+Each run is its own process, so peak resident memory is per run. Benchmarks, never tests: nothing here
+asserts a speed. `--quick` runs the same steps at a size that finishes in minutes (bench/quick.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS_PY = ROOT / ".venv" / "bin" / "python"
+TRL_PY = ROOT / "bench" / ".venv" / "bin" / "python"
+DEV_NOTES = "## Measured during development"
+
+SETTINGS = {
+    # PPO: the hyperparameters of configs/tiny.yaml's ppo block, for fewer steps than its 120
+    "full": {"config": "bench/tiny.yaml", "runs": 3, "eval_prompts": 256,
+             "ppo": {"steps": 30, "batch": 64, "minibatches": 4, "epochs": 4, "response-length": 32,
+                     "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
+             "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20}},
+    "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
+              "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
+                      "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
+              "sft": {"steps": 10, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 2}},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def env(threads: int) -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled",
+             TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    if threads:
+        e["OMP_NUM_THREADS"] = e["MKL_NUM_THREADS"] = str(threads)
+    return e
+
+
+def run(cmd: list[str], threads: int, logfile: Path) -> float:
+    """Run a command from the repository root, its output to `logfile`; seconds of wall time."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    log(" ".join(str(c) for c in cmd))
+    t0 = time.perf_counter()
+    with logfile.open("w") as f:
+        rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env(threads), stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc:
+        sys.exit(f"bench: {cmd[0]} failed (exit {rc}); see {logfile}")
+    return time.perf_counter() - t0
+
+
+def flags(d: dict) -> list[str]:
+    return [x for k, v in d.items() for x in (f"--{k}", str(v))]
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt(s: dict, digits: int = 2) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def versions(py: Path, mods: list[str]) -> dict:
+    code = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    out = subprocess.run([str(py), "-c", code, *mods], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0) if Path("/proc/meminfo").exists() else 0
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def artifact(store: Path, experiment: str, stage: str) -> Path:
+    key = (store / "aliases" / experiment / stage).read_text().strip()
+    return store / "artifacts" / key
+
+
+def bench_pipeline(cfg: str, store: Path, threads: int, out: Path) -> dict:
+    if store.exists():
+        shutil.rmtree(store)
+    cold = run(["make", "-s", "pipeline", f"CONFIG={cfg}"], threads, out / "logs" / "pipeline-cold.log")
+    warm = run(["make", "-s", "pipeline", f"CONFIG={cfg}"], threads, out / "logs" / "pipeline-rerun.log")
+    return {"cold_s": cold, "rerun_s": warm}
+
+
+def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict:
+    common = ["--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
+              *flags(s["ppo"]), "--threads", threads]
+    evaluate = ["--reward", reward, "--prompts", "data/prompts/eval.jsonl.gz", "--num-prompts", s["eval_prompts"],
+                "--response-length", s["ppo"]["response-length"], "--temperature", s["ppo"]["temperature"]]
+    results = {"ours": [], "trl": []}
+    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *evaluate, "--json", out / "ppo" / "sft-eval.json"],
+        threads, out / "logs" / "eval-sft.log")
+    sft_eval = json.loads((out / "ppo" / "sft-eval.json").read_text())
+    for i in range(s["runs"]):
+        # alternate which goes first, so drift in the machine's speed hits both alike
+        for fw in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
+            d = out / "ppo" / f"{fw}-{i}"
+            py, script = (OURS_PY, "bench/ppo_ours.py") if fw == "ours" else (TRL_PY, "bench/ppo_trl.py")
+            run([py, script, *common, "--seed", i, "--out", d, "--json", d / "result.json"], threads,
+                out / "logs" / f"ppo-{fw}-{i}.log")
+            r = json.loads((d / "result.json").read_text())
+            run([OURS_PY, "bench/eval_policy.py", "--policy", r["policy_dir"], *evaluate, "--json", d / "eval.json"],
+                threads, out / "logs" / f"eval-{fw}-{i}.log")
+            r["eval"] = json.loads((d / "eval.json").read_text())
+            results[fw].append(r)
+            log(f"ppo {fw} run {i}: {r['episodes_per_s']:.2f} episodes/s, peak {r['peak_rss_mib']:.0f} MiB, "
+                f"reward {r['eval']['reward']:.3f}")
+    return {"sft_eval": sft_eval, **results}
+
+
+def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:
+    results = {"ours": [], "plain": []}
+    for i in range(s["runs"]):
+        for mode in (("ours", "plain") if i % 2 == 0 else ("plain", "ours")):
+            d = out / "sft" / f"{mode}-{i}"
+            if d.exists():
+                shutil.rmtree(d)  # our stage would resume from its own checkpoints otherwise
+            run([OURS_PY, "bench/sft_bench.py", "--mode", mode, "--model", pretrain, *flags(s["sft"]),
+                 "--threads", threads, "--out", d, "--json", d / "result.json"], threads, out / "logs" / f"sft-{mode}-{i}.log")
+            r = json.loads((d / "result.json").read_text())
+            results[mode].append(r)
+            log(f"sft {mode} run {i}: {r['tokens_per_s']:.0f} tokens/s")
+    return results
+
+
+def report(res: dict) -> str:
+    s, lines = res["settings"], []
+    add = lines.append
+    m = res["machine"]
+    add("# Benchmarks\n")
+    add(f"Written by `make bench{' BENCH_ARGS=--quick' if res['quick'] else ''}` (bench/run.py) on "
+        f"{res['date']}, commit {res['commit']}. Raw numbers: bench/out/results.json; logs: bench/out/logs/.\n")
+    if res["quick"]:
+        add("**Quick mode**: short runs on barely trained models, to check the benchmark itself. Do not quote.\n")
+    add("## Machine and versions\n")
+    add(f"- {m['cpu']}, {m['cores']} cores, {m['memory_mib']} MiB; {m['os']}; Python {m['python']}; "
+        f"torch threads: {res['threads'] or 'torch default'}")
+    add(f"- ours (.venv): {', '.join(f'{k} {v}' for k, v in res['versions']['ours'].items())}")
+    add(f"- TRL (bench/.venv): {', '.join(f'{k} {v}' for k, v in res['versions']['trl'].items())}\n")
+    add("Medians over runs with min–max in brackets.\n")
+    if "pipeline" in res:
+        p = res["pipeline"]
+        add("## Pipeline\n")
+        add(f"`make pipeline CONFIG={s['config']}` (all four stages and the report):\n")
+        add("| | wall time |\n|---|---|")
+        add(f"| from an empty store | {p['cold_s']:.1f} s |")
+        add(f"| rerun, nothing changed | {p['rerun_s']:.1f} s |\n")
+    if "ppo" in res:
+        p, hp = res["ppo"], s["ppo"]
+        add("## PPO: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n")
+        add(f"Same SFT policy and reward model ({s['config']}), prompts data/prompts/train.jsonl.gz; "
+            f"{hp['steps']} PPO steps of {hp['batch']} prompts, {hp['minibatches']} minibatches, {hp['epochs']} PPO "
+            f"epochs, {hp['response-length']} response tokens, KL coefficient {hp['kl-coef']} (k1), temperature "
+            f"{hp['temperature']}, learning rate {hp['lr']} (constant), clip 0.2/0.2, value weight 0.5, gamma 1, "
+            "lambda 0.95, fp32; raw reward-model score, no EOS penalty, no score normalisation. "
+            f"{s['runs']} runs each, interleaved, one process per run. Episodes/s counts the training loop only. "
+            f"Reward: mean reward-model score of the final policy on the first {s['eval_prompts']} prompts of "
+            "data/prompts/eval.jsonl.gz (one sample each, seeded, bench/eval_policy.py); gold: the VADER judge "
+            "on the same samples.\n")
+        add("| | episodes/s | peak RSS (MiB) | reward | gold judge | EOS rate |\n|---|---|---|---|---|---|")
+        e = p["sft_eval"]
+        add(f"| SFT policy (before PPO) | | | {e['reward']:.3f} | {e['gold']:.3f} | {e['eos_rate']:.2f} |")
+        for fw, name in (("ours", "ours"), ("trl", "TRL 1.12.0")):
+            rs = p[fw]
+            add(f"| {name} | {fmt(stats([r['episodes_per_s'] for r in rs]))} | "
+                f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} | {fmt(stats([r['eval']['reward'] for r in rs]), 3)} | "
+                f"{fmt(stats([r['eval']['gold'] for r in rs]), 3)} | {fmt(stats([r['eval']['eos_rate'] for r in rs]))} |")
+        speed = statistics.median(r["episodes_per_s"] for r in p["ours"]) / statistics.median(
+            r["episodes_per_s"] for r in p["trl"])
+        mem = statistics.median(r["peak_rss_mib"] for r in p["ours"]) - statistics.median(
+            r["peak_rss_mib"] for r in p["trl"])
+        rew = statistics.median(r["eval"]["reward"] for r in p["ours"]) - statistics.median(
+            r["eval"]["reward"] for r in p["trl"])
+        add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 1.5x); peak memory "
+            f"{mem:+.0f} MiB; reward {rew:+.3f}.\n")
+        add("Time per step of ours (seconds, median over runs of the mean step):\n")
+        add("| phase | s/step | share |\n|---|---|---|")
+        phases = [k for k in p["ours"][0]["time"] if k != "time/step"]
+        per_step = {k: statistics.median(r["time"][k] / r["steps"] for r in p["ours"]) for k in phases + ["time/step"]}
+        for k in sorted(phases, key=lambda k: -per_step[k]):
+            add(f"| {k[5:]} | {per_step[k]:.3f} | {per_step[k] / per_step['time/step']:.0%} |")
+        add(f"| whole step | {per_step['time/step']:.3f} | |\n")
+        add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
+            "rollout batch; score = the reward model; update = the PPO epochs (forward and backward of policy "
+            "and value, optimizer steps). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
+    if "sft" in res:
+        p, hp = res["sft"], s["sft"]
+        add("## SFT: our stage vs a plain `trl.SFTTrainer` script\n")
+        add(f"Same pretrain model ({s['config']}), data/sft/train.jsonl.gz, {hp['steps']} steps of {hp['batch']}, "
+            f"max length {hp['max-length']}, assistant-only loss, fp32; {s['runs']} runs each, interleaved. "
+            "Tokens are the trainer's `num_tokens`; time is training (`trainer.train()` inside our stage's `train()`).\n")
+        add("| | tokens/s | train s | setup s | peak RSS (MiB) |\n|---|---|---|---|---|")
+        for mode, name in (("ours", "our SFT stage"), ("plain", "plain SFTTrainer")):
+            rs = p[mode]
+            add(f"| {name} | {fmt(stats([r['tokens_per_s'] for r in rs]), 0)} | {fmt(stats([r['train_s'] for r in rs]), 1)} | "
+                f"{fmt(stats([r['setup_s'] for r in rs]), 1)} | {fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} |")
+        ratio = statistics.median(r["tokens_per_s"] for r in p["ours"]) / statistics.median(
+            r["tokens_per_s"] for r in p["plain"])
+        add(f"\nOurs / plain tokens per second (medians): **{ratio:.3f}**.\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short runs on small settings (checks the benchmark)")
+    ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft"], default=["pipeline", "ppo", "sft"])
+    ap.add_argument("--runs", type=int, help="runs per framework (default 3)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
+    ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
+    ap.add_argument("--results", default="bench/RESULTS.md")
+    a = ap.parse_args()
+    s = dict(SETTINGS["quick" if a.quick else "full"])
+    if a.runs:
+        s["runs"] = a.runs
+    out = ROOT / a.out
+    out.mkdir(parents=True, exist_ok=True)
+    from omegaconf import OmegaConf
+
+    experiment = OmegaConf.load(ROOT / s["config"]).name
+    store = ROOT / OmegaConf.load(ROOT / s["config"]).store
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    res = {"quick": a.quick, "settings": s, "threads": a.threads, "machine": machine(), "commit": commit,
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"]),
+                        "trl": versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])}}
+    if "pipeline" in a.only:
+        res["pipeline"] = bench_pipeline(s["config"], store, a.threads, out)
+    elif not (store / "aliases" / experiment / "reward").exists():
+        run(["make", "-s", "reward", f"CONFIG={s['config']}"], a.threads, out / "logs" / "upstream.log")
+    if "ppo" in a.only:
+        res["ppo"] = bench_ppo(s, artifact(store, experiment, "sft"), artifact(store, experiment, "reward"), a.threads, out)
+    if "sft" in a.only:
+        res["sft"] = bench_sft(s, artifact(store, experiment, "pretrain"), a.threads, out)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    text = report(res)
+    path = ROOT / a.results
+    if path.exists() and DEV_NOTES in path.read_text():  # the hand-written notes survive a rerun
+        text += "\n" + path.read_text()[path.read_text().index(DEV_NOTES):]
+    path.write_text(text)
+    log(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
