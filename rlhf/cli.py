@@ -1,7 +1,7 @@
 """The `rlhf` command: run, plan and inspect experiments.
 
-    rlhf run CONFIG [key=value ...] [--until STAGE] [--force STAGE]
-    rlhf plan CONFIG [key=value ...]
+    rlhf run CONFIG [key=value ...] [--until STAGE] [--force STAGE] [--launch ACCELERATE_CONFIG]
+    rlhf plan CONFIG [key=value ...] [--memory [--launch ACCELERATE_CONFIG]]
     rlhf status [CONFIG] [--store ROOT]
     rlhf report CONFIG
     rlhf chat STAGE-or-ARTIFACT [--config CONFIG]
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -24,7 +25,9 @@ HEADLINE = ("perplexity", "unigram_perplexity", "eos_rate", "accuracy", "gold_sc
 def _setup_logging(verbose: bool) -> None:
     # Our own progress at INFO; libraries only when they warn (their INFO chatter buries the story).
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Under `accelerate launch` every rank runs the same pipeline; the main one tells the story.
+    quiet_rank = os.environ.get("RANK", "0") != "0"
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet_rank else logging.INFO)
 
 
 def _load(config: str, overrides: list[str]):
@@ -43,12 +46,43 @@ def _fmt_metrics(metrics: dict) -> str:
     return ", ".join(parts)
 
 
+def _without_launch(argv: list[str]) -> list[str]:
+    """The command line minus `--launch FILE` (what every launched process runs)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--launch":
+            skip = True
+        elif not a.startswith("--launch="):
+            out.append(a)
+    return out
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run this same command in every process of an Accelerate launch config; return the launch's exit code."""
+    import subprocess
+
+    from rlhf.distributed import launch_command
+
+    cmd, env = launch_command(args.launch, ["-m", "rlhf.cli", *_without_launch(args.argv)])
+    log.info("launching: %s", " ".join(cmd))
+    return subprocess.run(cmd, env=env).returncode
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from rlhf.distributed import LAUNCHED_ENV
     from rlhf.report import headline
 
+    if args.launch and not os.environ.get(LAUNCHED_ENV):
+        return cmd_launch(args)
     pipeline = _load(args.config, args.overrides)
     t0 = time.time()
     results = pipeline.run(until=args.until, force=tuple(args.force))
+    from rlhf.distributed import is_main_process
+
+    if not is_main_process():
+        return 0
     print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
     for r in results:
         print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {headline(r.name, r.metrics)}")
@@ -171,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_args(run)
     run.add_argument("--until", metavar="STAGE", help="stop after this stage (runs what it needs first)")
     run.add_argument("--force", metavar="STAGE", action="append", default=[], help="rerun this stage even if up to date")
+    run.add_argument("--launch", metavar="FILE", help="run under `accelerate launch` with this config "
+                                                      "(configs/accelerate/*.yaml: DDP, DeepSpeed, FSDP)")
     run.set_defaults(fn=cmd_run)
 
     plan = sub.add_parser("plan", help="show each stage's key, whether it would run, and why")
@@ -218,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options too (`rlhf run cfg.yaml --until sft seed=1`), as Make's ARGS puts them.
-    args, extra = parser.parse_known_args(argv)
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(raw_argv)
+    args.argv = raw_argv
     if extra:
         if not hasattr(args, "overrides") or not all("=" in x and not x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -226,12 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from rlhf.config import ConfigError
     from rlhf.data import DataError
+    from rlhf.distributed import LaunchError, rank_prefix
     from rlhf.stage import StageError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, StageError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, StageError, LaunchError) as e:
+        # Under a launch the failing rank exits non-zero and the launcher stops the others.
+        print(f"error: {rank_prefix()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished artifacts are kept, training state resumes on the next run", file=sys.stderr)

@@ -164,12 +164,20 @@ class Pipeline:
         return f"changed since {old_key[:8]}: " + "; ".join(changes[:6])
 
     def run(self, until: str | None = None, force: tuple[str, ...] | list[str] = ()) -> list[StageResult]:
-        """Run every out-of-date stage up to `until`, in order; skip the up-to-date ones."""
+        """Run every out-of-date stage up to `until`, in order; skip the up-to-date ones.
+
+        Under `accelerate launch` every rank runs this; they plan from the same store state (a barrier
+        first), only the main process writes aliases and artifacts, and each stage ends at a barrier.
+        """
+        from rlhf.distributed import barrier, is_main_process
+
+        barrier()
         results = []
         for step in self.plan(until, force):
             if not step.will_run:
                 log.info("%s: up to date (key %s)", step.name, step.key)
-                self.store.set_alias(self.experiment.name, step.name, step.key)
+                if is_main_process():
+                    self.store.set_alias(self.experiment.name, step.name, step.key)
                 results.append(StageResult(step.name, step.key, False, 0.0, self.store.manifest(step.key)["metrics"]))
                 continue
             log.info("%s: running (key %s): %s", step.name, step.key, step.reason)

@@ -215,12 +215,11 @@ class Stage:
 
     def run(self) -> dict[str, Any]:
         """Run the whole lifecycle and return the manifest of the published artifact."""
-        from accelerate import PartialState
-
+        from rlhf.distributed import process_state
         from rlhf.tracking import Tracker
 
         started = time.time()
-        state = PartialState()
+        state = process_state()
         # 1. validate inputs
         self.validate_inputs()
         # 2. setup: seed every RNG, open tracking, build models and data

@@ -134,15 +134,22 @@ class RewardStage(Stage):
         """Sample K responses per prompt from the policy and let the judge rank them.
 
         Returns (train pairs, held-out pairs, all sampled responses). Pairs are split by prompt so
-        held-out prompts were never seen in training.
+        held-out prompts were never seen in training. Under several processes the main one samples
+        and judges, and every rank trains on its pairs.
         """
+        from rlhf.distributed import broadcast_object, is_main_process
+
+        pairs = self._collect_onpolicy() if is_main_process() else None
+        return broadcast_object(pairs)
+
+    def _collect_onpolicy(self) -> tuple[list[dict], list[dict], list[str]]:
+        import json
+
         from rlhf.judges import load_judge, rank_pairs
 
         c = self.config.onpolicy
         cached = self.work_dir / "onpolicy.json"
         if cached.exists():  # a resumed run must train on the same pairs
-            import json
-
             saved = json.loads(cached.read_text())
             return saved["train"], saved["eval"], saved["responses"]
         judge = load_judge(c.judge, field="stages.reward.onpolicy.judge")
@@ -158,9 +165,9 @@ class RewardStage(Stage):
         train = [p for p in pairs if p["prompt"] not in held]
         evals = [p for p in pairs if p["prompt"] in held]
         responses = [s.response for s in samples]
-        import json
-
-        cached.write_text(json.dumps({"train": train, "eval": evals, "responses": responses}))
+        tmp = cached.with_suffix(".tmp")  # renamed into place: a kill mid-write leaves no half cache
+        tmp.write_text(json.dumps({"train": train, "eval": evals, "responses": responses}))
+        tmp.replace(cached)
         log.info("reward: %d on-policy pairs from %d prompts x %d samples (%d held out)",
                  len(pairs), len(prompts), c.k, len(evals))
         return train, evals, responses

@@ -66,12 +66,31 @@ def head_per_token(model, input_ids, attention_mask, position_ids) -> torch.Tens
     """A sequence-classification model's scalar head applied at every position: (B, T).
 
     The reward model is trained on the head's output at the last real token; the value model reuses the
-    same architecture and reads the head at every position.
+    same architecture and reads the head at every position. `model` may also be a `PerTokenHead`
+    (possibly inside a DDP or DeepSpeed wrapper), whose forward is this function.
     """
+    if not hasattr(model, "base_model_prefix"):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
+
+
+class PerTokenHead(torch.nn.Module):
+    """A sequence-classification model whose forward is `head_per_token`.
+
+    Under several processes the value model is wrapped (DDP, DeepSpeed) and the wrapper synchronises
+    gradients only for computation that runs through its own forward; reading the backbone and head
+    directly would bypass it. Wrapped in this module, the per-token forward goes through the wrapper.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        return head_per_token(self.model, input_ids, attention_mask, position_ids)
 
 
 def value_forward(model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Running the stages under `accelerate launch`: the launch command, the process state, global reductions.
+
+`rlhf run CONFIG --launch FILE` re-runs itself as `accelerate launch --config_file FILE -m rlhf.cli run
+CONFIG ...`; each process then runs the same pipeline. Only the main process writes to the store and
+the trackers; every rank meets the others at stage boundaries (`barrier`). Accelerate's launcher
+(torchrun underneath) stops the other ranks when one exits with an error, and that rank prints its
+error with its rank.
+
+Launch configs are Accelerate's own YAML (`configs/accelerate/`). One quirk is handled here: Accelerate
+launches several CPU processes on one machine only through mpirun; for `distributed_type: MULTI_CPU` on
+one machine we use its torchrun launcher instead and tell each process to stay on the CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LAUNCHED_ENV = "RLHF_LAUNCHED"
+"""Set in the processes `rlhf run --launch` starts, so they never launch again."""
+
+
+class LaunchError(ValueError):
+    """A launch config that cannot be used; the message names the file and the field."""
+
+
+def read_launch_config(path: str | Path) -> dict[str, Any]:
+    """An Accelerate launch YAML as a dict, checked for the fields the pipeline relies on."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LaunchError(f"{path}: launch config not found; see configs/accelerate/ for examples")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, dict) or "distributed_type" not in cfg:
+        raise LaunchError(f"{path}: not an Accelerate launch config (no distributed_type); "
+                          "write one with `accelerate config --config_file FILE` or copy configs/accelerate/*.yaml")
+    n = cfg.get("num_processes", 1)
+    if not isinstance(n, int) or n < 1:
+        raise LaunchError(f"{path}: num_processes: {n!r}; expected a positive integer")
+    return cfg
+
+
+def launch_command(launch_file: str | Path, program: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` command line (and environment) that runs `program` in every process.
+
+    `program` is what follows `python`: `["-m", "rlhf.cli", "run", ...]` or `["script.py", ...]`.
+    """
+    cfg = read_launch_config(launch_file)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_file)]
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    if cfg.get("use_cpu"):
+        env["ACCELERATE_USE_CPU"] = "true"
+    if (cfg["distributed_type"] == "MULTI_CPU" and cfg.get("num_machines", 1) == 1
+            and not cfg.get("mpirun_config") and cfg.get("num_processes", 1) > 1):
+        cmd.append("--multi_gpu")  # torchrun's launcher; ACCELERATE_USE_CPU makes each process pick gloo
+    return [*cmd, *program], env
+
+
+def process_state():
+    """Accelerate's process state, created so that CPU launches (ACCELERATE_USE_CPU) form a gloo group.
+
+    `PartialState` is shared by every Accelerator and Trainer in the process, and the first construction
+    decides the backend, so the pipeline creates it here before any stage builds a trainer.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def is_main_process() -> bool:
+    return process_state().is_main_process
+
+
+def barrier() -> None:
+    """Every rank waits here for the others (a no-op in a single process)."""
+    process_state().wait_for_everyone()
+
+
+def rank_prefix() -> str:
+    """'rank 1: ' in a multi-process run (for error messages), '' otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
+
+
+def broadcast_object(obj: Any) -> Any:
+    """The main process's `obj` on every rank (work done once, e.g. sampling on-policy pairs)."""
+    state = process_state()
+    if state.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    box = [obj if state.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def global_masked_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """`rlhf.ppo.masked_whiten` with the mean and unbiased variance taken over every rank's positions.
+
+    Each rank holds part of the rollout batch; whitening with local statistics would give each shard
+    its own scale. Two sum-reductions give exactly the statistics of the whole batch.
+    """
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    totals = torch.stack([torch.where(mask, x, zero).sum(), mask.sum().to(x.dtype)])
+    totals = accelerator.reduce(totals, reduction="sum")
+    n = totals[1]
+    mean = totals[0] / n.clamp_min(1)
+    centred = accelerator.reduce(torch.where(mask, (x - mean) ** 2, zero).sum(), reduction="sum")
+    var = centred / (n - 1).clamp_min(1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, zero)
+
+
+# ---- PPO's own loop under a launch (the Trainer-based stages get this from the Trainer) -----------
+
+
+def uses_deepspeed() -> bool:
+    """True in processes started with a DeepSpeed launch config (known before the Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage of this run, 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module: DeepSpeed wraps exactly one trained model per engine."""
+
+    def __init__(self, policy: torch.nn.Module, value: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+
+def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Place a frozen model (reference, reward) for the launch.
+
+    ZeRO-3 shards it like the trained models (an inference engine, no optimizer state); elsewhere each
+    process holds a whole copy, in bf16 when the run trains in bf16 on GPU (it is never updated, so
+    fp32 master weights would only cost memory).
+    """
+    if zero_stage(accelerator) == 3:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(model, accelerator)
+    model = model.to(accelerator.device)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    return model

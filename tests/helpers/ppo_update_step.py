@@ -1,0 +1,75 @@
+"""One PPO update on a fixed rollout batch, run in every process of a launch (tests/test_distributed.py).
+
+    python tests/helpers/ppo_update_step.py CONFIG OUT_DIR [overrides...]
+
+Every rank builds the same rollout batch of `rollout_batch_size` prompts (same seed, same weights),
+keeps its own rows (rank r: rows r*B/N .. (r+1)*B/N - 1, as the training loop's `local_prompts`),
+then computes rewards, advantages and the update exactly as `PPOStage.train` does. The main process
+writes the batch (`traj.pt`) and the weights after the update (`after.pt`), so a one-process run of
+the same update on the whole batch can be compared with it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf.config import load_experiment
+from rlhf.pipeline import Pipeline
+from rlhf.ppo.rollout import PerTokenHead, Trajectory
+from rlhf.tracking import Tracker
+
+
+def build_stage(config: str, overrides: list[str]):
+    stage = Pipeline(load_experiment(config, overrides)).stages["ppo"]
+    stage.work_dir = stage.store.work_dir(stage.key)
+    stage.tracker = Tracker(stage.experiment, "ppo", stage.key, enabled=False)
+    stage.setup()
+    return stage
+
+
+def fixed_batch(stage) -> Trajectory:
+    """The step-0 rollout of the whole batch, with response lengths that differ by row.
+
+    Unequal lengths make the ranks hold different token counts, so a per-rank token mean or per-rank
+    whitening would give a different update than the whole batch's.
+    """
+    torch.manual_seed(0)
+    traj = stage.make_trajectory(stage.prompts_for_step(0))
+    lengths = torch.arange(traj.response_ids.shape[0]) % traj.response_ids.shape[1] + 1  # (B,)
+    mask = torch.arange(traj.response_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)  # (B, R)
+    return traj._replace(response_mask=mask)
+
+
+def update(stage, traj: Trajectory) -> dict[str, torch.Tensor]:
+    """rewards -> advantages -> update on this process's rows; the policy and value weights after it."""
+    acc = stage.accelerator
+    per_rank = traj.query_ids.shape[0] // acc.num_processes
+    rows = slice(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
+    local = Trajectory(*(t[rows] for t in traj))
+    rewards, _ = stage.compute_rewards(local)
+    advantages, returns = stage.compute_advantages(rewards, local)
+    torch.manual_seed(3)
+    stage.update(local, advantages, returns)
+    policy = acc.unwrap_model(stage.policy).state_dict()
+    value_model = acc.unwrap_model(stage.value_model)
+    value = (value_model.model if isinstance(value_model, PerTokenHead) else value_model).state_dict()
+    return {**{f"policy.{k}": v.detach().clone() for k, v in policy.items()},
+            **{f"value.{k}": v.detach().clone() for k, v in value.items()}}
+
+
+def main(config: str, out: str, *overrides: str) -> None:
+    stage = build_stage(config, list(overrides))
+    traj = fixed_batch(stage)
+    weights = update(stage, traj)
+    if stage.accelerator.is_main_process:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save(tuple(traj), Path(out) / "traj.pt")
+        torch.save(weights, Path(out) / "after.pt")
+    stage.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
