@@ -9,6 +9,15 @@ hub dataset id (`owner/name`, with `#split` to pick a split; default `train`). S
     prompts      {"prompt"}
 
 Errors name the file and line (or row) and say what is wrong: `data/sft.jsonl line 41: "response" is empty`.
+
+Rows in Anthropic's HH-RLHF form, `{"chosen", "rejected"}` full transcripts ("\n\nHuman: ...\n\nAssistant:
+..."), are recognised by their shape and mapped onto the schema asked for: preferences take the dialogue
+before the last assistant turn as the prompt and the two last turns as chosen and rejected; sft takes the
+chosen transcript as chat messages; prompts take the dialogue before the last assistant turn. Rows the
+mapping cannot use (an unparsable transcript, identical or empty answers) are dropped and counted.
+
+A local directory is loaded like a hub dataset (`datasets.load_dataset(dir, split=...)`), so a copy of a
+hub dataset on disk stands in for it.
 """
 
 from __future__ import annotations
@@ -17,9 +26,13 @@ import gzip
 import hashlib
 import io
 import json
+import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("rlhf")
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 SCHEMAS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -36,8 +49,71 @@ class DataError(ValueError):
 
 
 def is_local(spec: str) -> bool:
-    """A data spec names a local file when it exists or carries a data-file suffix."""
-    return Path(spec).exists() or Path(spec.removesuffix(".gz")).suffix in LOCAL_SUFFIXES
+    """A data spec names a local file when it is one or carries a data-file suffix (directories and hub
+    ids load through `datasets.load_dataset`)."""
+    return Path(spec).is_file() or Path(spec.removesuffix(".gz")).suffix in LOCAL_SUFFIXES
+
+
+# ---- Anthropic HH-RLHF transcripts ---------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def is_hh_row(row: Any) -> bool:
+    """A row in HH-RLHF form: chosen and rejected transcripts and no prompt."""
+    return (isinstance(row, dict) and "prompt" not in row and isinstance(row.get("chosen"), str)
+            and isinstance(row.get("rejected"), str) and "\n\nAssistant:" in row["chosen"])
+
+
+def parse_transcript(text: str) -> list[dict[str, str]] | None:
+    """'\n\nHuman: a\n\nAssistant: b' -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}].
+
+    None when the text does not start with a turn marker or a turn is empty.
+    """
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():  # text before the first marker
+        return None
+    turns = [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+    if not turns or any(not t["content"] for t in turns):
+        return None
+    return turns
+
+
+def _dialogue_text(turns: list[dict[str, str]]) -> str:
+    """The prompt string of a dialogue: a single user turn as itself, longer ones as a labelled transcript."""
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return turns[0]["content"]
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[t['role']]}: {t['content']}" for t in turns)
+
+
+def from_hh(row: dict[str, Any], schema: str) -> dict[str, Any] | None:
+    """An HH-RLHF row mapped onto `schema`, or None when it cannot be used (see the module docstring)."""
+    chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
+    if chosen is None or chosen[-1]["role"] != "assistant" or len(chosen) < 2:
+        return None
+    if schema == "sft":
+        return {"messages": chosen}
+    if schema == "text":
+        return {"text": row["chosen"].strip()}
+    prompt = _dialogue_text(chosen[:-1])
+    if schema == "prompts":
+        return {"prompt": prompt}
+    if rejected is None or rejected[:-1] != chosen[:-1] or rejected[-1]["role"] != "assistant":
+        return None
+    if rejected[-1]["content"].strip() == chosen[-1]["content"].strip():
+        return None
+    return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+
+
+def _map_hh(rows, schema: str, where: str) -> list[dict[str, Any]]:
+    mapped = [from_hh(dict(r), schema) for r in rows]
+    kept = [r for r in mapped if r is not None]
+    if len(kept) < len(mapped):
+        log.warning("%s: %d of %d HH-RLHF rows dropped (unparsable transcript, or identical or empty answers)",
+                    where, len(mapped) - len(kept), len(mapped))
+    return kept
 
 
 def fingerprint(spec: str) -> str:
@@ -51,6 +127,14 @@ def fingerprint(spec: str) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         return "sha256:" + h.hexdigest()[:16]
+    folder = Path(spec.partition("#")[0])
+    if folder.is_dir():  # a local stand-in for a hub dataset: its files' contents, and the split
+        h = hashlib.sha256(spec.partition("#")[2].encode())
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and ".cache" not in f.parts:
+                h.update(str(f.relative_to(folder)).encode())
+                h.update(f.read_bytes())
+        return "dir:" + h.hexdigest()[:16]
     return "hub:" + spec
 
 
@@ -132,6 +216,10 @@ def read_local(path: Path, schema: str) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if is_hh_row(row):
+                row = from_hh(row, schema)
+                if row is None:
+                    continue
             rows.append(_check_row(row, schema, f"{path} line {number}"))
     if not rows:
         raise DataError(f"{path}: file is empty; it needs at least one {schema} row")
@@ -160,6 +248,8 @@ def load_rows(spec: str, schema: str, limit: int | None = None):
                 f"{spec}: not a local file and could not be loaded as a hub dataset ({type(e).__name__}: {e}). "
                 "Check the path, or the dataset id and network access (HF_HUB_OFFLINE)."
             ) from None
+        if len(ds) and is_hh_row(ds[0]):
+            ds = datasets.Dataset.from_list(_map_hh(ds, schema, spec))
         _validate_dataset(ds, schema, spec)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))

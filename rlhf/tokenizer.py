@@ -8,10 +8,13 @@ three different tokens: PPO tells "the response ended" (EOS) from "nothing here"
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rlhf.artifacts import digest
+
+log = logging.getLogger("rlhf")
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -83,9 +86,12 @@ def load_tokenizer(path: str):
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token; set one before training")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        had = "no pad token" if tok.pad_token_id is None else f"pad = EOS ({tok.eos_token!r})"
         tok.add_special_tokens({"pad_token": PAD})
+        log.info("%s: the tokenizer had %s; added %s (id %d), distinct from EOS", path, had, PAD, tok.pad_token_id)
     if tok.chat_template is None:
         tok.chat_template = CHAT_TEMPLATE
+        log.info("%s: the tokenizer had no chat template; using the pipeline's (rlhf/tokenizer.py)", path)
     return tok
 
 

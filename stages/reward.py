@@ -117,8 +117,8 @@ class RewardStage(Stage):
     def data_files(self):
         c = self.config
         files = {"train": c.train_data, "eval": c.eval_data}
-        if c.onpolicy.enabled:
-            files["onpolicy_prompts"] = c.onpolicy.prompts
+        # read even without on-policy pairs: the reward statistics are taken over samples on these prompts
+        files["onpolicy_prompts"] = c.onpolicy.prompts
         return files
 
     def validate_inputs(self) -> None:
