@@ -108,8 +108,9 @@ def write_report(store, experiment: str, out_dir: Path) -> tuple[Path, list[str]
         gold_x, gold_y = _series(rows, "eval/gold")
         kl_x, kl_y = _series(rows, "eval/kl")
         points = [(0.0, m["gold_sft"])] + list(zip(kl_y, gold_y))
+        labels = ["SFT"] + [f"step {int(s)}" for s in gold_x]
         plots.append("gold_vs_kl.png")
-        _scatter(out_dir / "gold_vs_kl.png", [p[0] for p in points], [p[1] for p in points],
+        _scatter(out_dir / "gold_vs_kl.png", [p[0] for p in points], [p[1] for p in points], labels,
                  "KL to the SFT policy (nats per response)", "gold judge (VADER)", "Over-optimisation curve")
         md += ["## PPO", "", "![ppo training](ppo_training.png)", "", "![gold vs kl](gold_vs_kl.png)", "",
                *sft_vs_ppo(m)]
@@ -137,15 +138,17 @@ def _bar(path: Path, labels: list[str], values: list[float], ylabel: str, title:
     plt.close(fig)
 
 
-def _scatter(path: Path, xs, ys, xlabel: str, ylabel: str, title: str) -> None:
+def _scatter(path: Path, xs, ys, labels: list[str], xlabel: str, ylabel: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    ax.plot(xs, ys, "-o")
-    ax.annotate("SFT", (xs[0], ys[0]), textcoords="offset points", xytext=(5, -12))
+    ax.plot(xs, ys, "-o", alpha=0.8)
+    # Points are joined in step order, so the labels tell which way the run went.
+    for x, y, label in zip(xs, ys, labels):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -11), fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
