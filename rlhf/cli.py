@@ -98,6 +98,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for step in pipeline.plan(until=args.until, force=tuple(args.force)):
         state = "will run" if step.will_run else "up to date"
         print(f"{step.name:<10} {step.key}  {state:<10}  {step.reason if step.will_run else ''}".rstrip())
+    if args.memory:
+        return memory_plan(pipeline, args.launch, args.prompt_tokens)
+    return 0
+
+
+def memory_plan(pipeline, launch: str | None, prompt_tokens: int) -> int:
+    """Print the PPO memory table; 1 (with a warning) when it does not fit the device, else 0."""
+    from rlhf.memory import available_memory, format_table, plan_ppo_memory
+
+    try:
+        est, settings = plan_ppo_memory(pipeline, launch, prompt_tokens)
+    except (OSError, ValueError) as e:  # a hub config that cannot be fetched offline, no PPO stage
+        print(f"error: memory plan: {e}", file=sys.stderr)
+        return 2
+    table, fits = format_table(est, settings, available_memory(settings))
+    print(f"\n{table}")
+    print(f"  (assumes prompts of {prompt_tokens} tokens; set --prompt-tokens)")
+    if not fits:
+        print("warning: the PPO stage needs more memory per process than is available; use more processes, "
+              "ZeRO-3 or FSDP (configs/accelerate/), LoRA, or a smaller rollout_batch_size or micro-batch",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -213,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_args(plan)
     plan.add_argument("--until", metavar="STAGE")
     plan.add_argument("--force", metavar="STAGE", action="append", default=[])
+    plan.add_argument("--memory", action="store_true", help="estimate PPO's memory per process and warn if it cannot fit")
+    plan.add_argument("--launch", metavar="FILE", help="the Accelerate launch config the memory plan is for")
+    plan.add_argument("--prompt-tokens", type=int, default=256, help="prompt length the memory plan assumes")
     plan.set_defaults(fn=cmd_plan)
 
     status = sub.add_parser("status", help="list the artifacts in a store with their lineage")

@@ -57,12 +57,12 @@ class LoraSettings:
                           target_modules=list(self.target_modules), task_type=task_type)
 
 
-def build_causal_lm(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
-    """A freshly initialised LlamaForCausalLM sized by `cfg`, with the tokenizer's special-token ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(cfg: ModelConfig, vocab_size: int, **special_token_ids):
+    """The transformers LlamaConfig that `cfg` describes (also what the memory planner sizes)."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
@@ -70,10 +70,16 @@ def build_causal_lm(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
         intermediate_size=cfg.intermediate_size,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special_token_ids,
     )
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
+    """A freshly initialised LlamaForCausalLM sized by `cfg`, with the tokenizer's special-token ids."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(cfg, len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
 
 
