@@ -50,15 +50,24 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
 
 
 def policy_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
-                   with_entropy: bool = False):
-    """Logprobs (B, R) of the response tokens under `model` at `temperature` (and entropy if asked)."""
+                   with_entropy: bool = False, entropy_grad: bool = True):
+    """Logprobs (B, R) of the response tokens under `model` at `temperature` (and entropy if asked).
+
+    With `entropy_grad=False` the entropy is a statistic only: computed without autograd, so none of
+    its (B, R, V) intermediates are kept for a backward pass that would never use them.
+    """
     input_ids, attention_mask, position_ids = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
+    # Only the last R + 1 columns' logits are read: the LM head (a large share of a small model's work,
+    # forward and backward) is not run over the prompt.
+    r = response_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    p = query_ids.shape[1]
-    logits = logits[:, p - 1 : -1]  # (B, R, V): column p-1+t predicts response token t
+                   use_cache=False, logits_to_keep=r + 1).logits
+    logits = logits[:, :-1]  # (B, R, V): column p-1+t of the sequence predicts response token t
     logprobs = logprobs_from_logits(logits, response_ids, temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits, temperature)
     return logprobs, entropy
 
 
@@ -106,3 +115,23 @@ def score_at_eos(model, query_ids, query_mask, response_ids, response_mask) -> t
     per_token = head_per_token(model, *seq)
     index = query_ids.shape[1] + last_token_index(response_mask)
     return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
+
+
+def trim_padding(traj: Trajectory, *per_token: torch.Tensor) -> tuple[Trajectory, ...]:
+    """`traj` (a slice of a rollout batch) without the columns that are padding in every row.
+
+    A minibatch holds fewer rows than the rollout it came from, so its longest prompt and response are
+    often shorter than the batch's: the leading prompt columns and trailing response columns that no
+    row uses are dropped, from `traj` and from each (B, R) tensor in `per_token` (advantages, returns).
+    Nothing any loss reads changes: those columns are masked out everywhere, and positions come from
+    the mask. Returns (trimmed traj, *trimmed per_token).
+    """
+    used_p = traj.query_mask.any(dim=0).nonzero()
+    used_r = traj.response_mask.any(dim=0).nonzero()
+    start = int(used_p[0]) if len(used_p) else 0  # (P,) left padding: drop columns before the first used
+    end = int(used_r[-1]) + 1 if len(used_r) else 1  # (R,) right padding: drop columns after the last used
+    p_cols = {"query_ids", "query_mask"}
+    r_cols = {"response_ids", "response_mask", "logprobs", "ref_logprobs", "values"}
+    trimmed = traj._replace(**{k: getattr(traj, k)[:, start:] for k in p_cols},
+                            **{k: getattr(traj, k)[:, :end] for k in r_cols})
+    return (trimmed, *(t[:, :end] for t in per_token))
