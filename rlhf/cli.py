@@ -66,8 +66,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from rlhf.distributed import launch_command
 
     cmd, env = launch_command(args.launch, ["-m", "rlhf.cli", *_without_launch(args.argv)])
+    _warn_if_ppo_cannot_fit(args)
     log.info("launching: %s", " ".join(cmd))
     return subprocess.run(cmd, env=env).returncode
+
+
+def _warn_if_ppo_cannot_fit(args: argparse.Namespace) -> None:
+    """Before launching, the memory plan's warning (best effort: a plan that cannot be made is skipped)."""
+    from rlhf.memory import available_memory, plan_ppo_memory
+
+    try:
+        pipeline = _load(args.config, args.overrides)
+        est, settings = plan_ppo_memory(pipeline, args.launch, prompt_tokens=256)
+        avail, where = available_memory(settings)
+    except Exception as e:  # no PPO stage, a hub config not reachable: the run itself will say more
+        log.debug("memory plan skipped: %s", e)
+        return
+    if est.total > avail:
+        log.warning("warning: PPO needs about %.1f GiB per process (a floor; prompts of 256 tokens) but %s has "
+                    "%.1f GiB; see `rlhf plan %s --memory --launch %s`", est.total / (1 << 30), where,
+                    avail / (1 << 30), args.config, args.launch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

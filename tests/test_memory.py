@@ -100,3 +100,17 @@ def test_every_gpu_launch_config_gives_a_plan(workdir, tiny_data, launch, capsys
     path = write_config(workdir / "exp.yaml", ppo_config(tiny_data, str(workdir / "store")))
     code = main(["plan", str(path), "--memory", "--launch", str(REPO / "configs" / "accelerate" / f"{launch}.yaml")])
     assert code == 0 and "total" in capsys.readouterr().out
+
+
+def test_run_with_launch_warns_before_launching_what_cannot_fit(workdir, tiny_data, caplog):
+    from rlhf.cli import _warn_if_ppo_cannot_fit, build_parser
+
+    path = write_config(workdir / "exp.yaml", ppo_config(tiny_data, str(workdir / "store")))
+    launch = str(REPO / "configs" / "accelerate" / "cpu-ddp.yaml")
+    fits = build_parser().parse_args(["run", str(path), "--launch", launch])
+    too_big = build_parser().parse_args(["run", str(path), "stages.ppo.rollout_batch_size=16777216", "--launch", launch])
+    with caplog.at_level("WARNING", logger="rlhf"):
+        _warn_if_ppo_cannot_fit(fits)
+        assert not caplog.records
+        _warn_if_ppo_cannot_fit(too_big)
+    assert "PPO needs about" in caplog.text and "rlhf plan" in caplog.text
