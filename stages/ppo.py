@@ -41,7 +41,7 @@ from rlhf.ppo import (
     response_mask_from_eos,
     value_loss,
 )
-from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, value_forward
+from rlhf.ppo.rollout import PerTokenHead, Trajectory, policy_forward, score_at_eos, value_forward
 from rlhf.ppo.rollout import trim_padding
 from rlhf.sampling import encode_prompts
 from rlhf.stage import Stage, StageError
@@ -249,15 +249,18 @@ class PPOStage(Stage):
     def setup(self) -> None:
         from accelerate import Accelerator
 
+        from rlhf.distributed import process_state, uses_deepspeed
+
         c = self.config
-        self.accelerator = Accelerator()
+        process_state()  # a CPU launch forms its gloo group before the Accelerator is made
+        # DeepSpeed steps inside backward, so it must know the micro-batches per optimizer step.
+        self.accelerator = (Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps)
+                            if uses_deepspeed() else Accelerator())
+        self.check_process_split(self.accelerator.num_processes)
         policy, reference, value, reward, self.tokenizer = self.build_models()
         self.policy, self.value_model = policy, value
         self.optimizer = self.build_optimizer()
-        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(policy, value, self.optimizer)
-        device = self.accelerator.device
-        self.reference = reference.to(device) if reference is not None else None
-        self.reward_model = reward.to(device)
+        self.prepare_models(policy, reference, value, reward)
         self.kl_ctl = self.build_kl_controller()
         self.progress = _Progress()
         self.timer = PhaseTimer()
@@ -279,6 +282,113 @@ class PPOStage(Stage):
                  count_parameters(self.policy, True), count_parameters(self.value_model, True),
                  len(self.prompts), c.num_steps, c.rollout_batch_size)
 
+    def check_process_split(self, num_processes: int) -> None:
+        """Every rank rolls out and updates on an equal share of each batch, minibatch and micro-batch."""
+        c = self.config
+        per_rank = c.num_minibatches * c.gradient_accumulation_steps * num_processes
+        if c.rollout_batch_size % per_rank:
+            raise StageError(
+                f"ppo: stages.ppo.rollout_batch_size={c.rollout_batch_size} must divide evenly into num_minibatches "
+                f"({c.num_minibatches}) x gradient_accumulation_steps ({c.gradient_accumulation_steps}) x "
+                f"{num_processes} processes; change the batch size or the launch config's num_processes"
+            )
+
+    def prepare_models(self, policy, reference, value, reward) -> None:
+        """Wrap the trained models for the launch and place the frozen ones (see rlhf.distributed).
+
+        One process: policy and value as they are. DDP/FSDP: the value model behind `PerTokenHead`, so
+        its per-token forward runs through the wrapper that synchronises gradients. DeepSpeed: policy and
+        value in one engine (`PolicyAndValue`); under ZeRO-3 reference and reward are sharded too.
+        """
+        from rlhf.distributed import PolicyAndValue, prepare_frozen, uses_deepspeed, zero_stage
+
+        acc, c = self.accelerator, self.config
+        self.engine = None
+        if uses_deepspeed():
+            ds = acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = c.micro_batch_size // acc.num_processes
+            ds["gradient_clipping"] = c.max_grad_norm  # DeepSpeed clips inside its step
+            self.engine, self.optimizer = acc.prepare(PolicyAndValue(policy, PerTokenHead(value)), self.optimizer)
+            self.policy, self.value_model = self.engine.module.policy, self.engine.module.value
+        elif acc.num_processes > 1:
+            self.policy, self.value_model, self.optimizer = acc.prepare(policy, PerTokenHead(value), self.optimizer)
+        else:
+            self.policy, self.value_model, self.optimizer = acc.prepare(policy, value, self.optimizer)
+        if acc.num_processes > 1 or zero_stage(acc):
+            self.reference = prepare_frozen(acc, reference) if reference is not None else None
+            self.reward_model = prepare_frozen(acc, reward)
+        else:
+            device = acc.device
+            self.reference = reference.to(device) if reference is not None else None
+            self.reward_model = reward.to(device)
+
+    @contextlib.contextmanager
+    def generation_model(self):
+        """The policy as `generate` needs it: unwrapped, with ZeRO-3's shards gathered for the duration."""
+        from rlhf.distributed import zero_stage
+
+        if self.engine is not None and zero_stage(self.accelerator) == 3:
+            from trl.models.utils import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(self.engine, self.accelerator) as joint:
+                yield joint.policy
+        else:
+            yield self.accelerator.unwrap_model(self.policy)
+
+    def gathered_policy_state(self) -> dict | None:
+        """The policy's whole state dict where ranks hold shards (ZeRO-3, FSDP), else None.
+
+        A collective: every rank must call it (the save itself runs on the main process only).
+        """
+        from rlhf.distributed import is_fsdp, zero_stage
+
+        acc = self.accelerator
+        if self.engine is not None and zero_stage(acc) == 3:
+            full = acc.get_state_dict(self.engine)
+            return {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
+        if is_fsdp(acc):
+            return acc.get_state_dict(self.policy)
+        return None
+
+    def local_prompts(self, step: int) -> list[str]:
+        """This rank's share of `prompts_for_step(step)`: with N processes rank r rolls out rows
+        r*B/N .. (r+1)*B/N - 1, so the batch over all ranks is still `rollout_batch_size`."""
+        prompts = self.prompts_for_step(step)
+        n, r = self.accelerator.num_processes, self.accelerator.process_index
+        per_rank = len(prompts) // n
+        return prompts[r * per_rank : (r + 1) * per_rank]
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """`masked_whiten` with the statistics of the whole rollout batch (all ranks' rows)."""
+        if self.accelerator.num_processes == 1:
+            return masked_whiten(x, mask, shift_mean=shift_mean)
+        from rlhf.distributed import global_masked_whiten
+
+        return global_masked_whiten(self.accelerator, x, mask, shift_mean=shift_mean)
+
+    def batch_mean(self, x: torch.Tensor) -> float:
+        """Mean of a per-sequence quantity (B,) over the whole rollout batch (all ranks' rows)."""
+        if self.accelerator.num_processes == 1:
+            return x.mean().item()
+        return self.accelerator.gather(x).mean().item()
+
+    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Each statistic averaged over the ranks (every rank holds an equal share of the batch)."""
+        if self.accelerator.num_processes == 1:
+            return stats
+        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
+        values = torch.tensor([float(stats[k]) for k in keys], device=self.accelerator.device)
+        values = self.accelerator.reduce(values, reduction="mean")
+        return {**stats, **dict(zip(keys, values.tolist()))}
+
+    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
+        """Backward of one micro-batch. DeepSpeed steps inside backward at the last micro-batch and
+        divides by its accumulation count, which our token weights already account for."""
+        if self.engine is not None:
+            self.accelerator.gradient_state._set_sync_gradients(last_micro_batch)
+            loss = loss * self.config.gradient_accumulation_steps
+        self.accelerator.backward(loss)
+
     # ---- override points: one per step of the loop ---------------------------------------------
 
     def prompts_for_step(self, step: int) -> list[str]:
@@ -296,16 +406,23 @@ class PPOStage(Stage):
         """Step 1: sample responses. Returns (query_ids, query_mask, response_ids, response_mask)."""
         c, tok = self.config, self.tokenizer
         enc = encode_prompts(tok, prompts, self.accelerator.device)
-        policy = self.accelerator.unwrap_model(self.policy)
-        policy.eval()
-        seqs = policy.generate(**enc, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-                               top_p=c.top_p, top_k=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        with self.generation_model() as policy:
+            policy.eval()
+            seqs = policy.generate(**enc, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
+                                   top_p=c.top_p, top_k=0, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, **self.generate_extra())
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         response_ids = seqs[:, query_ids.shape[1] :]
         response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
         # generate pads finished rows with pad ids; make that explicit for rows that never ended too
         response_ids = torch.where(response_mask, response_ids, tok.pad_token_id)
         return query_ids, query_mask, response_ids, response_mask
+
+    def generate_extra(self) -> dict:
+        """Extra `generate` arguments for the launch: FSDP shards need every rank to run every decode step."""
+        from rlhf.distributed import is_fsdp
+
+        return {"synced_gpus": True} if is_fsdp(self.accelerator) else {}
 
     @torch.no_grad()
     def score(self, query_ids, query_mask, response_ids, response_mask):
@@ -334,14 +451,14 @@ class PPOStage(Stage):
         kl = KL_ESTIMATORS[self.config.kl_estimator](traj.logprobs, traj.ref_logprobs)
         rewards = compute_rewards(traj.scores, kl, self.kl_ctl.value, traj.response_mask)
         if self.config.whiten_rewards:
-            rewards = masked_whiten(rewards, traj.response_mask, shift_mean=False)
+            rewards = self.whiten(rewards, traj.response_mask, shift_mean=False)
         return rewards, kl
 
     def compute_advantages(self, rewards: torch.Tensor, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 4: GAE advantages (whitened) and returns, both (B, R)."""
         advantages, returns = gae(rewards, traj.values, traj.response_mask, self.config.gamma, self.config.lam)
         if self.config.whiten_advantages:
-            advantages = masked_whiten(advantages, traj.response_mask)
+            advantages = self.whiten(advantages, traj.response_mask)
         return advantages, returns
 
     def loss(self, mb: Trajectory, advantages, returns) -> tuple[torch.Tensor, dict]:
@@ -382,23 +499,28 @@ class PPOStage(Stage):
     def update(self, traj: Trajectory, advantages, returns) -> dict[str, float]:
         """Step 5: `ppo_epochs` passes of minibatch updates over one rollout batch."""
         c, acc = self.config, self.accelerator
+        n = acc.num_processes
         self.policy.train()
         self.value_model.train()
         totals: dict[str, float] = {}
         count = 0
         for _ in range(c.ppo_epochs):
-            order = torch.randperm(c.rollout_batch_size, device=traj.query_ids.device)
-            for mb_idx in order.split(c.minibatch_size):
+            # With N processes each rank holds B/N rows; a minibatch takes minibatch_size/N from each.
+            order = torch.randperm(c.rollout_batch_size // n, device=traj.query_ids.device)
+            for mb_idx in order.split(c.minibatch_size // n):
                 # Token-weighted accumulation: each micro-batch's masked mean is scaled by its share of the
                 # minibatch's tokens, so the summed gradient equals the full-minibatch masked mean's.
                 mb_tokens = traj.response_mask[mb_idx].sum().clamp(min=1)
-                for micro_idx in mb_idx.split(c.micro_batch_size):
+                if n > 1:  # every rank's tokens, per rank: the wrappers average gradients over ranks
+                    mb_tokens = acc.reduce(traj.response_mask[mb_idx].sum(), reduction="sum").clamp(min=1) / n
+                micro_batches = mb_idx.split(c.micro_batch_size // n)
+                for i, micro_idx in enumerate(micro_batches):
                     # columns that are padding in every row of this micro-batch cost compute and change nothing
                     mb, mb_adv, mb_ret = trim_padding(Trajectory(*(t[micro_idx] for t in traj)),
                                                       advantages[micro_idx], returns[micro_idx])
                     loss, stats = self.loss(mb, mb_adv, mb_ret)
                     weight = mb.response_mask.sum() / mb_tokens
-                    acc.backward(loss * weight)
+                    self.backward(loss * weight, last_micro_batch=i == len(micro_batches) - 1)
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + float(v)
                     count += 1
@@ -421,34 +543,37 @@ class PPOStage(Stage):
             self.baseline = json.loads(baseline_file.read_text())
         else:
             self.baseline = self.judge_policy()
-            baseline_file.write_text(json.dumps(self.baseline))
+            if self.accelerator.is_main_process:
+                baseline_file.write_text(json.dumps(self.baseline))
         resumed_from = self.progress.step
         self.stopped: str | None = None
         last_good, good_step = None, self.progress.step
         from tqdm.auto import tqdm
 
-        bar = tqdm(range(self.progress.step, c.num_steps), desc="ppo", initial=self.progress.step, total=c.num_steps)
+        bar = tqdm(range(self.progress.step, c.num_steps), desc="ppo", initial=self.progress.step, total=c.num_steps,
+                   disable=not self.accelerator.is_main_process)  # one bar for a launch, not one per rank
         for step in bar:
             step_start = time.perf_counter()
             # 1-2. rollout and score
-            traj = self.make_trajectory(self.prompts_for_step(step))
+            traj = self.make_trajectory(self.local_prompts(step))
             # 3. rewards: per-token KL penalty plus the score at EOS
             rewards, kl = self.compute_rewards(traj)
             # 4. advantages
             advantages, returns = self.compute_advantages(rewards, traj)
             # 6a. watchdogs look at the rollout of the policy the last update produced
-            seq_kl = masked_sum(kl, traj.response_mask, dim=1).mean().item()
-            length = traj.response_mask.sum(1).float().mean().item()
+            # (over every rank's rows: all ranks must take the same decision)
+            seq_kl = self.batch_mean(masked_sum(kl, traj.response_mask, dim=1))
+            length = self.batch_mean(traj.response_mask.sum(1).float())
             reason = self.watchdog(seq_kl, length)
             if reason:
                 self.stopped = f"step {step}: {reason}"
                 log.warning("ppo: stopping: %s; keeping the policy of step %d", self.stopped, good_step)
-                self.accelerator.unwrap_model(self.policy).load_state_dict(last_good)
+                self.restore_policy(last_good)
                 break
             # This rollout passed, so its policy is the last good one (a CPU copy: cheap for the
             # models this runs on CPU, and the only way to go back one step without a checkpoint per step).
-            last_good = {k: v.detach().to("cpu", copy=True)
-                         for k, v in self.accelerator.unwrap_model(self.policy).state_dict().items()}
+            state = self.gathered_policy_state() or self.accelerator.unwrap_model(self.policy).state_dict()
+            last_good = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             good_step = step
             # 5. update
             with self.timer("update"):
@@ -467,12 +592,31 @@ class PPOStage(Stage):
             self.progress.step = step + 1
             if c.eval_every and self.progress.step % c.eval_every == 0:
                 stats.update({f"eval/{k}": v for k, v in summarize(self.judge_policy(), list(self.judges)).items()})
+            stats = self.reduce_stats(stats)
             self.tracker.log(stats, step=self.progress.step)
             bar.set_postfix(score=f"{stats['env/score']:.2f}", kl=f"{seq_kl:.2f}")
             if c.save_every and self.progress.step % c.save_every == 0:
                 self.accelerator.save_state(str(ckpt))
+        self.final_state = self.gathered_policy_state()  # every rank gathers; the main one saves
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}
+
+    def restore_policy(self, state: dict) -> None:
+        """Load a whole policy state dict on every rank (ZeRO-3: into the gathered parameters)."""
+        from rlhf.distributed import is_fsdp, zero_stage
+
+        policy = self.accelerator.unwrap_model(self.policy)
+        if self.engine is not None and zero_stage(self.accelerator) == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=0):
+                policy.load_state_dict(state)
+        elif is_fsdp(self.accelerator):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.policy, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            policy.load_state_dict(state)
 
     def watchdog(self, seq_kl: float, length: float) -> str | None:
         """A reason to stop, or None. KL past the budget or collapsing responses mean the policy is gaming."""
@@ -488,11 +632,12 @@ class PPOStage(Stage):
     def judge_policy(self) -> dict:
         """Per-prompt judge scores, KL and lengths of the current policy on the held-out prompts."""
         c = self.config
-        return evaluate_policy(
-            self.accelerator.unwrap_model(self.policy), self.tokenizer, self.eval_prompts, self.judges,
-            max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed,
-            reference=self.reference, reference_context=self.reference_context,
-        )
+        with self.generation_model() as policy:
+            return evaluate_policy(
+                policy, self.tokenizer, self.eval_prompts, self.judges,
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed,
+                reference=self.reference, reference_context=self.reference_context,
+            )
 
     def evaluate(self) -> dict:
         from rlhf.stats import paired_bootstrap
@@ -527,12 +672,20 @@ class PPOStage(Stage):
             self.policy = policy
         policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
         policy.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        policy.save_pretrained(str(out))
+        # Sharded runs (ZeRO-3, FSDP) save the state every rank gathered at the end of training.
+        policy.save_pretrained(str(out), state_dict=getattr(self, "final_state", None))
         self.tokenizer.save_pretrained(str(out))
 
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
 
+        if getattr(self, "final_state", None) is not None:  # sharded: compare weights with the gathered ones
+            saved = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+            bad = [k for k, v in saved.items() if k in self.final_state
+                   and not torch.equal(v.cpu(), self.final_state[k].to(v.dtype).cpu())]
+            if bad:
+                raise StageError(f"the checkpoint written to {out} differs from the trained policy in {bad[:3]}")
+            return
         verify_reload(self.accelerator.unwrap_model(self.policy), out, AutoModelForCausalLM, self.tokenizer)
 
     def manifest_extra(self):
