@@ -168,3 +168,14 @@ def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda":
         model = model.to(torch.bfloat16)
     return model
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The whole state dict of a model whose parameters are sharded over the ranks (ZeRO-3, FSDP), else None.
+
+    A collective: every rank must call it, although only the main process saves. `model` is what the
+    accelerator prepared (a Trainer's `model_wrapped`).
+    """
+    if zero_stage(accelerator) == 3 or is_fsdp(accelerator):
+        return accelerator.get_state_dict(model)
+    return None

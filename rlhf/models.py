@@ -166,5 +166,16 @@ def verify_reload(model: torch.nn.Module, path: Path, auto_class, tokenizer, ato
     return diff
 
 
+def verify_saved_weights(path: Path, auto_class, state: dict[str, torch.Tensor]) -> None:
+    """Reload `path` and compare its weights with `state` (a state dict gathered from sharded ranks,
+    where the model in memory holds only this rank's shard and cannot be run for `verify_reload`)."""
+    saved = auto_class.from_pretrained(str(path)).state_dict()
+    bad = [k for k, v in saved.items() if k in state and not torch.equal(v.cpu(), state[k].to(v.dtype).cpu())]
+    missing = [k for k in state if k not in saved and not k.endswith("lm_head.weight")]  # tied heads are not saved
+    if bad or missing:
+        raise StageError(f"the checkpoint written to {path} does not hold the trained weights (differs in "
+                         f"{bad[:3]}, missing {missing[:3]}); nothing was published")
+
+
 def _first_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]

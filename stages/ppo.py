@@ -23,7 +23,8 @@ import torch
 from rlhf.config import logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import evaluate_policy, summarize
-from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload
+from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload,
+                         verify_saved_weights)
 from rlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -680,11 +681,7 @@ class PPOStage(Stage):
         from transformers import AutoModelForCausalLM
 
         if getattr(self, "final_state", None) is not None:  # sharded: compare weights with the gathered ones
-            saved = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
-            bad = [k for k, v in saved.items() if k in self.final_state
-                   and not torch.equal(v.cpu(), self.final_state[k].to(v.dtype).cpu())]
-            if bad:
-                raise StageError(f"the checkpoint written to {out} differs from the trained policy in {bad[:3]}")
+            verify_saved_weights(out, AutoModelForCausalLM, self.final_state)
             return
         verify_reload(self.accelerator.unwrap_model(self.policy), out, AutoModelForCausalLM, self.tokenizer)
 

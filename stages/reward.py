@@ -21,7 +21,9 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows
-from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload
+from rlhf.distributed import gathered_state_dict
+from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload,
+                         verify_saved_weights)
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
@@ -268,6 +270,10 @@ class RewardStage(Stage):
     def train(self) -> dict[str, float]:
         last = self.last_checkpoint()
         out = self.trainer.train(resume_from_checkpoint=last)
+        # Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here; the main process saves them.
+        self.full_state = gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
+        if self.full_state is not None and self.config.lora.enabled:
+            raise StageError("reward: LoRA under ZeRO-3 or FSDP is not supported yet; launch with DDP or ZeRO-2")
         if self.config.lora.enabled:
             self.model.save_pretrained(str(self.work_dir / "adapter"))
             self.model = self.model.merge_and_unload()
@@ -317,7 +323,7 @@ class RewardStage(Stage):
                                            temperature=c.temperature)]
 
     def save(self, out) -> None:
-        self.model.save_pretrained(str(out))
+        self.model.save_pretrained(str(out), state_dict=getattr(self, "full_state", None))
         self.tokenizer.save_pretrained(str(out))
         if self.config.lora.enabled:
             shutil.copytree(self.work_dir / "adapter", out / "adapter")
@@ -325,6 +331,9 @@ class RewardStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForSequenceClassification
 
+        if getattr(self, "full_state", None) is not None:  # sharded: this rank's model is a shard
+            verify_saved_weights(out, AutoModelForSequenceClassification, self.full_state)
+            return
         verify_reload(self.model, out, AutoModelForSequenceClassification, self.tokenizer)
 
     def manifest_extra(self):

@@ -17,7 +17,8 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
-from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_reload
+from rlhf.distributed import gathered_state_dict
+from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_reload, verify_saved_weights
 from rlhf.sampling import sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
@@ -159,6 +160,10 @@ class SFTStage(Stage):
         if last:
             log.info("sft: resuming from %s", last)
         out = self.trainer.train(resume_from_checkpoint=last)
+        # Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here; the main process saves them.
+        self.full_state = gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
+        if self.full_state is not None and self.config.lora.enabled:
+            raise StageError("sft: LoRA under ZeRO-3 or FSDP is not supported yet; launch with DDP or ZeRO-2")
         if self.config.lora.enabled:
             # Keep the adapter before merging: merging folds it into the base weights and removes it.
             self.model.save_pretrained(str(self.work_dir / "adapter"))
@@ -194,7 +199,7 @@ class SFTStage(Stage):
     def save(self, out) -> None:
         self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        self.model.save_pretrained(str(out))
+        self.model.save_pretrained(str(out), state_dict=getattr(self, "full_state", None))
         self.tokenizer.save_pretrained(str(out))
         if self.config.lora.enabled:
             shutil.copytree(self.work_dir / "adapter", out / "adapter")
@@ -202,6 +207,9 @@ class SFTStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
 
+        if getattr(self, "full_state", None) is not None:  # sharded: this rank's model is a shard
+            verify_saved_weights(out, AutoModelForCausalLM, self.full_state)
+            return
         verify_reload(self.model, out, AutoModelForCausalLM, self.tokenizer)
 
     def manifest_extra(self):

@@ -163,3 +163,20 @@ def test_every_launch_config_loads_and_launches_rlhf(name):
     assert ("--multi_gpu" in cmd) == (name == "cpu-ddp")
     assert (env.get("ACCELERATE_USE_CPU") == "true") == (name == "cpu-ddp")
     assert cfg.num_processes == (2 if name == "cpu-ddp" else 1 if name == "single" else 8)
+
+
+def test_saved_weights_are_checked_against_the_gathered_state(tmp_path):
+    # What ZeRO-3 and FSDP runs verify instead of running the model (each rank holds only a shard).
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import verify_saved_weights
+    from rlhf.stage import StageError
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    verify_saved_weights(tmp_path, AutoModelForCausalLM, state)
+    state["model.norm.weight"][0] += 1e-3
+    with pytest.raises(StageError, match="does not hold the trained weights"):
+        verify_saved_weights(tmp_path, AutoModelForCausalLM, state)
