@@ -315,7 +315,7 @@ class PPOStage(Stage):
             self.policy, self.value_model, self.optimizer = acc.prepare(policy, PerTokenHead(value), self.optimizer)
         else:
             self.policy, self.value_model, self.optimizer = acc.prepare(policy, value, self.optimizer)
-        if acc.num_processes > 1 or zero_stage(acc):
+        if acc.num_processes > 1 or zero_stage(acc) or acc.mixed_precision == "bf16":
             self.reference = prepare_frozen(acc, reference) if reference is not None else None
             self.reward_model = prepare_frozen(acc, reward)
         else:
