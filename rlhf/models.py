@@ -153,7 +153,17 @@ def verify_reload(model: torch.nn.Module, path: Path, auto_class, tokenizer, ato
     ids = probe_ids(tokenizer).to(model.device)
     was_training = model.training
     model.eval()
-    expected = _first_output(model(input_ids=ids))
+    # Accelerate's mixed precision wraps `forward` in autocast (keeping the original beside it); the
+    # checkpoint holds the full-precision weights, so compare with the full-precision forward.
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward") if original is not None else None
+    if wrapped is not None:
+        model.forward = original
+    try:
+        expected = _first_output(model(input_ids=ids))
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
     reloaded = auto_class.from_pretrained(str(path), dtype=model.dtype).to(model.device).eval()
     got = _first_output(reloaded(input_ids=ids))
     model.train(was_training)
