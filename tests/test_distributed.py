@@ -180,3 +180,16 @@ def test_saved_weights_are_checked_against_the_gathered_state(tmp_path):
     state["model.norm.weight"][0] += 1e-3
     with pytest.raises(StageError, match="does not hold the trained weights"):
         verify_saved_weights(tmp_path, AutoModelForCausalLM, state)
+
+
+def test_ppo_in_bf16_autocast_publishes_a_checkpoint_that_reloads(one_process):
+    # The GPU configs train in bf16; on CPU Accelerate's autocast runs the same code path. The reload check
+    # must compare the saved fp32 weights with the full-precision forward, not the autocast one.
+    config = Path(one_process.experiment.source)
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "PYTHONPATH": str(REPO / "tests")}
+    overrides = ["stages.ppo.num_steps=1", "stages.ppo.kl_coef=0.06"]  # a key of its own
+    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "run", str(config), *overrides], cwd=config.parent,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ppo = Pipeline(load_experiment(config, overrides)).stages["ppo"]
+    assert ppo.store.exists(ppo.key) and ppo.store.manifest(ppo.key)["metrics"]["train_steps"] == 1
