@@ -52,8 +52,8 @@ report: $(STAMP)  ## reports/<experiment>/report.md with plots
 chat: $(STAMP)  ## talk to a stage's model, e.g. make chat STAGE=ppo
 	$(RLHF) chat $(or $(STAGE),ppo) --config $(CONFIG)
 
-plan: $(STAMP)  ## what `make pipeline` would run, and why
-	$(RLHF) plan $(CONFIG) $(ARGS)
+plan: $(STAMP)  ## what `make pipeline` would run, and why (with LAUNCH=...: and PPO's memory per process)
+	$(RLHF) plan $(CONFIG) $(if $(LAUNCH),--memory --launch $(LAUNCH)) $(ARGS)
 
 status: $(STAMP)  ## artifacts in the store with their lineage
 	$(RLHF) status $(CONFIG)
