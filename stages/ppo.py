@@ -615,7 +615,9 @@ class PPOStage(Stage):
         elif is_fsdp(self.accelerator):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-            set_model_state_dict(self.policy, state, options=StateDictOptions(full_state_dict=True))
+            # the gathered state is whole on the main process only; it is broadcast from there
+            set_model_state_dict(self.policy, state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         else:
             policy.load_state_dict(state)
 

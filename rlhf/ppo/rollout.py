@@ -98,6 +98,11 @@ class PerTokenHead(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def _no_split_modules(self):
+        """The wrapped model's transformer blocks, which FSDP's auto-wrap policy shards by."""
+        return getattr(self.model, "_no_split_modules", None)
+
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         return head_per_token(self.model, input_ids, attention_mask, position_ids)
 
