@@ -193,3 +193,13 @@ def test_ppo_in_bf16_autocast_publishes_a_checkpoint_that_reloads(one_process):
     assert done.returncode == 0, done.stderr[-3000:]
     ppo = Pipeline(load_experiment(config, overrides)).stages["ppo"]
     assert ppo.store.exists(ppo.key) and ppo.store.manifest(ppo.key)["metrics"]["train_steps"] == 1
+
+
+def test_a_launch_file_that_is_not_an_accelerate_config_is_refused(tmp_path, capsys):
+    from rlhf.cli import main
+
+    assert main(["run", "configs/tiny.yaml", "--launch", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: launch config not found" in capsys.readouterr().err
+    (tmp_path / "exp.yaml").write_text("name: not-a-launch-config\n")
+    assert main(["run", "configs/tiny.yaml", "--launch", str(tmp_path / "exp.yaml")]) == 2
+    assert "not an Accelerate launch config (no distributed_type)" in capsys.readouterr().err
