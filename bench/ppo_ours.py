@@ -57,6 +57,8 @@ def main() -> None:
         "kl_coef": a.kl_coef, "temperature": a.temperature, "learning_rate": a.lr, "value_learning_rate": a.lr,
         # TRL reads the raw reward-model score and has no normalisation; penalties off on both sides
         "normalize_score": False, "no_eos_score": None,
+        # TRL 1.12.0's PPO loop never clips gradients (its max_grad_norm is unused), so neither do we here
+        "max_grad_norm": 1e9,
         # the benchmark measures training, not the watchdogs' judgement
         "kl_budget": 1e9, "min_response_length": 0.0,
         "eval_every": 0, "save_every": 0,

@@ -75,7 +75,7 @@ def stats(xs: list[float]) -> dict:
 
 
 def fmt(s: dict, digits: int = 2) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]"
 
 
 def versions(py: Path, mods: list[str]) -> dict:
@@ -150,6 +150,11 @@ def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:
 def report(res: dict) -> str:
     s, lines = res["settings"], []
     add = lines.append
+
+    def measured(section: str) -> None:
+        when = res[section].get("date", res["date"])
+        if when != res["date"]:
+            add(f"(Measured on {when}, by an earlier `bench/run.py` of the same mode.)\n")
     m = res["machine"]
     add("# Benchmarks\n")
     add(f"Written by `make bench{' BENCH_ARGS=--quick' if res['quick'] else ''}` (bench/run.py) on "
@@ -161,10 +166,11 @@ def report(res: dict) -> str:
         f"torch threads: {res['threads'] or 'torch default'}")
     add(f"- ours (.venv): {', '.join(f'{k} {v}' for k, v in res['versions']['ours'].items())}")
     add(f"- TRL (bench/.venv): {', '.join(f'{k} {v}' for k, v in res['versions']['trl'].items())}\n")
-    add("Medians over runs with min–max in brackets.\n")
+    add("Each cell: median [min, max] over the runs.\n")
     if "pipeline" in res:
         p = res["pipeline"]
         add("## Pipeline\n")
+        measured("pipeline")
         add(f"`make pipeline CONFIG={s['config']}` (all four stages and the report):\n")
         add("| | wall time |\n|---|---|")
         add(f"| from an empty store | {p['cold_s']:.1f} s |")
@@ -172,11 +178,13 @@ def report(res: dict) -> str:
     if "ppo" in res:
         p, hp = res["ppo"], s["ppo"]
         add("## PPO: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n")
+        measured("ppo")
         add(f"Same SFT policy and reward model ({s['config']}), prompts data/prompts/train.jsonl.gz; "
             f"{hp['steps']} PPO steps of {hp['batch']} prompts, {hp['minibatches']} minibatches, {hp['epochs']} PPO "
             f"epochs, {hp['response-length']} response tokens, KL coefficient {hp['kl-coef']} (k1), temperature "
             f"{hp['temperature']}, learning rate {hp['lr']} (constant), clip 0.2/0.2, value weight 0.5, gamma 1, "
-            "lambda 0.95, fp32; raw reward-model score, no EOS penalty, no score normalisation. "
+            "lambda 0.95, fp32; raw reward-model score, no EOS penalty, no score normalisation, no gradient "
+            "clipping (TRL's PPO loop has none). "
             f"{s['runs']} runs each, interleaved, one process per run. Episodes/s counts the training loop only. "
             f"Reward: mean reward-model score of the final policy on the first {s['eval_prompts']} prompts of "
             "data/prompts/eval.jsonl.gz (one sample each, seeded, bench/eval_policy.py); gold: the VADER judge "
@@ -210,6 +218,7 @@ def report(res: dict) -> str:
     if "sft" in res:
         p, hp = res["sft"], s["sft"]
         add("## SFT: our stage vs a plain `trl.SFTTrainer` script\n")
+        measured("sft")
         add(f"Same pretrain model ({s['config']}), data/sft/train.jsonl.gz, {hp['steps']} steps of {hp['batch']}, "
             f"max length {hp['max-length']}, assistant-only loss, fp32; {s['runs']} runs each, interleaved. "
             "Tokens are the trainer's `num_tokens`; time is training (`trainer.train()` inside our stage's `train()`).\n")
@@ -248,13 +257,18 @@ def main() -> None:
            "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"]),
                         "trl": versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])}}
     if "pipeline" in a.only:
-        res["pipeline"] = bench_pipeline(s["config"], store, a.threads, out)
+        res["pipeline"] = {**bench_pipeline(s["config"], store, a.threads, out), "date": res["date"]}
     elif not (store / "aliases" / experiment / "reward").exists():
         run(["make", "-s", "reward", f"CONFIG={s['config']}"], a.threads, out / "logs" / "upstream.log")
     if "ppo" in a.only:
-        res["ppo"] = bench_ppo(s, artifact(store, experiment, "sft"), artifact(store, experiment, "reward"), a.threads, out)
+        res["ppo"] = {**bench_ppo(s, artifact(store, experiment, "sft"), artifact(store, experiment, "reward"),
+                                  a.threads, out), "date": res["date"]}
     if "sft" in a.only:
-        res["sft"] = bench_sft(s, artifact(store, experiment, "pretrain"), a.threads, out)
+        res["sft"] = {**bench_sft(s, artifact(store, experiment, "pretrain"), a.threads, out), "date": res["date"]}
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    for section in ("pipeline", "ppo", "sft"):  # keep what this run did not redo, saying when it ran
+        if section not in res and section in previous and previous.get("quick") == a.quick:
+            res[section] = {**previous[section], "date": previous[section].get("date", previous["date"])}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     path = ROOT / a.results
