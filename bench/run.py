@@ -157,8 +157,9 @@ def report(res: dict) -> str:
             add(f"(Measured on {when}, by an earlier `bench/run.py` of the same mode.)\n")
     m = res["machine"]
     add("# Benchmarks\n")
-    add(f"Written by `make bench{' BENCH_ARGS=--quick' if res['quick'] else ''}` (bench/run.py) on "
-        f"{res['date']}, commit {res['commit']}. Raw numbers: bench/out/results.json; logs: bench/out/logs/.\n")
+    command = " ".join(["bench/run.py", *res.get("argv", [])])
+    add(f"Written by `{command}` (what `make bench` runs) on {res['date']}, commit {res['commit']}. "
+        "Raw numbers: bench/out/results.json; logs: bench/out/logs/.\n")
     if res["quick"]:
         add("**Quick mode**: short runs on barely trained models, to check the benchmark itself. Do not quote.\n")
     add("## Machine and versions\n")
@@ -252,7 +253,7 @@ def main() -> None:
     experiment = OmegaConf.load(ROOT / s["config"]).name
     store = ROOT / OmegaConf.load(ROOT / s["config"]).store
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    res = {"quick": a.quick, "settings": s, "threads": a.threads, "machine": machine(), "commit": commit,
+    res = {"quick": a.quick, "argv": sys.argv[1:], "settings": s, "threads": a.threads, "machine": machine(), "commit": commit,
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"]),
                         "trl": versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])}}
