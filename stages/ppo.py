@@ -6,6 +6,8 @@ Out: a policy artifact, with gold-judge, held-out-judge, KL and fluency numbers 
 
 Our own loop on Accelerate (TRL no longer ships PPO), after Ziegler et al. 2019, Ouyang et al. 2022 and
 Huang et al. 2024. The loop is `train()`; every step is a small method a subclass can replace.
+What running under `accelerate launch` needs (sharding, gathering, reductions) is in
+`rlhf/ppo/launch.py`; with one process it stays out of the way.
 """
 
 from __future__ import annotations
@@ -37,15 +39,15 @@ from rlhf.ppo import (
     kl_k3,
     masked_mean,
     masked_sum,
-    masked_whiten,
     policy_loss,
     response_mask_from_eos,
     value_loss,
 )
-from rlhf.ppo.rollout import PerTokenHead, Trajectory, policy_forward, score_at_eos, value_forward
+from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
+from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, value_forward
 from rlhf.ppo.rollout import trim_padding
 from rlhf.sampling import encode_prompts
-from rlhf.stage import Stage, StageError
+from rlhf.stage import Stage
 from rlhf.tokenizer import tokenizer_facts
 
 log = logging.getLogger("rlhf")
@@ -153,46 +155,7 @@ class PPOConfig:
         return self.minibatch_size // self.gradient_accumulation_steps
 
 
-class _Progress:
-    """Step counter saved with the accelerator state (the data position follows from it)."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
-class PhaseTimer:
-    """Wall time per phase of a PPO step, summed until `pop()` (the `time/*` stats of every step).
-
-    On GPU the clock waits for queued kernels first, otherwise a phase would be charged to the next one.
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync()
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-    def pop(self) -> dict[str, float]:
-        """{"time/<phase>": seconds} since the last pop, and a fresh start."""
-        out, self.seconds = {f"time/{k}": v for k, v in self.seconds.items()}, {}
-        return out
-
-
-class PPOStage(Stage):
+class PPOStage(LaunchMixin, Stage):
     """PPO with a separate value model, a frozen reference, per-token KL in the reward and GAE."""
 
     name = "ppo"
@@ -263,7 +226,7 @@ class PPOStage(Stage):
         self.optimizer = self.build_optimizer()
         self.prepare_models(policy, reference, value, reward)
         self.kl_ctl = self.build_kl_controller()
-        self.progress = _Progress()
+        self.progress = StepCounter()
         self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
         self.prompts = load_rows(c.prompts, "prompts")["prompt"]
@@ -282,113 +245,6 @@ class PPOStage(Stage):
         log.info("ppo: policy %d trainable parameters, value %d; %d prompts, %d steps of %d",
                  count_parameters(self.policy, True), count_parameters(self.value_model, True),
                  len(self.prompts), c.num_steps, c.rollout_batch_size)
-
-    def check_process_split(self, num_processes: int) -> None:
-        """Every rank rolls out and updates on an equal share of each batch, minibatch and micro-batch."""
-        c = self.config
-        per_rank = c.num_minibatches * c.gradient_accumulation_steps * num_processes
-        if c.rollout_batch_size % per_rank:
-            raise StageError(
-                f"ppo: stages.ppo.rollout_batch_size={c.rollout_batch_size} must divide evenly into num_minibatches "
-                f"({c.num_minibatches}) x gradient_accumulation_steps ({c.gradient_accumulation_steps}) x "
-                f"{num_processes} processes; change the batch size or the launch config's num_processes"
-            )
-
-    def prepare_models(self, policy, reference, value, reward) -> None:
-        """Wrap the trained models for the launch and place the frozen ones (see rlhf.distributed).
-
-        One process: policy and value as they are. DDP/FSDP: the value model behind `PerTokenHead`, so
-        its per-token forward runs through the wrapper that synchronises gradients. DeepSpeed: policy and
-        value in one engine (`PolicyAndValue`); under ZeRO-3 reference and reward are sharded too.
-        """
-        from rlhf.distributed import PolicyAndValue, prepare_frozen, uses_deepspeed, zero_stage
-
-        acc, c = self.accelerator, self.config
-        self.engine = None
-        if uses_deepspeed():
-            ds = acc.state.deepspeed_plugin.deepspeed_config
-            ds["train_micro_batch_size_per_gpu"] = c.micro_batch_size // acc.num_processes
-            ds["gradient_clipping"] = c.max_grad_norm  # DeepSpeed clips inside its step
-            self.engine, self.optimizer = acc.prepare(PolicyAndValue(policy, PerTokenHead(value)), self.optimizer)
-            self.policy, self.value_model = self.engine.module.policy, self.engine.module.value
-        elif acc.num_processes > 1:
-            self.policy, self.value_model, self.optimizer = acc.prepare(policy, PerTokenHead(value), self.optimizer)
-        else:
-            self.policy, self.value_model, self.optimizer = acc.prepare(policy, value, self.optimizer)
-        if acc.num_processes > 1 or zero_stage(acc) or acc.mixed_precision == "bf16":
-            self.reference = prepare_frozen(acc, reference) if reference is not None else None
-            self.reward_model = prepare_frozen(acc, reward)
-        else:
-            device = acc.device
-            self.reference = reference.to(device) if reference is not None else None
-            self.reward_model = reward.to(device)
-
-    @contextlib.contextmanager
-    def generation_model(self):
-        """The policy as `generate` needs it: unwrapped, with ZeRO-3's shards gathered for the duration."""
-        from rlhf.distributed import zero_stage
-
-        if self.engine is not None and zero_stage(self.accelerator) == 3:
-            from trl.models.utils import unwrap_model_for_generation
-
-            with unwrap_model_for_generation(self.engine, self.accelerator) as joint:
-                yield joint.policy
-        else:
-            yield self.accelerator.unwrap_model(self.policy)
-
-    def gathered_policy_state(self) -> dict | None:
-        """The policy's whole state dict where ranks hold shards (ZeRO-3, FSDP), else None.
-
-        A collective: every rank must call it (the save itself runs on the main process only).
-        """
-        from rlhf.distributed import is_fsdp, zero_stage
-
-        acc = self.accelerator
-        if self.engine is not None and zero_stage(acc) == 3:
-            full = acc.get_state_dict(self.engine)
-            return {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
-        if is_fsdp(acc):
-            return acc.get_state_dict(self.policy)
-        return None
-
-    def local_prompts(self, step: int) -> list[str]:
-        """This rank's share of `prompts_for_step(step)`: with N processes rank r rolls out rows
-        r*B/N .. (r+1)*B/N - 1, so the batch over all ranks is still `rollout_batch_size`."""
-        prompts = self.prompts_for_step(step)
-        n, r = self.accelerator.num_processes, self.accelerator.process_index
-        per_rank = len(prompts) // n
-        return prompts[r * per_rank : (r + 1) * per_rank]
-
-    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-        """`masked_whiten` with the statistics of the whole rollout batch (all ranks' rows)."""
-        if self.accelerator.num_processes == 1:
-            return masked_whiten(x, mask, shift_mean=shift_mean)
-        from rlhf.distributed import global_masked_whiten
-
-        return global_masked_whiten(self.accelerator, x, mask, shift_mean=shift_mean)
-
-    def batch_mean(self, x: torch.Tensor) -> float:
-        """Mean of a per-sequence quantity (B,) over the whole rollout batch (all ranks' rows)."""
-        if self.accelerator.num_processes == 1:
-            return x.mean().item()
-        return self.accelerator.gather(x).mean().item()
-
-    def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """Each statistic averaged over the ranks (every rank holds an equal share of the batch)."""
-        if self.accelerator.num_processes == 1:
-            return stats
-        keys = sorted(k for k, v in stats.items() if isinstance(v, (int, float)))
-        values = torch.tensor([float(stats[k]) for k in keys], device=self.accelerator.device)
-        values = self.accelerator.reduce(values, reduction="mean")
-        return {**stats, **dict(zip(keys, values.tolist()))}
-
-    def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
-        """Backward of one micro-batch. DeepSpeed steps inside backward at the last micro-batch and
-        divides by its accumulation count, which our token weights already account for."""
-        if self.engine is not None:
-            self.accelerator.gradient_state._set_sync_gradients(last_micro_batch)
-            loss = loss * self.config.gradient_accumulation_steps
-        self.accelerator.backward(loss)
 
     # ---- override points: one per step of the loop ---------------------------------------------
 
@@ -418,12 +274,6 @@ class PPOStage(Stage):
         # generate pads finished rows with pad ids; make that explicit for rows that never ended too
         response_ids = torch.where(response_mask, response_ids, tok.pad_token_id)
         return query_ids, query_mask, response_ids, response_mask
-
-    def generate_extra(self) -> dict:
-        """Extra `generate` arguments for the launch: FSDP shards need every rank to run every decode step."""
-        from rlhf.distributed import is_fsdp
-
-        return {"synced_gpus": True} if is_fsdp(self.accelerator) else {}
 
     @torch.no_grad()
     def score(self, query_ids, query_mask, response_ids, response_mask):
@@ -601,25 +451,6 @@ class PPOStage(Stage):
         self.final_state = self.gathered_policy_state()  # every rank gathers; the main one saves
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}
-
-    def restore_policy(self, state: dict) -> None:
-        """Load a whole policy state dict on every rank (ZeRO-3: into the gathered parameters)."""
-        from rlhf.distributed import is_fsdp, zero_stage
-
-        policy = self.accelerator.unwrap_model(self.policy)
-        if self.engine is not None and zero_stage(self.accelerator) == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=0):
-                policy.load_state_dict(state)
-        elif is_fsdp(self.accelerator):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            # the gathered state is whole on the main process only; it is broadcast from there
-            set_model_state_dict(self.policy, state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-        else:
-            policy.load_state_dict(state)
 
     def watchdog(self, seq_kl: float, length: float) -> str | None:
         """A reason to stop, or None. KL past the budget or collapsing responses mean the policy is gaming."""
