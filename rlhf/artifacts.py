@@ -115,6 +115,8 @@ class ArtifactStore:
         if self.is_local:
             return Path(self._path("artifacts", key))
         dest = self.cache / "artifacts" / key
+        if (dest / MANIFEST).exists() and json.loads((dest / MANIFEST).read_text()) != self.manifest(key):
+            shutil.rmtree(dest, ignore_errors=True)  # a forced rerun replaced it since it was cached
         if not (dest / MANIFEST).exists():
             tmp = self.cache / "tmp" / f"{key}.{uuid.uuid4().hex[:8]}"
             tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -139,23 +141,34 @@ class ArtifactStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def publish(self, staged: Path, key: str, manifest: dict[str, Any]) -> None:
-        """Write the manifest last and make the staged directory the artifact `key`, atomically."""
+    def publish(self, staged: Path, key: str, manifest: dict[str, Any], replace: bool = False) -> None:
+        """Write the manifest last and make the staged directory the artifact `key`, atomically.
+
+        An existing artifact with the same key is kept (same key = same work: someone finished it
+        first) unless `replace` (a forced rerun), which swaps it out whole: a reader sees the old
+        artifact, then briefly none, then the new one, never a mixture.
+        """
         manifest = {**manifest, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         with open(staged / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
         if self.is_local:
             dest = Path(self._path("artifacts", key))
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if (dest / MANIFEST).exists():  # same key = same work; someone finished it first
+            if (dest / MANIFEST).exists() and not replace:
                 return
-            if dest.exists():  # a directory without a manifest is not an artifact: replace it
-                shutil.rmtree(dest)
+            if dest.exists():  # a forced rerun's predecessor, or a directory without a manifest
+                old = staged.parent / f"replaced-{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                shutil.rmtree(old)
             os.rename(staged, dest)
             return
         # Remote roots have no rename: upload everything, the manifest last, so readers that check
         # for the manifest never see a partial artifact.
         dest = self._path("artifacts", key)
+        if self.exists(key) and not replace:
+            return
+        if self.fs.exists(dest):  # a forced rerun's predecessor, or an upload that died before its manifest
+            self.fs.rm(dest, recursive=True)
         for path in sorted(staged.rglob("*")):
             if path.is_file() and path.name != MANIFEST:
                 self.fs.makedirs(self._path("artifacts", key, *path.relative_to(staged).parts[:-1]), exist_ok=True)

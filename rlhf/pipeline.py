@@ -182,6 +182,7 @@ class Pipeline:
                 continue
             log.info("%s: running (key %s): %s", step.name, step.key, step.reason)
             t0 = time.time()
+            step.stage.forced = step.name in force  # a forced rerun replaces its artifact
             manifest = step.stage.run()
             results.append(StageResult(step.name, step.key, True, time.time() - t0, manifest["metrics"]))
         return results

@@ -85,6 +85,8 @@ class Stage:
     """What the artifact is: causal-lm, reward-model or policy."""
     inputs: ClassVar[dict[str, str]] = {}
     """Config fields that name an input model, with the upstream stage each defaults to."""
+    forced: bool = False
+    """Set by the pipeline for `--force`: the new artifact replaces the one with the same key."""
 
     def __init__(
         self,
@@ -243,7 +245,7 @@ class Stage:
                     self.save(out)
                     self.verify_saved(out)
                     self.tracker.copy_metrics(out)
-                    self.store.publish(out, self.key, manifest)
+                    self.store.publish(out, self.key, manifest, replace=self.forced)
                 self.store.set_alias(self.experiment.name, self.stage_name, self.key)
                 self.store.clear_work(self.key)
             state.wait_for_everyone()

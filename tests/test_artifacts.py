@@ -72,3 +72,25 @@ def test_content_key_is_stable_and_sensitive():
     assert content_key(a) == content_key({"seed": 0, "config": {"steps": 10, "lr": 1e-3}, "stage": "x"})
     assert content_key(a) != content_key({**a, "seed": 1})
     assert len(content_key(a)) == 16
+
+
+@pytest.mark.parametrize("kind", ["path", "file-url", "memory"])
+def test_same_key_keeps_the_first_unless_replaced(tmp_path, kind):
+    """Same key = same work, so a second publish keeps the first artifact; a forced rerun (`replace`)
+    swaps it out whole, and a remote store's local cache notices."""
+    store = _stores(tmp_path)[kind]
+
+    def publish(tag: str, replace: bool) -> None:
+        with store.staging("k") as out:
+            (out / f"only-in-{tag}.txt").write_text(tag)
+            store.publish(out, "k", {"metrics": {"run": tag}}, replace=replace)
+
+    publish("first", replace=False)
+    assert store.local_dir("k").joinpath("only-in-first.txt").exists()  # cached now, for remote roots
+    publish("second", replace=False)
+    assert store.manifest("k")["metrics"] == {"run": "first"}
+    publish("forced", replace=True)
+    assert store.manifest("k")["metrics"] == {"run": "forced"}
+    files = sorted(p.name for p in store.local_dir("k").iterdir())
+    assert files == ["manifest.json", "only-in-forced.txt"]  # nothing of the first artifact is left
+    assert store.keys() == ["k"]

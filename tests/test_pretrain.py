@@ -208,3 +208,16 @@ def test_cli_help_lists_commands_and_imports_no_torch():
         [sys.executable, "-c", "import sys, rlhf.cli, rlhf.config, rlhf.artifacts; print(' '.join(sys.modules))"],
         capture_output=True, text=True, cwd=REPO,
     ).stdout.split()
+
+
+def test_force_reruns_and_replaces_the_artifact(trained):
+    """`--force` is how a user reruns a stage after changing its code: the new artifact must win, not the
+    old one with the same key (which a plain second publish keeps)."""
+    path, key = trained
+    store = ArtifactStore(str(path.parent / "store"))
+    weights = store.local_dir(key) / "model.safetensors"
+    weights.write_bytes(b"stale")  # mark the old artifact so its survival shows
+    results = _pipeline(path).run(force=["pretrain"])
+    assert [(r.ran, r.key) for r in results] == [(True, key)]
+    assert weights.read_bytes() != b"stale"
+    assert _pipeline(path).plan()[0].will_run is False
