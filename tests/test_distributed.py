@@ -151,7 +151,7 @@ def test_a_failing_rank_stops_the_others_with_its_error(experiment):
 
 
 @pytest.mark.parametrize("name", ["single", "ddp", "zero2", "zero3", "fsdp", "cpu-ddp"])
-def test_every_launch_config_loads_and_launches_rlhf(name):
+def test_every_launch_config_loads_and_builds_the_launch_command(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
     path = REPO / "configs" / "accelerate" / f"{name}.yaml"

@@ -49,6 +49,10 @@ def test_rlhf_command_parses(command):
     assert all("=" in x for x in extra), f"README command {command!r}: unknown arguments {extra}"
     assert args.command in EXERCISED_BY, f"README shows `rlhf {args.command}` but no test runs it"
     assert f'"{args.command}"' in (ROOT / EXERCISED_BY[args.command]).read_text()
+    # Each option the README shows is passed by some test as a command-line argument.
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_readme.py")
+    for option in (a for a in argv if a.startswith("--")):
+        assert f'"{option}"' in tests, f"README command {command!r}: no test passes {option}"
 
 
 @pytest.mark.parametrize("command", MAKE)

@@ -130,3 +130,28 @@ def test_label_writes_preferences_and_resumes(tmp_path):
     counts = label(rows, str(out), read=lambda _: next(answers), out=io.StringIO())
     assert counts == {"labelled": 2, "skipped": 0, "already": 1}
     assert [r["chosen"] for r in load_rows(str(out), "preferences")] == ["a dull day", "x", "good"]
+
+
+def test_candidates_and_labelling_through_the_cli(finished):
+    """The README's human-feedback path as a user types it: `rlhf generate --samples 2`, then `rlhf label`,
+    and the preference file loads as the reward stage's training data."""
+    from rlhf.data import load_rows
+    from rlhf.label import load_candidates
+
+    root, path = finished
+    rlhf = str(Path(sys.executable).parent / "rlhf")
+    cands = root / "cands.jsonl"
+    run = subprocess.run([rlhf, "generate", "sft", "--config", str(path), "--samples", "2", "--temperature", "1.0",
+                          "--prompts", str(root / "data" / "prompts.jsonl"), "--out", str(cands),
+                          "--max-new-tokens", "6"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in cands.read_text().splitlines()]
+    assert len(rows) == 40 and all(len(r["responses"]) == 2 for r in rows)
+    prefs = root / "prefs.jsonl"
+    run = subprocess.run([rlhf, "label", str(cands), "--out", str(prefs)], input="1\n2\nq\n",
+                         capture_output=True, text=True, cwd=root, timeout=60)
+    assert run.returncode == 0, run.stderr
+    labelled = load_rows(str(prefs), "preferences")
+    assert len(labelled["prompt"]) == 2  # two answers, then quit
+    asked = load_candidates(str(cands))[:2]  # the pairs label shows: identical responses are not asked
+    assert labelled["chosen"] == [asked[0]["a"], asked[1]["b"]] and labelled["rejected"] == [asked[0]["b"], asked[1]["a"]]
