@@ -127,6 +127,23 @@ def global_masked_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift
 # ---- PPO's own loop under a launch (the Trainer-based stages get this from the Trainer) -----------
 
 
+def shards_parameters() -> bool:
+    """Whether this launch shards parameters over processes (ZeRO-3 or FSDP), read from what
+    `accelerate launch` puts in the environment, so a stage can refuse before it trains."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return True
+    return uses_deepspeed() and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
+def refuse_sharded_lora(stage: str, lora_enabled: bool) -> None:
+    """LoRA's merge needs whole weights, which ZeRO-3 and FSDP never hold on one process."""
+    if lora_enabled and shards_parameters():
+        from rlhf.stage import StageError
+
+        raise StageError(f"{stage}: stages.{stage}.lora.enabled=true is not supported under ZeRO-3 or FSDP yet; "
+                         f"launch with configs/accelerate/ddp.yaml or zero2.yaml, or turn LoRA off")
+
+
 def uses_deepspeed() -> bool:
     """True in processes started with a DeepSpeed launch config (known before the Accelerator exists)."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

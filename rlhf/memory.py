@@ -12,9 +12,9 @@
       sharded over N under ZeRO-3 (None for the reference with LoRA: the policy with adapters off).
     KV cache of generation: 2 (K and V) x layers x kv_heads x head_dim x (prompt + response tokens)
       x rollout rows per process x bytes per value (2 in bf16, else 4).
-    ZeRO-3 generation gathers the whole policy: params x 2 bytes for the duration.
-    logits of a training micro-batch: micro-batch rows per process x (prompt + response) x vocab x 4
-      (logprobs are taken in fp32).
+    ZeRO-3 generation gathers the whole policy: params x weight bytes for the duration.
+    logits of a training micro-batch: micro-batch rows per process x (response + 1) x vocab x 4
+      (the LM head runs over the response columns only; logprobs are taken in fp32).
 
 Left out: other activations (they grow with micro-batch size and sequence length; lower
 `gradient_accumulation_steps`' micro-batch if a run that fits on paper runs out of memory), the CUDA
@@ -132,8 +132,9 @@ def estimate_ppo_memory(
     est.rows["KV cache (generation)"] = (2 * policy.num_layers * policy.num_kv_heads * policy.head_dim * seq
                                          * rows_per_process * kv_bytes)
     if launch.zero_stage == 3:
-        est.rows["policy gathered for generation"] = policy.params * 2
-    est.rows["logits (training micro-batch)"] = max(micro_batch_size // n, 1) * seq * policy.vocab_size * 4
+        est.rows["policy gathered for generation"] = policy.params * w_bytes
+    est.rows["logits (training micro-batch)"] = (max(micro_batch_size // n, 1) * (response_tokens + 1)
+                                                 * policy.vocab_size * 4)
     return est
 
 

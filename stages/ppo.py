@@ -198,7 +198,7 @@ class PPOStage(LaunchMixin, Stage):
             {"params": [p for p in self.value_model.parameters() if p.requires_grad], "lr": c.value_learning_rate},
         ]
         # The fused kernel is the same AdamW, with one pass over all tensors per step instead of a Python
-        # loop over them: a tenth of a small model's PPO step on CPU (bench/RESULTS.md).
+        # loop over them: about 5% of a small model's PPO step on CPU (bench/RESULTS.md).
         state = self.accelerator.state
         fused = (self.accelerator.device.type in ("cpu", "cuda") and getattr(state, "deepspeed_plugin", None) is None
                  and getattr(state, "fsdp_plugin", None) is None)
@@ -215,12 +215,18 @@ class PPOStage(LaunchMixin, Stage):
 
         from rlhf.distributed import process_state, uses_deepspeed
 
+        from rlhf.distributed import refuse_sharded_lora
+
         c = self.config
+        refuse_sharded_lora("ppo", c.lora.enabled)
         process_state()  # a CPU launch forms its gloo group before the Accelerator is made
         # DeepSpeed steps inside backward, so it must know the micro-batches per optimizer step.
         self.accelerator = (Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps)
                             if uses_deepspeed() else Accelerator())
         self.check_process_split(self.accelerator.num_processes)
+        if self.accelerator.process_index:
+            # Every rank was seeded alike; without its own stream each would sample the same random numbers.
+            torch.manual_seed(self.seed + 100003 * self.accelerator.process_index)
         policy, reference, value, reward, self.tokenizer = self.build_models()
         self.policy, self.value_model = policy, value
         self.optimizer = self.build_optimizer()
@@ -418,12 +424,17 @@ class PPOStage(LaunchMixin, Stage):
             reason = self.watchdog(seq_kl, length)
             if reason:
                 self.stopped = f"step {step}: {reason}"
-                log.warning("ppo: stopping: %s; keeping the policy of step %d", self.stopped, good_step)
-                self.restore_policy(last_good)
+                if last_good is None:  # the first rollout of this run: nothing earlier is in memory
+                    log.warning("ppo: stopping: %s; keeping the policy this run started from", self.stopped)
+                else:
+                    log.warning("ppo: stopping: %s; keeping the policy of step %d", self.stopped, good_step)
+                    self.restore_policy(last_good)
                 break
             # This rollout passed, so its policy is the last good one (a CPU copy: cheap for the
             # models this runs on CPU, and the only way to go back one step without a checkpoint per step).
-            state = self.gathered_policy_state() or self.accelerator.unwrap_model(self.policy).state_dict()
+            state = self.gathered_policy_state()
+            if state is None:  # not sharded: every rank holds the whole policy
+                state = self.accelerator.unwrap_model(self.policy).state_dict()
             last_good = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
             good_step = step
             # 5. update

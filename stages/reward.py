@@ -259,6 +259,9 @@ class RewardStage(Stage):
     # -- lifecycle --------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        from rlhf.distributed import refuse_sharded_lora
+
+        refuse_sharded_lora("reward", self.config.lora.enabled)  # before training, not after it
         self.policy_responses: list[str] = []
         self.model, self.tokenizer = self.build_model()
         self.train_ds, self.eval_sets = self.build_dataset()

@@ -147,6 +147,9 @@ class SFTStage(Stage):
     # -- lifecycle --------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        from rlhf.distributed import refuse_sharded_lora
+
+        refuse_sharded_lora("sft", self.config.lora.enabled)  # before training, not after it
         self.model, self.tokenizer = self.build_model()
         self.train_ds, self.eval_ds = self.build_dataset()
         self.eval_prompt_rows = load_rows(self.config.eval_prompts, "prompts", limit=self.config.eval_samples)

@@ -203,3 +203,25 @@ def test_a_launch_file_that_is_not_an_accelerate_config_is_refused(tmp_path, cap
     (tmp_path / "exp.yaml").write_text("name: not-a-launch-config\n")
     assert main(["run", "configs/tiny.yaml", "--launch", str(tmp_path / "exp.yaml")]) == 2
     assert "not an Accelerate launch config (no distributed_type)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({"ACCELERATE_USE_FSDP": "true"}, True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False),
+    ({}, False),
+])
+def test_lora_is_refused_before_training_where_parameters_are_sharded(monkeypatch, env, refused):
+    from rlhf.distributed import refuse_sharded_lora
+    from rlhf.stage import StageError
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    refuse_sharded_lora("sft", lora_enabled=False)  # without LoRA every launch is fine
+    if refused:
+        with pytest.raises(StageError, match=r"sft: stages.sft.lora.enabled=true .* ZeRO-3 or FSDP .*ddp.yaml"):
+            refuse_sharded_lora("sft", lora_enabled=True)
+    else:
+        refuse_sharded_lora("sft", lora_enabled=True)

@@ -37,10 +37,10 @@ def test_ddp_two_processes_holds_everything_whole():
     assert est.rows["reference (frozen)"] == 4_000_000 and est.rows["reward model (frozen)"] == 3_600_000
     # KV: 2 (K, V) x 2 layers x 2 heads x 16 dims x 32 tokens x 4 rows per process x 4 B = 65,536
     assert est.rows["KV cache (generation)"] == 65_536
-    # logits: 4 / 2 = 2 rows x 32 tokens x 1000 vocab x 4 B = 256,000
-    assert est.rows["logits (training micro-batch)"] == 256_000
-    # 16e6 (policy) + 14.4e6 (value) + 4e6 + 3.6e6 (frozen) + 65,536 + 256,000
-    assert est.total == 38_321_536
+    # logits over the response columns only: 4 / 2 = 2 rows x (8 + 1) columns x 1000 vocab x 4 B = 72,000
+    assert est.rows["logits (training micro-batch)"] == 72_000
+    # 16e6 (policy) + 14.4e6 (value) + 4e6 + 3.6e6 (frozen) + 65,536 + 72,000
+    assert est.total == 38_137_536
     assert "policy gathered for generation" not in est.rows
 
 
@@ -56,7 +56,13 @@ def test_zero3_in_bf16_shards_everything_over_the_processes():
     # KV in bf16 for 8 / 4 = 2 rows: 2 x 2 x 2 x 16 x 32 x 2 x 2 B = 16,384; generation gathers 1e6 x 2 B
     assert est.rows["KV cache (generation)"] == 16_384
     assert est.rows["policy gathered for generation"] == 2_000_000
-    assert est.rows["logits (training micro-batch)"] == 1 * 32 * 1000 * 4
+    assert est.rows["logits (training micro-batch)"] == 1 * 9 * 1000 * 4
+
+
+def test_zero3_in_fp32_gathers_the_policy_at_four_bytes_a_parameter():
+    est = estimate_ppo_memory(POLICY, REWARD, LaunchSettings(num_processes=4, zero_stage=3), **BATCH)
+    assert est.rows["policy weights"] == 1_000_000  # 1e6 x 4 B / 4 processes
+    assert est.rows["policy gathered for generation"] == 4_000_000  # the whole policy, 1e6 x 4 B
 
 
 def test_zero2_shards_gradients_and_optimizer_state_only():
@@ -90,7 +96,7 @@ def test_plan_memory_prints_a_table_and_warns_when_it_cannot_fit(workdir, tiny_d
     assert main(["plan", str(path), "--memory", "--launch", launch]) == 0
     out = capsys.readouterr().out
     assert "PPO memory per process (cpu-ddp.yaml: CPU DDP, 2 process(es)" in out and "KV cache (generation)" in out
-    # 2**24 rollout rows of a 320-token vocabulary: logits alone are petabytes
+    # 2**24 rollout rows: the KV cache and logits alone are hundreds of gigabytes per process
     assert main(["plan", str(path), "--memory", "--launch", launch, "stages.ppo.rollout_batch_size=16777216"]) == 1
     assert "warning: the PPO stage needs more memory per process than is available" in capsys.readouterr().err
 

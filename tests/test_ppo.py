@@ -196,6 +196,19 @@ def test_watchdog_stops_and_keeps_the_last_good_policy(upstream):
     assert all(torch.equal(ppo[k], sft[k]) for k in sft)  # the last good policy is the one before the update
 
 
+def test_watchdog_on_the_first_rollout_keeps_the_starting_policy(upstream):
+    # A response-length bound no rollout can meet trips on step 0, before any policy was kept in memory.
+    pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=3", "stages.ppo.min_response_length=1e9"]))
+    results = {r.name: r for r in pipe.run()}
+    m = results["ppo"].metrics
+    assert m["stopped_early"].startswith("step 0: mean response length") and m["train_steps"] == 0
+    from transformers import AutoModelForCausalLM
+
+    ppo = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["ppo"].key)).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["sft"].key)).state_dict()
+    assert all(torch.equal(ppo[k], sft[k]) for k in sft)
+
+
 def test_ppo_manifest_reports_sft_vs_ppo(upstream):
     pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=2"]))
     results = {r.name: r for r in pipe.run()}

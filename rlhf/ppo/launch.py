@@ -121,10 +121,10 @@ class LaunchMixin:
 
         acc = self.accelerator
         if self.engine is not None and zero_stage(acc) == 3:
-            full = acc.get_state_dict(self.engine)
+            full = acc.get_state_dict(self.engine) or {}  # DeepSpeed returns None off the main process
             return {k.removeprefix("policy."): v for k, v in full.items() if k.startswith("policy.")}
         if is_fsdp(acc):
-            return acc.get_state_dict(self.policy)
+            return acc.get_state_dict(self.policy)  # empty off the main process
         return None
 
     def local_prompts(self, step: int) -> list[str]:
@@ -180,8 +180,10 @@ class LaunchMixin:
         if self.engine is not None and zero_stage(self.accelerator) == 3:
             import deepspeed
 
+            # the gathered state is whole on the main process only; rank 0's modification is broadcast
             with deepspeed.zero.GatheredParameters(list(policy.parameters()), modifier_rank=0):
-                policy.load_state_dict(state)
+                if self.accelerator.is_main_process:
+                    policy.load_state_dict(state)
         elif is_fsdp(self.accelerator):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
