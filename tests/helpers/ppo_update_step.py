@@ -22,8 +22,19 @@ from rlhf.ppo.rollout import PerTokenHead, Trajectory
 from rlhf.tracking import Tracker
 
 
+SGD_LR = 0.1
+
+
 def build_stage(config: str, overrides: list[str]):
-    stage = Pipeline(load_experiment(config, overrides)).stages["ppo"]
+    """The PPO stage, set up, with plain SGD and no gradient clipping.
+
+    AdamW divides each step by the gradient's running magnitude and clipping rescales it, so both would
+    hide a gradient off by a constant factor (a wrong 1/N across ranks, a wrong accumulation scale).
+    With SGD the weights move by exactly lr x gradient, so any such factor shows in the comparison.
+    """
+    stage = Pipeline(load_experiment(config, [*overrides, "stages.ppo.max_grad_norm=1e9"])).stages["ppo"]
+    stage.build_optimizer = lambda: torch.optim.SGD(
+        [p for m in (stage.policy, stage.value_model) for p in m.parameters() if p.requires_grad], lr=SGD_LR)
     stage.work_dir = stage.store.work_dir(stage.key)
     stage.tracker = Tracker(stage.experiment, "ppo", stage.key, enabled=False)
     stage.setup()
