@@ -13,7 +13,9 @@ Errors name the file and line (or row) and say what is wrong: `data/sft.jsonl li
 Rows in Anthropic's HH-RLHF form, `{"chosen", "rejected"}` full transcripts ("\n\nHuman: ...\n\nAssistant:
 ..."), are recognised by their shape and mapped onto the schema asked for: preferences take the dialogue
 before the last assistant turn as the prompt and the two last turns as chosen and rejected; sft takes the
-chosen transcript as chat messages; prompts take the dialogue before the last assistant turn. Rows the
+same prompt and the chosen last turn as the response; prompts take the dialogue before the last
+assistant turn. All three present a dialogue the same way (one user turn holding the labelled earlier
+turns), so the reward model and PPO see prompts in the form SFT trained on. Rows the
 mapping cannot use (an unparsable transcript, identical or empty answers) are dropped and counted.
 
 A local directory is loaded like a hub dataset (`datasets.load_dataset(dir, split=...)`), so a copy of a
@@ -93,11 +95,11 @@ def from_hh(row: dict[str, Any], schema: str) -> dict[str, Any] | None:
     chosen, rejected = parse_transcript(row["chosen"]), parse_transcript(row["rejected"])
     if chosen is None or chosen[-1]["role"] != "assistant" or len(chosen) < 2:
         return None
-    if schema == "sft":
-        return {"messages": chosen}
     if schema == "text":
         return {"text": row["chosen"].strip()}
     prompt = _dialogue_text(chosen[:-1])
+    if schema == "sft":
+        return {"prompt": prompt, "response": chosen[-1]["content"]}
     if schema == "prompts":
         return {"prompt": prompt}
     if rejected is None or rejected[:-1] != chosen[:-1] or rejected[-1]["role"] != "assistant":

@@ -92,9 +92,8 @@ def test_hh_rows_map_onto_each_schema():
     prompt = "Human: Hello.\n\nAssistant: Hi.\n\nHuman: A joke?"
     assert from_hh(row, "preferences") == {"prompt": prompt, "chosen": "Knock knock.", "rejected": "No."}
     assert from_hh(row, "prompts") == {"prompt": prompt}
-    assert from_hh(row, "sft")["messages"] == [
-        {"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."},
-        {"role": "user", "content": "A joke?"}, {"role": "assistant", "content": "Knock knock."}]
+    # SFT sees the prompt exactly as the reward model and PPO will (not as separate chat turns)
+    assert from_hh(row, "sft") == {"prompt": prompt, "response": "Knock knock."}
     single = {"chosen": "\n\nHuman: Why?\n\nAssistant: Because.", "rejected": "\n\nHuman: Why?\n\nAssistant: No."}
     assert from_hh(single, "prompts") == {"prompt": "Why?"}  # one user turn: the text itself
     assert from_hh({"chosen": "no markers", "rejected": "x"}, "sft") is None
