@@ -206,7 +206,8 @@ def model_config_for(pipeline, value: str):
         upstream = getattr(stage.config, fname, None)
         if upstream:
             return model_config_for(pipeline, upstream)
-    raise ValueError(f"cannot tell which model stage {value!r} trains")
+    raise ValueError(f"{pipeline.experiment.source}: stages.{value}: cannot tell which model this stage trains "
+                     f"(no model config and no input model); name a hub id or local directory in stages.ppo.policy")
 
 
 def available_memory(launch: LaunchSettings) -> tuple[int, str]:
@@ -228,7 +229,8 @@ def plan_ppo_memory(pipeline, launch_file: str | None, prompt_tokens: int) -> tu
     """The PPO stage of `pipeline` under `launch_file`, estimated."""
     ppo = next((s for s in pipeline.stages.values() if hasattr(s.config, "rollout_batch_size")), None)
     if ppo is None:
-        raise ValueError("the experiment has no PPO stage; the memory plan covers PPO")
+        raise ValueError(f"{pipeline.experiment.source}: no PPO stage under stages:; the memory plan covers PPO "
+                         f"(add a ppo block, or run `rlhf plan` without --memory)")
     c = ppo.config
     launch = launch_settings(launch_file)
     policy = shape_from_config(model_config_for(pipeline, c.policy))

@@ -120,3 +120,9 @@ def test_run_with_launch_warns_before_launching_what_cannot_fit(workdir, tiny_da
         assert not caplog.records
         _warn_if_ppo_cannot_fit(too_big)
     assert "PPO needs about" in caplog.text and "rlhf plan" in caplog.text
+
+
+def test_plan_memory_without_a_ppo_stage_names_the_file(tiny_yaml, capsys):
+    assert main(["plan", str(tiny_yaml), "--memory"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: memory plan: {tiny_yaml}: no PPO stage" in err and "without --memory" in err
