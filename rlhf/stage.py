@@ -218,20 +218,12 @@ class Stage:
     def run(self) -> dict[str, Any]:
         """Run the whole lifecycle and return the manifest of the published artifact."""
         from rlhf.distributed import process_state
-        from rlhf.tracking import Tracker
 
         started = time.time()
         state = process_state()
-        # 1. validate inputs
-        self.validate_inputs()
-        # 2. setup: seed every RNG, open tracking, build models and data
-        from transformers import set_seed
-
-        set_seed(self.seed)
-        self.work_dir = self.store.work_dir(self.key)
-        self.tracker = Tracker(self.experiment, self.stage_name, self.key, enabled=state.is_main_process)
+        # 1-2. validate inputs; seed every RNG, open tracking, build models and data
+        self.open(tracking=state.is_main_process)
         try:
-            self.setup()
             # 3-4. train (resuming from self.work_dir when a checkpoint is there)
             train_metrics = self.train()
             # 5. evaluate
@@ -252,6 +244,27 @@ class Stage:
         finally:
             self.tracker.close()
         return self.store.manifest(self.key)
+
+    def open(self, tracking: bool = True) -> "Stage":
+        """Steps 1-2 of the lifecycle alone: inputs validated, RNGs seeded, tracking opened, `setup()` run.
+
+        `run()` starts with it; a notebook or a test calls it to drive one piece of a stage (a rollout,
+        one update) without training the whole stage. Returns the stage.
+        """
+        from transformers import set_seed
+
+        from rlhf.tracking import Tracker
+
+        self.validate_inputs()
+        set_seed(self.seed)
+        self.work_dir = self.store.work_dir(self.key)
+        self.tracker = Tracker(self.experiment, self.stage_name, self.key, enabled=tracking)
+        try:
+            self.setup()
+        except BaseException:
+            self.tracker.close()
+            raise
+        return self
 
     def build_manifest(self, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
         cls = type(self)

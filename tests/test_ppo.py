@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from rlhf.pipeline import Pipeline
 from rlhf.ppo import logprobs_from_logits, policy_loss, response_mask_from_eos
 from rlhf.ppo.rollout import policy_forward
 from rlhf.sampling import encode_prompts
-from rlhf.tracking import Tracker
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +26,7 @@ def upstream(tmp_path_factory):
 
 def ppo_stage(path, *overrides):
     """A PPO stage after setup, ready to roll out and update."""
-    stage = Pipeline(load_experiment(path, list(overrides))).stages["ppo"]
-    stage.work_dir = stage.store.work_dir(stage.key)
-    stage.tracker = Tracker(stage.experiment, "ppo", stage.key, enabled=False)
-    stage.setup()
-    return stage
+    return Pipeline(load_experiment(path, list(overrides))).stages["ppo"].open(tracking=False)
 
 
 def test_value_model_starts_as_the_reward_model(upstream):

@@ -11,7 +11,6 @@ from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo import logprobs_from_logits
 from rlhf.ppo.rollout import Trajectory, policy_forward, sequence_inputs, trim_padding
-from rlhf.tracking import Tracker
 
 
 def _traj(query_mask, response_mask) -> Trajectory:
@@ -53,11 +52,7 @@ def stage(tmp_path_factory):
     data = make_tiny_data(root)
     path = write_config(root / "exp.yaml", ppo_config(data, str(root / "store")))
     Pipeline(load_experiment(path)).run(until="reward")
-    stage = Pipeline(load_experiment(path)).stages["ppo"]
-    stage.work_dir = stage.store.work_dir(stage.key)
-    stage.tracker = Tracker(stage.experiment, "ppo", stage.key, enabled=False)
-    stage.setup()
-    return stage
+    return Pipeline(load_experiment(path)).stages["ppo"].open(tracking=False)
 
 
 def test_policy_forward_equals_logprobs_of_the_full_logits(stage):

@@ -29,13 +29,7 @@ def reward_setup(reward_yaml, monkeypatch):
     """A reward stage after setup (model, data and TRL trainer built), before training."""
     pipe = _pipe(reward_yaml, "stages.reward.center_rewards_coefficient=null")
     pipe.run(until="sft")
-    stage = pipe.stages["reward"]
-    stage.work_dir = pipe.store.work_dir(stage.key)
-    from rlhf.tracking import Tracker
-
-    stage.tracker = Tracker(stage.experiment, "reward", stage.key, enabled=False)
-    stage.setup()
-    return stage
+    return pipe.stages["reward"].open(tracking=False)
 
 
 def _grad(stage, batch) -> torch.Tensor:

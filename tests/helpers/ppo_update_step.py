@@ -19,7 +19,6 @@ import torch
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo.rollout import PerTokenHead, Trajectory
-from rlhf.tracking import Tracker
 
 
 SGD_LR = 0.1
@@ -35,10 +34,7 @@ def build_stage(config: str, overrides: list[str]):
     stage = Pipeline(load_experiment(config, [*overrides, "stages.ppo.max_grad_norm=1e9"])).stages["ppo"]
     stage.build_optimizer = lambda: torch.optim.SGD(
         [p for m in (stage.policy, stage.value_model) for p in m.parameters() if p.requires_grad], lr=SGD_LR)
-    stage.work_dir = stage.store.work_dir(stage.key)
-    stage.tracker = Tracker(stage.experiment, "ppo", stage.key, enabled=False)
-    stage.setup()
-    return stage
+    return stage.open(tracking=False)
 
 
 def fixed_batch(stage) -> Trajectory:
