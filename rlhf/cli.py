@@ -83,9 +83,9 @@ def _warn_if_ppo_cannot_fit(args: argparse.Namespace) -> None:
         log.debug("memory plan skipped: %s", e)
         return
     if est.total > avail:
-        log.warning("warning: PPO needs about %.1f GiB per process (a floor; prompts of 256 tokens) but %s has "
-                    "%.1f GiB; see `rlhf plan %s --memory --launch %s`", est.total / (1 << 30), where,
-                    avail / (1 << 30), args.config, args.launch)
+        log.warning("warning: PPO needs about %.1f GiB per process (a floor; prompts of %d tokens) but %s has "
+                    "%.1f GiB; see `rlhf plan %s --memory --launch %s`", est.total / (1 << 30), est.prompt_tokens,
+                    where, avail / (1 << 30), args.config, args.launch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -132,7 +132,8 @@ def memory_plan(pipeline, launch: str | None, prompt_tokens: int) -> int:
         return 2
     table, fits = format_table(est, settings, available_memory(settings))
     print(f"\n{table}")
-    print(f"  (assumes prompts of {prompt_tokens} tokens; set --prompt-tokens)")
+    bound = "stages.ppo.max_prompt_tokens" if est.prompt_tokens != prompt_tokens else "--prompt-tokens"
+    print(f"  (assumes prompts of {est.prompt_tokens} tokens; set {bound})")
     if not fits:
         print("warning: the PPO stage needs more memory per process than is available; use more processes, "
               "ZeRO-3 or FSDP (configs/accelerate/), LoRA, or a smaller rollout_batch_size or micro-batch",

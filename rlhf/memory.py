@@ -75,6 +75,8 @@ class MemoryEstimate:
 
     rows: dict[str, int] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    """The prompt length the estimate assumed."""
 
     @property
     def total(self) -> int:
@@ -236,9 +238,11 @@ def plan_ppo_memory(pipeline, launch_file: str | None, prompt_tokens: int) -> tu
     policy = shape_from_config(model_config_for(pipeline, c.policy))
     reward = shape_from_config(model_config_for(pipeline, c.reward_model), sequence_classification=True)
     lora = lora_params(policy, c.lora.r, len(c.lora.target_modules)) if c.lora.enabled else None
+    prompt_tokens = c.max_prompt_tokens or prompt_tokens  # no prompt is longer than the stage's bound
     est = estimate_ppo_memory(policy, reward, launch, rollout_batch_size=c.rollout_batch_size,
                               micro_batch_size=c.micro_batch_size, prompt_tokens=prompt_tokens,
                               response_tokens=c.max_new_tokens, lora_trainable=lora)
+    est.prompt_tokens = prompt_tokens
     return est, launch
 
 

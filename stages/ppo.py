@@ -46,8 +46,8 @@ from rlhf.ppo import (
 from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
 from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, value_forward
 from rlhf.ppo.rollout import trim_padding
-from rlhf.sampling import encode_prompts
-from rlhf.stage import Stage
+from rlhf.sampling import chat_prompt, encode_prompts
+from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 
 log = logging.getLogger("rlhf")
@@ -77,6 +77,9 @@ class PPOConfig:
     """Passes over each rollout batch."""
     max_new_tokens: int = 32
     """Response length limit."""
+    max_prompt_tokens: int | None = None
+    """Drop training and held-out prompts longer than this many tokens, chat template included (long
+    dialogues would crowd out the response within the context and swell every batch); None keeps all."""
     temperature: float = 1.0
     """Sampling temperature; logprobs are computed at the same temperature."""
     top_p: float = 1.0
@@ -235,8 +238,9 @@ class PPOStage(LaunchMixin, Stage):
         self.progress = StepCounter()
         self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
-        self.prompts = load_rows(c.prompts, "prompts")["prompt"]
-        self.eval_prompts = load_rows(c.eval_prompts, "prompts", limit=c.eval_num_prompts)["prompt"]
+        self.prompts = self.drop_long_prompts(load_rows(c.prompts, "prompts")["prompt"], "prompts")
+        self.eval_prompts = self.drop_long_prompts(
+            load_rows(c.eval_prompts, "prompts", limit=c.eval_num_prompts)["prompt"], "eval_prompts")
         rm_manifest = self.input_manifest("reward_model") or {}
         stats = rm_manifest.get("metrics", {})
         self.score_mean = stats.get("reward_mean", 0.0) if c.normalize_score else 0.0
@@ -251,6 +255,22 @@ class PPOStage(LaunchMixin, Stage):
         log.info("ppo: policy %d trainable parameters, value %d; %d prompts, %d steps of %d",
                  count_parameters(self.policy, True), count_parameters(self.value_model, True),
                  len(self.prompts), c.num_steps, c.rollout_batch_size)
+
+    def drop_long_prompts(self, prompts: list[str], field: str) -> list[str]:
+        """`prompts` without those longer than `max_prompt_tokens` (all of them when it is None)."""
+        limit = self.config.max_prompt_tokens
+        if limit is None:
+            return prompts
+        tok = self.tokenizer
+        lengths = [len(ids) for ids in tok([chat_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]]
+        kept = [p for p, n in zip(prompts, lengths) if n <= limit]
+        if not kept:
+            raise StageError(f"ppo: every prompt of stages.ppo.{field} ({getattr(self.config, field)}) is longer than "
+                             f"stages.ppo.max_prompt_tokens={limit} tokens (shortest {min(lengths)}); raise the limit")
+        if len(kept) < len(prompts):
+            log.info("ppo: %d of %d %s longer than max_prompt_tokens=%d dropped", len(prompts) - len(kept),
+                     len(prompts), field, limit)
+        return kept
 
     # ---- override points: one per step of the loop ---------------------------------------------
 

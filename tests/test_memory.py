@@ -126,3 +126,11 @@ def test_plan_memory_without_a_ppo_stage_names_the_file(tiny_yaml, capsys):
     assert main(["plan", str(tiny_yaml), "--memory"]) == 2
     err = capsys.readouterr().err
     assert f"error: memory plan: {tiny_yaml}: no PPO stage" in err and "without --memory" in err
+
+
+def test_plan_memory_takes_the_prompt_bound_from_the_config(workdir, tiny_data, capsys):
+    path = write_config(workdir / "exp.yaml", ppo_config(tiny_data, str(workdir / "store")))
+    assert main(["plan", str(path), "--memory"]) == 0
+    assert "assumes prompts of 256 tokens; set --prompt-tokens" in capsys.readouterr().out
+    assert main(["plan", str(path), "--memory", "stages.ppo.max_prompt_tokens=40"]) == 0
+    assert "assumes prompts of 40 tokens; set stages.ppo.max_prompt_tokens" in capsys.readouterr().out

@@ -29,6 +29,21 @@ def ppo_stage(path, *overrides):
     return Pipeline(load_experiment(path, list(overrides))).stages["ppo"].open(tracking=False)
 
 
+def test_prompts_longer_than_the_bound_are_dropped(upstream):
+    from rlhf.sampling import chat_prompt
+    from rlhf.stage import StageError
+
+    full = ppo_stage(upstream)
+    tok = full.tokenizer
+    lengths = [len(tok(chat_prompt(tok, p), add_special_tokens=False)["input_ids"]) for p in full.prompts]
+    assert min(lengths) < max(lengths)  # the data has prompts on both sides of the bound below
+    bounded = ppo_stage(upstream, f"stages.ppo.max_prompt_tokens={max(lengths) - 1}")
+    assert bounded.prompts == [p for p, n in zip(full.prompts, lengths) if n < max(lengths)]
+    too_long = r"every prompt of stages.ppo.prompts .* is longer than stages.ppo.max_prompt_tokens=\d+"
+    with pytest.raises(StageError, match=too_long):
+        ppo_stage(upstream, f"stages.ppo.max_prompt_tokens={min(lengths) - 1}")
+
+
 def test_value_model_starts_as_the_reward_model(upstream):
     stage = ppo_stage(upstream)
     value, reward = stage.value_model.state_dict(), stage.reward_model.state_dict()
