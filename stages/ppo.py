@@ -216,9 +216,7 @@ class PPOStage(LaunchMixin, Stage):
     def setup(self) -> None:
         from accelerate import Accelerator
 
-        from rlhf.distributed import process_state, uses_deepspeed
-
-        from rlhf.distributed import refuse_sharded_lora
+        from rlhf.distributed import process_state, refuse_sharded_lora, uses_deepspeed
 
         c = self.config
         refuse_sharded_lora("ppo", c.lora.enabled)
