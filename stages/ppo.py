@@ -44,8 +44,7 @@ from rlhf.ppo import (
     value_loss,
 )
 from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
-from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, value_forward
-from rlhf.ppo.rollout import trim_padding
+from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
 from rlhf.sampling import chat_prompt, encode_prompts
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
