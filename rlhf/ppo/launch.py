@@ -29,6 +29,7 @@ class StepCounter:
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
 
+
 class PhaseTimer:
     """Wall time per phase of a PPO step, summed until `pop()` (the `time/*` stats of every step).
 
