@@ -173,3 +173,16 @@ def ppo_config(data: dict[str, Path], store: str, **ppo) -> dict:
     cfg = tiny_config(data, store, stages=("pretrain", "sft", "reward"))
     cfg["stages"]["ppo"] = {"prompts": str(data["prompts"]), "eval_prompts": str(data["prompts"]), **PPO_BLOCK, **ppo}
     return cfg
+
+
+@pytest.fixture(scope="module")
+def ppo_upstream(tmp_path_factory) -> Path:
+    """A PPO experiment with its pretrain -> sft -> reward artifacts built, once per test module."""
+    from rlhf.config import load_experiment
+    from rlhf.pipeline import Pipeline
+
+    root = tmp_path_factory.mktemp("ppo")
+    data = make_tiny_data(root)
+    path = write_config(root / "exp.yaml", ppo_config(data, str(root / "store")))
+    Pipeline(load_experiment(path)).run(until="reward")
+    return path

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_data, ppo_config, write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo import logprobs_from_logits, policy_loss, response_mask_from_eos
@@ -15,13 +14,9 @@ from rlhf.sampling import encode_prompts
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
+def upstream(ppo_upstream):
     """pretrain -> sft -> reward artifacts, built once for every PPO test of this module."""
-    root = tmp_path_factory.mktemp("ppo")
-    data = make_tiny_data(root)
-    path = write_config(root / "exp.yaml", ppo_config(data, str(root / "store")))
-    Pipeline(load_experiment(path)).run(until="reward")
-    return path
+    return ppo_upstream
 
 
 def ppo_stage(path, *overrides):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_data, ppo_config, write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo import logprobs_from_logits
@@ -47,12 +46,8 @@ def test_trim_padding_keeps_a_full_batch_and_one_column_of_an_empty_one():
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo-speed")
-    data = make_tiny_data(root)
-    path = write_config(root / "exp.yaml", ppo_config(data, str(root / "store")))
-    Pipeline(load_experiment(path)).run(until="reward")
-    return Pipeline(load_experiment(path)).stages["ppo"].open(tracking=False)
+def stage(ppo_upstream):
+    return Pipeline(load_experiment(ppo_upstream)).stages["ppo"].open(tracking=False)
 
 
 def test_policy_forward_equals_logprobs_of_the_full_logits(stage):
