@@ -73,11 +73,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _warn_if_ppo_cannot_fit(args: argparse.Namespace) -> None:
     """Before launching, the memory plan's warning (best effort: a plan that cannot be made is skipped)."""
-    from rlhf.memory import available_memory, plan_ppo_memory
+    from rlhf.memory import DEFAULT_PROMPT_TOKENS, available_memory, plan_ppo_memory
 
     try:
         pipeline = _load(args.config, args.overrides)
-        est, settings = plan_ppo_memory(pipeline, args.launch, prompt_tokens=256)
+        est, settings = plan_ppo_memory(pipeline, args.launch, prompt_tokens=DEFAULT_PROMPT_TOKENS)
         avail, where = available_memory(settings)
     except Exception as e:  # no PPO stage, a hub config not reachable: the run itself will say more
         log.debug("memory plan skipped: %s", e)
@@ -231,6 +231,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlhf.memory import DEFAULT_PROMPT_TOKENS
+
     p = argparse.ArgumentParser(
         prog="rlhf",
         description="Pretrain -> SFT -> reward model -> PPO, as stages that hand checkpoints through an artifact store.",
@@ -256,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--force", metavar="STAGE", action="append", default=[])
     plan.add_argument("--memory", action="store_true", help="estimate PPO's memory per process and warn if it cannot fit")
     plan.add_argument("--launch", metavar="FILE", help="the Accelerate launch config the memory plan is for")
-    plan.add_argument("--prompt-tokens", type=int, default=256, help="prompt length the memory plan assumes")
+    plan.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+                      help="prompt length the memory plan assumes where stages.ppo.max_prompt_tokens is not set")
     plan.set_defaults(fn=cmd_plan)
 
     status = sub.add_parser("status", help="list the artifacts in a store with their lineage")

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 1 << 30
+DEFAULT_PROMPT_TOKENS = 256
+"""The prompt length a plan assumes when neither the command line nor stages.ppo.max_prompt_tokens says."""
 
 
 @dataclass(frozen=True)

@@ -187,5 +187,15 @@ def verify_saved_weights(path: Path, auto_class, state: dict[str, torch.Tensor])
                          f"{bad[:3]}, missing {missing[:3]}); nothing was published")
 
 
+def verify_checkpoint(model: torch.nn.Module, path: Path, auto_class, tokenizer,
+                      gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """The after-save check of every stage: `verify_reload` (same logits as the model in memory), or,
+    where ranks hold shards and `gathered` is the whole state they gathered, `verify_saved_weights`."""
+    if gathered is not None:
+        verify_saved_weights(path, auto_class, gathered)
+    else:
+        verify_reload(model, path, auto_class, tokenizer)
+
+
 def _first_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]

@@ -25,8 +25,7 @@ import torch
 from rlhf.config import logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import evaluate_policy, summarize
-from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload,
-                         verify_saved_weights)
+from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint
 from rlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -384,9 +383,11 @@ class PPOStage(LaunchMixin, Stage):
             for mb_idx in order.split(c.minibatch_size // n):
                 # Token-weighted accumulation: each micro-batch's masked mean is scaled by its share of the
                 # minibatch's tokens, so the summed gradient equals the full-minibatch masked mean's.
-                mb_tokens = traj.response_mask[mb_idx].sum().clamp(min=1)
+                mb_tokens = traj.response_mask[mb_idx].sum()
                 if n > 1:  # every rank's tokens, per rank: the wrappers average gradients over ranks
-                    mb_tokens = acc.reduce(traj.response_mask[mb_idx].sum(), reduction="sum").clamp(min=1) / n
+                    mb_tokens = acc.reduce(mb_tokens, reduction="sum").clamp(min=1) / n
+                else:
+                    mb_tokens = mb_tokens.clamp(min=1)
                 micro_batches = mb_idx.split(c.micro_batch_size // n)
                 for i, micro_idx in enumerate(micro_batches):
                     # columns that are padding in every row of this micro-batch cost compute and change nothing
@@ -541,10 +542,8 @@ class PPOStage(LaunchMixin, Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
 
-        if getattr(self, "final_state", None) is not None:  # sharded: compare weights with the gathered ones
-            verify_saved_weights(out, AutoModelForCausalLM, self.final_state)
-            return
-        verify_reload(self.accelerator.unwrap_model(self.policy), out, AutoModelForCausalLM, self.tokenizer)
+        verify_checkpoint(self.accelerator.unwrap_model(self.policy), out, AutoModelForCausalLM, self.tokenizer,
+                          getattr(self, "final_state", None))
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)

@@ -22,8 +22,7 @@ import torch
 from rlhf.config import logging_only
 from rlhf.data import load_rows
 from rlhf.distributed import gathered_state_dict
-from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_reload,
-                         verify_saved_weights)
+from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
@@ -334,10 +333,8 @@ class RewardStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        if getattr(self, "full_state", None) is not None:  # sharded: this rank's model is a shard
-            verify_saved_weights(out, AutoModelForSequenceClassification, self.full_state)
-            return
-        verify_reload(self.model, out, AutoModelForSequenceClassification, self.tokenizer)
+        verify_checkpoint(self.model, out, AutoModelForSequenceClassification, self.tokenizer,
+                          getattr(self, "full_state", None))
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)

@@ -18,7 +18,7 @@ import torch
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
 from rlhf.distributed import gathered_state_dict
-from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_reload, verify_saved_weights
+from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
 from rlhf.sampling import sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
@@ -210,10 +210,7 @@ class SFTStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
 
-        if getattr(self, "full_state", None) is not None:  # sharded: this rank's model is a shard
-            verify_saved_weights(out, AutoModelForCausalLM, self.full_state)
-            return
-        verify_reload(self.model, out, AutoModelForCausalLM, self.tokenizer)
+        verify_checkpoint(self.model, out, AutoModelForCausalLM, self.tokenizer, getattr(self, "full_state", None))
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)
