@@ -43,6 +43,7 @@ from rlhf.ppo import (
     value_loss,
 )
 from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
+from rlhf.ppo.packing import use_packed_attention
 from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
 from rlhf.sampling import chat_prompt, encode_prompts
 from rlhf.stage import Stage, StageError
@@ -82,6 +83,11 @@ class PPOConfig:
     """Sampling temperature; logprobs are computed at the same temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1.0 = off, which keeps sampling logprobs exact)."""
+    pack_sequences: bool = True
+    """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
+    attention kept within each sequence): no compute on padding, the same numbers to float rounding.
+    Needs attention through transformers' attention interface (Llama, GPT-NeoX, GPT-2 are tested); the
+    stage stops with an error otherwise. False: padded batches."""
     no_eos_score: float | None = -1.0
     """Score given to responses without EOS instead of the reward model's (None: keep the model's)."""
     normalize_score: bool = True
@@ -178,15 +184,18 @@ class PPOStage(LaunchMixin, Stage):
         from transformers import AutoModelForSequenceClassification
 
         policy, tok = load_causal_lm(self.input_path("policy"))
+        rm_path = self.input_path("reward_model")
+        reward = AutoModelForSequenceClassification.from_pretrained(rm_path).requires_grad_(False).eval()
+        value = AutoModelForSequenceClassification.from_pretrained(rm_path)  # value head starts as the reward head
+        if self.config.pack_sequences:
+            for m in (policy, reward, value):
+                use_packed_attention(m)
         if self.config.lora.enabled:
             from peft import get_peft_model
 
             policy, reference = get_peft_model(policy, self.config.lora.peft_config()), None
         else:
             reference = copy.deepcopy(policy).requires_grad_(False).eval()
-        rm_path = self.input_path("reward_model")
-        reward = AutoModelForSequenceClassification.from_pretrained(rm_path).requires_grad_(False).eval()
-        value = AutoModelForSequenceClassification.from_pretrained(rm_path)  # value head starts as the reward head
         for m in (reward, value):
             disable_dropout(m)
         return policy, reference, value, reward, tok
@@ -301,7 +310,8 @@ class PPOStage(LaunchMixin, Stage):
     def score(self, query_ids, query_mask, response_ids, response_mask):
         """Step 2: reward-model score at EOS; fixed score without EOS; normalised. Returns (scores, raw)."""
         c = self.config
-        raw = score_at_eos(self.reward_model, query_ids, query_mask, response_ids, response_mask)
+        raw = score_at_eos(self.reward_model, query_ids, query_mask, response_ids, response_mask,
+                           packed=c.pack_sequences)
         scores = (raw - self.score_mean) / self.score_std
         if c.no_eos_score is not None:
             scores = apply_no_eos_penalty(scores, has_eos(response_ids, self.tokenizer.eos_token_id), c.no_eos_score)
@@ -317,7 +327,8 @@ class PPOStage(LaunchMixin, Stage):
     def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask):
         model = self.reference if self.reference is not None else self.policy
         with self.reference_context():
-            return policy_forward(model, query_ids, query_mask, response_ids, response_mask, self.config.temperature)[0]
+            return policy_forward(model, query_ids, query_mask, response_ids, response_mask, self.config.temperature,
+                                  packed=self.config.pack_sequences)[0]
 
     def compute_rewards(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 3: per-token rewards (B, R) = -beta * KL + score at the last token. Returns (rewards, kl)."""
@@ -338,8 +349,10 @@ class PPOStage(LaunchMixin, Stage):
         """Step 5 (per micro-batch): clipped policy loss + vf_coef * clipped value loss, with statistics."""
         c = self.config
         logprobs, entropy = policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
-                                           mb.response_mask, c.temperature, with_entropy=True, entropy_grad=False)
-        values = value_forward(self.value_model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+                                           mb.response_mask, c.temperature, with_entropy=True, entropy_grad=False,
+                                           packed=c.pack_sequences)
+        values = value_forward(self.value_model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                               packed=c.pack_sequences)
         pg, pg_stats = policy_loss(logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range)
         vf, vf_stats = value_loss(values, mb.values, returns, mb.response_mask, c.clip_range_value)
         stats = {
@@ -354,16 +367,17 @@ class PPOStage(LaunchMixin, Stage):
 
     def make_trajectory(self, prompts: list[str]) -> Trajectory:
         """Steps 1-2 and the forwards that go with them: one rollout batch with everything PPO needs."""
-        timed = self.timer
+        timed, packed = self.timer, self.config.pack_sequences
         with timed("rollout"):
             q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)
         with torch.no_grad():
             with timed("policy_forward"):
-                logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, self.config.temperature)[0]
+                logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, self.config.temperature,
+                                          packed=packed)[0]
             with timed("reference_forward"):
                 ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask)
             with timed("value_forward"):
-                values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask)
+                values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask, packed=packed)
         with timed("score"):
             scores, raw = self.score(q_ids, q_mask, r_ids, r_mask)
         return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw,

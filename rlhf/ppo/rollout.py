@@ -4,7 +4,8 @@ Layout of every batch: prompts are LEFT-padded to P tokens, responses RIGHT-padd
 the sequence is `[pad.. prompt | response ..pad]` of length P + R and the response always starts at
 column P. Position ids come from the attention mask, so padding never shifts a token's position.
 The logits at column P - 1 + t predict response token t; the value of the state before token t is
-read at the same column.
+read at the same column. With `packed=True` the forwards below run on the same batch packed into one
+row of its real tokens instead (rlhf/ppo/packing.py); results come back in this layout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf.ppo.core import entropy_from_logits, last_token_index, logprobs_from_logits
+from rlhf.ppo.packing import pack, unpack
 
 
 class Trajectory(NamedTuple):
@@ -50,24 +52,37 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
 
 
 def policy_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
-                   with_entropy: bool = False, entropy_grad: bool = True):
+                   with_entropy: bool = False, entropy_grad: bool = True, packed: bool = False):
     """Logprobs (B, R) of the response tokens under `model` at `temperature` (and entropy if asked).
 
     With `entropy_grad=False` the entropy is a statistic only: computed without autograd, so none of
     its (B, R, V) intermediates are kept for a backward pass that would never use them.
+    With `packed=True` the forward runs on the batch's real tokens only (rlhf/ppo/packing.py; the model
+    must have `use_packed_attention`); padding positions of the results are 0.
     """
-    input_ids, attention_mask, position_ids = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
-    # Only the last R + 1 columns' logits are read: the LM head (a large share of a small model's work,
-    # forward and backward) is not run over the prompt.
-    r = response_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False, logits_to_keep=r + 1).logits
-    logits = logits[:, :-1]  # (B, R, V): column p-1+t of the sequence predicts response token t
-    logprobs = logprobs_from_logits(logits, response_ids, temperature)
+    if packed:
+        batch = pack(query_ids, query_mask, response_ids, response_mask)
+        with batch.active():  # logits only where a response token is predicted: (1, N, V)
+            logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                           logits_to_keep=batch.before_response).logits
+        tokens = response_ids[batch.response_mask].unsqueeze(0)  # (1, N)
+    else:
+        input_ids, attention_mask, position_ids = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
+        # Only the last R + 1 columns' logits are read: the LM head (a large share of a small model's work,
+        # forward and backward) is not run over the prompt.
+        r = response_ids.shape[1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False, logits_to_keep=r + 1).logits
+        logits = logits[:, :-1]  # (B, R, V): column p-1+t of the sequence predicts response token t
+        tokens = response_ids
+    logprobs = logprobs_from_logits(logits, tokens, temperature)
     entropy = None
     if with_entropy:
         with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             entropy = entropy_from_logits(logits, temperature)
+    if packed:
+        logprobs = unpack(logprobs[0], response_mask)
+        entropy = unpack(entropy[0], response_mask) if entropy is not None else None
     return logprobs, entropy
 
 
@@ -107,15 +122,25 @@ class PerTokenHead(torch.nn.Module):
         return head_per_token(self.model, input_ids, attention_mask, position_ids)
 
 
-def value_forward(model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
-    """Values (B, R) of the states before each response token."""
+def value_forward(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False) -> torch.Tensor:
+    """Values (B, R) of the states before each response token (0 at padding when `packed`)."""
+    if packed:
+        batch = pack(query_ids, query_mask, response_ids, response_mask)
+        with batch.active():
+            per_token = head_per_token(model, batch.input_ids, None, batch.position_ids)  # (1, L)
+        return unpack(per_token[0, batch.before_response], response_mask)
     seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
     p = query_ids.shape[1]
     return head_per_token(model, *seq)[:, p - 1 : -1]
 
 
-def score_at_eos(model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+def score_at_eos(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False) -> torch.Tensor:
     """Reward-model score (B,) read at the last real response token: the EOS when there is one."""
+    if packed:
+        batch = pack(query_ids, query_mask, response_ids, response_mask)
+        with batch.active():
+            per_token = head_per_token(model, batch.input_ids, None, batch.position_ids)  # (1, L)
+        return per_token[0, batch.last]
     seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
     per_token = head_per_token(model, *seq)
     index = query_ids.shape[1] + last_token_index(response_mask)
