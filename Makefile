@@ -5,6 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU build by default; GPU users pass e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
 TORCH  ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
 CONFIG ?= configs/tiny.yaml
 ARGS   ?=
 # `make ppo LAUNCH=configs/accelerate/ddp.yaml` runs the stages under `accelerate launch`.
@@ -18,11 +19,14 @@ RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first and alone: a bare `torch` requirement would otherwise pull the CUDA wheels.
 	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[dev]"
+	# DeepSpeed (configs/accelerate/zero*.yaml) builds against the torch above, hence no build isolation.
+	$(BIN)/python -m pip install --disable-pip-version-check -q setuptools wheel
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-build-isolation $(DEEPSPEED)
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project (done automatically by every target)

@@ -84,6 +84,17 @@ def versions(py: Path, mods: list[str]) -> dict:
     return json.loads(out)
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the repository where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def gpu(py: Path) -> str | None:
+    """The GPU the runs will use (torch's name for CUDA device 0), or None."""
+    code = "import torch; print(torch.cuda.get_device_name(0) + ', CUDA ' + torch.version.cuda if torch.cuda.is_available() else '')"
+    return subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True).stdout.strip() or None
+
+
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
@@ -165,8 +176,10 @@ def report(res: dict) -> str:
     add("## Machine and versions\n")
     add(f"- {m['cpu']}, {m['cores']} cores, {m['memory_mib']} MiB; {m['os']}; Python {m['python']}; "
         f"torch threads: {res['threads'] or 'torch default'}")
-    add(f"- ours (.venv): {', '.join(f'{k} {v}' for k, v in res['versions']['ours'].items())}")
-    add(f"- TRL (bench/.venv): {', '.join(f'{k} {v}' for k, v in res['versions']['trl'].items())}\n")
+    if m.get("gpu"):
+        add(f"- GPU: {m['gpu']} (every run below used it)")
+    add(f"- ours ({res.get('pythons', {}).get('ours', '.venv/bin/python')}): {', '.join(f'{k} {v}' for k, v in res['versions']['ours'].items())}")
+    add(f"- TRL ({res.get('pythons', {}).get('trl', 'bench/.venv/bin/python')}): {', '.join(f'{k} {v}' for k, v in res['versions']['trl'].items())}\n")
     add("Each cell: median [min, max] over the runs.\n")
     if "pipeline" in res:
         p = res["pipeline"]
@@ -242,7 +255,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
     ap.add_argument("--results", default="bench/RESULTS.md")
+    ap.add_argument("--ours-python", default=str(OURS_PY), help="interpreter with this project installed")
+    ap.add_argument("--trl-python", default=str(TRL_PY), help="interpreter with TRL 1.12.0 installed")
     a = ap.parse_args()
+    global OURS_PY, TRL_PY  # every run below uses them
+    OURS_PY, TRL_PY = Path(a.ours_python), Path(a.trl_python)
     s = dict(SETTINGS["quick" if a.quick else "full"])
     if a.runs:
         s["runs"] = a.runs
@@ -253,7 +270,8 @@ def main() -> None:
     experiment = OmegaConf.load(ROOT / s["config"]).name
     store = ROOT / OmegaConf.load(ROOT / s["config"]).store
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    res = {"quick": a.quick, "argv": sys.argv[1:], "settings": s, "threads": a.threads, "machine": machine(), "commit": commit,
+    res = {"quick": a.quick, "argv": sys.argv[1:], "settings": s, "threads": a.threads, "machine": {**machine(), "gpu": gpu(OURS_PY)},
+           "pythons": {"ours": shown(OURS_PY), "trl": shown(TRL_PY)}, "commit": commit,
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"]),
                         "trl": versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])}}
@@ -276,7 +294,7 @@ def main() -> None:
     if path.exists() and DEV_NOTES in path.read_text():  # the hand-written notes survive a rerun
         text += "\n" + path.read_text()[path.read_text().index(DEV_NOTES):]
     path.write_text(text)
-    log(f"wrote {path.relative_to(ROOT)}")
+    log(f"wrote {shown(path)}")
 
 
 if __name__ == "__main__":

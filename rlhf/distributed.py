@@ -45,6 +45,11 @@ def read_launch_config(path: str | Path) -> dict[str, Any]:
     n = cfg.get("num_processes", 1)
     if not isinstance(n, int) or n < 1:
         raise LaunchError(f"{path}: num_processes: {n!r}; expected a positive integer")
+    if cfg["distributed_type"] == "FSDP" and cfg.get("use_cpu"):
+        # Accelerate would quietly run plain DDP instead: FSDP is applied to GPU processes only
+        raise LaunchError(f"{path}: FSDP with use_cpu: true is not supported (Accelerate shards with FSDP on GPUs "
+                          "only and would run plain DDP); on CPU use DeepSpeed (configs/accelerate/zero3.yaml with "
+                          "use_cpu: true) or configs/accelerate/cpu-ddp.yaml")
     return cfg
 
 
@@ -54,10 +59,22 @@ def launch_command(launch_file: str | Path, program: list[str]) -> tuple[list[st
     `program` is what follows `python`: `["-m", "rlhf.cli", "run", ...]` or `["script.py", ...]`.
     """
     cfg = read_launch_config(launch_file)
+    if (cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and not cfg.get("use_cpu")
+            and not torch.cuda.is_available()):
+        # without GPUs each process would find no process group to join and train alone on the CPU
+        raise LaunchError(f"{launch_file}: distributed_type {cfg['distributed_type']} runs on GPUs and this machine "
+                          "has none (torch.cuda.is_available() is False); on CPU set use_cpu: true in it, or use "
+                          "configs/accelerate/cpu-ddp.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_file)]
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if cfg.get("use_cpu"):
-        env["ACCELERATE_USE_CPU"] = "true"
+        if cfg["distributed_type"] == "DEEPSPEED":
+            # Accelerate drops DeepSpeed when told to use the CPU (ACCELERATE_USE_CPU); DeepSpeed runs on
+            # the CPU by itself where no GPU is visible (its CPU accelerator, gloo), see `process_state`.
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["DS_ACCELERATOR"] = "cpu"
+        else:
+            env["ACCELERATE_USE_CPU"] = "true"
     if (cfg["distributed_type"] == "MULTI_CPU" and cfg.get("num_machines", 1) == 1
             and not cfg.get("mpirun_config") and cfg.get("num_processes", 1) > 1):
         cmd.append("--multi_gpu")  # torchrun's launcher; ACCELERATE_USE_CPU makes each process pick gloo
@@ -73,7 +90,53 @@ def process_state():
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    if deepspeed_on_cpu():
+        # DeepSpeed on CPU (its CPU accelerator): without a backend Accelerate would count each rank as a
+        # single process; gloo unless oneCCL's bindings are installed (DeepSpeed then uses ccl).
+        from deepspeed.accelerator import get_accelerator
+
+        return PartialState(backend=get_accelerator().communication_backend_name())
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def deepspeed_on_cpu() -> bool:
+    """A multi-process DeepSpeed launch with no GPU: DeepSpeed's CPU accelerator over gloo (or oneCCL)."""
+    return uses_deepspeed() and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def trainer_accelerator_config() -> dict | None:
+    """`TrainingArguments(accelerator_config=...)` for this launch (None: the Trainer's default).
+
+    The Trainer normally builds the process state anew, and for DeepSpeed it names no backend, so on
+    CPU each rank would count itself as the only process. Under DeepSpeed on CPU it keeps the state
+    `process_state` made (gloo); the previous stage's Accelerator settings are dropped first.
+    """
+    if not deepspeed_on_cpu():
+        return None
+    _drop_accelerator_settings()
+    return {"use_configured_state": True}
+
+
+def new_accelerator(**kwargs):
+    """An `Accelerator` with these settings and the launch's own (DeepSpeed or FSDP plugin from the environment).
+
+    Accelerate keeps one `AcceleratorState` per process and ignores the settings of a later `Accelerator`;
+    a Trainer of an earlier stage in the same process leaves its own there (under DeepSpeed its plugin,
+    with the batch sizes that Trainer filled in, which DeepSpeed then rejects). They are dropped first;
+    the process group is kept.
+    """
+    from accelerate import Accelerator
+
+    _drop_accelerator_settings()
+    return Accelerator(**kwargs)
+
+
+def _drop_accelerator_settings() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    process_state()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def is_main_process() -> bool:
@@ -168,6 +231,12 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy = policy
         self.value = value
+
+    def forward(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` (a micro-batch's loss over both models) inside the engine's forward:
+        DeepSpeed keeps per-micro-batch state there (ZeRO-3 counts micro-batches at each forward, and
+        without that count every micro-batch's gradient replaces the last instead of adding to it)."""
+        return fn(*args, **kwargs)
 
 
 def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:

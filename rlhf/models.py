@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,31 @@ def build_causal_lm(cfg: ModelConfig, tokenizer) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+@contextlib.contextmanager
+def whole_models():
+    """Inside, transformers treats this process's models as its own, also in a ZeRO-3 run.
+
+    Under ZeRO-3 a Trainer registers its DeepSpeed config with transformers for as long as it lives;
+    transformers then builds every model inside `deepspeed.zero.Init` (partitioned at construction, a
+    collective over all ranks) and makes `generate` step in lockstep with the other ranks (`synced_gpus`).
+    Loading or sampling on the main process alone (the after-save check, on-policy sampling) would then
+    wait forever for ranks that never join. The launch configs load whole and let DeepSpeed partition
+    at `prepare` (`zero3_init_flag: false`), so every load goes through here too.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = ref() if ref is not None else None
+    if registered is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 def load_causal_lm(path: str):
     """Load (model, tokenizer) from an artifact, local directory or hub id, ready for the pipeline.
 
@@ -94,9 +120,10 @@ def load_causal_lm(path: str):
     from rlhf.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    with whole_models():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     disable_dropout(model)
     return model, tokenizer
@@ -115,7 +142,8 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
     """Number of (unique) parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    # under ZeRO-3 a parameter holds only this rank's shard; `ds_numel` is its whole size
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def external_fingerprint(ref: str) -> str:
@@ -164,7 +192,8 @@ def verify_reload(model: torch.nn.Module, path: Path, auto_class, tokenizer, ato
     finally:
         if wrapped is not None:
             model.forward = wrapped
-    reloaded = auto_class.from_pretrained(str(path), dtype=model.dtype).to(model.device).eval()
+    with whole_models():
+        reloaded = auto_class.from_pretrained(str(path), dtype=model.dtype).to(model.device).eval()
     got = _first_output(reloaded(input_ids=ids))
     model.train(was_training)
     diff = (expected.float() - got.float()).abs().max().item()
@@ -179,7 +208,8 @@ def verify_reload(model: torch.nn.Module, path: Path, auto_class, tokenizer, ato
 def verify_saved_weights(path: Path, auto_class, state: dict[str, torch.Tensor]) -> None:
     """Reload `path` and compare its weights with `state` (a state dict gathered from sharded ranks,
     where the model in memory holds only this rank's shard and cannot be run for `verify_reload`)."""
-    saved = auto_class.from_pretrained(str(path)).state_dict()
+    with whole_models():  # on the main process only
+        saved = auto_class.from_pretrained(str(path)).state_dict()
     bad = [k for k, v in saved.items() if k in state and not torch.equal(v.cpu(), state[k].to(v.dtype).cpu())]
     missing = [k for k in state if k not in saved and not k.endswith("lm_head.weight")]  # tied heads are not saved
     if bad or missing:

@@ -25,7 +25,8 @@ import torch
 from rlhf.config import logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import evaluate_policy, summarize
-from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint
+from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
+                         whole_models)
 from rlhf.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -185,8 +186,9 @@ class PPOStage(LaunchMixin, Stage):
 
         policy, tok = load_causal_lm(self.input_path("policy"))
         rm_path = self.input_path("reward_model")
-        reward = AutoModelForSequenceClassification.from_pretrained(rm_path).requires_grad_(False).eval()
-        value = AutoModelForSequenceClassification.from_pretrained(rm_path)  # value head starts as the reward head
+        with whole_models():  # DeepSpeed partitions at prepare (rlhf.models.whole_models)
+            reward = AutoModelForSequenceClassification.from_pretrained(rm_path).requires_grad_(False).eval()
+            value = AutoModelForSequenceClassification.from_pretrained(rm_path)  # value head starts as the reward head
         if self.config.pack_sequences:
             for m in (policy, reward, value):
                 use_packed_attention(m)
@@ -221,16 +223,14 @@ class PPOStage(LaunchMixin, Stage):
         return FixedKLController(c.kl_coef)
 
     def setup(self) -> None:
-        from accelerate import Accelerator
-
-        from rlhf.distributed import process_state, refuse_sharded_lora, uses_deepspeed
+        from rlhf.distributed import new_accelerator, refuse_sharded_lora, uses_deepspeed
 
         c = self.config
         refuse_sharded_lora("ppo", c.lora.enabled)
-        process_state()  # a CPU launch forms its gloo group before the Accelerator is made
         # DeepSpeed steps inside backward, so it must know the micro-batches per optimizer step.
-        self.accelerator = (Accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps)
-                            if uses_deepspeed() else Accelerator())
+        # (new_accelerator forms a CPU launch's gloo group first and drops an earlier stage's Trainer settings)
+        self.accelerator = (new_accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps)
+                            if uses_deepspeed() else new_accelerator())
         self.check_process_split(self.accelerator.num_processes)
         if self.accelerator.process_index:
             # Every rank was seeded alike; without its own stream each would sample the same random numbers.
@@ -407,7 +407,7 @@ class PPOStage(LaunchMixin, Stage):
                     # columns that are padding in every row of this micro-batch cost compute and change nothing
                     mb, mb_adv, mb_ret = trim_padding(Trajectory(*(t[micro_idx] for t in traj)),
                                                       advantages[micro_idx], returns[micro_idx])
-                    loss, stats = self.loss(mb, mb_adv, mb_ret)
+                    loss, stats = self.micro_batch_loss(mb, mb_adv, mb_ret)
                     weight = mb.response_mask.sum() / mb_tokens
                     self.backward(loss * weight, last_micro_batch=i == len(micro_batches) - 1)
                     for k, v in stats.items():

@@ -17,6 +17,7 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows, pack_texts
+from rlhf.distributed import trainer_accelerator_config
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, verify_reload
 from rlhf.stage import Stage
 from rlhf.tokenizer import TokenizerConfig, load_tokenizer, tokenizer_facts, train_tokenizer
@@ -124,6 +125,7 @@ class PretrainStage(Stage):
             data_seed=self.seed,
             dataloader_num_workers=0,
             dataloader_pin_memory=torch.cuda.is_available(),
+            accelerator_config=trainer_accelerator_config(),
         )
         return Trainer(
             model=self.model,

@@ -21,8 +21,9 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows
-from rlhf.distributed import gathered_state_dict
-from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint
+from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
+from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
+                         whole_models)
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
@@ -156,10 +157,11 @@ class RewardStage(Stage):
         judge = load_judge(c.judge, field="stages.reward.onpolicy.judge")
         prompts = load_rows(c.prompts, "prompts", limit=c.num_prompts)["prompt"]
         policy_path = self.input_path("policy" if "policy" in self.input_refs else "model")
-        policy, tok = load_causal_lm(policy_path)
         repeated = [p for p in prompts for _ in range(c.k)]
-        samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                         batch_size=64, progress=True)
+        with whole_models():  # the main process alone samples
+            policy, tok = load_causal_lm(policy_path)
+            samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                             batch_size=64, progress=True)
         grouped = [[s.response for s in samples[i * c.k : (i + 1) * c.k]] for i in range(len(prompts))]
         pairs = rank_pairs(prompts, grouped, judge, margin=c.margin, noise=c.label_noise, seed=self.seed)
         held = set(random.Random(self.seed).sample(list(prompts), int(len(prompts) * c.eval_fraction)))
@@ -179,9 +181,10 @@ class RewardStage(Stage):
 
         path = self.input_path("model")
         tok = load_tokenizer(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        if len(tok) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tok))
+        with whole_models():
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+            if len(tok) > model.get_input_embeddings().num_embeddings:
+                model.resize_token_embeddings(len(tok))
         model.config.pad_token_id = tok.pad_token_id  # the score is read at the last non-pad token
         disable_dropout(model)
         return model, tok
@@ -233,6 +236,7 @@ class RewardStage(Stage):
             seed=self.seed,
             data_seed=self.seed,
             dataloader_pin_memory=torch.cuda.is_available(),
+            accelerator_config=trainer_accelerator_config(),
         )
         return RewardTrainer(
             model=self.model,

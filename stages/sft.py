@@ -17,7 +17,7 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
-from rlhf.distributed import gathered_state_dict
+from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
 from rlhf.sampling import sample
 from rlhf.stage import Stage, StageError
@@ -133,6 +133,7 @@ class SFTStage(Stage):
             seed=self.seed,
             data_seed=self.seed,
             dataloader_pin_memory=torch.cuda.is_available(),
+            accelerator_config=trainer_accelerator_config(),
         )
         return SFTTrainer(
             model=self.model,

@@ -1,31 +1,42 @@
-"""Two CPU processes (gloo, configs/accelerate/cpu-ddp.yaml) against one, at the same global batch.
+"""Two CPU processes against one, at the same global batch: DDP over gloo (configs/accelerate/cpu-ddp.yaml)
+and DeepSpeed ZeRO-2 and ZeRO-3 (configs/accelerate/zero2.yaml, zero3.yaml with 2 processes, `use_cpu: true`,
+no mixed precision; DeepSpeed's CPU accelerator over gloo).
 
 The two-process run goes through `rlhf run --launch`, the path users take. SFT and reward use a per-process
 batch of 4 (global 8) against the one-process batch of 8; PPO's global rollout batch is the same 8
-prompts either way.
+prompts either way. Under ZeRO the comparison goes through the DeepSpeed engine, ZeRO-3's partitioned
+parameters, the gathered state dict every sharded stage saves, PPO's generation from gathered ZeRO-3
+weights and the sharded reference and reward models.
 
 Tolerance: 1e-5 on every weight. With the same global batch the only difference is float summation
 order (two half-batch gradients averaged by the all-reduce instead of one full-batch sum), about 1e-7
-relative; measured: SFT 7e-9, reward 2e-7, PPO update 7e-9. Getting the global batch wrong (e.g. 8 per
-process = 16 in all, or per-rank advantage whitening) moves weights by the order of one Adam step, the
-learning rate (3e-4 .. 1e-3), 30 to 100 times the tolerance.
+relative; measured: SFT 7e-9 (DDP) to 1e-7 (ZeRO-2), reward 2e-7 to 3e-7, PPO update 7e-9 to 1.2e-7.
+Getting the global batch wrong (e.g. 8 per process = 16 in all, or per-rank advantage whitening) moves
+weights by the order of one Adam step, the learning rate (3e-4 .. 1e-3), 30 to 100 times the tolerance;
+a ZeRO-3 gradient-accumulation fault (each micro-batch's gradient replacing the previous one's) moved
+PPO weights by 0.02.
 
 PPO samples, so a two-process rollout cannot repeat the one-process samples token for token; its
 comparison is on one update of a fixed rollout batch (tests/helpers/ppo_update_step.py), which covers
 everything distributed in the PPO loop: sharded rows, global whitening, the token-weighted accumulation
 with the global token count, and the gradient average across ranks.
+
+Not covered: FSDP, which Accelerate applies on GPUs only (with `use_cpu` it would run plain DDP, so
+`launch_command` refuses that combination).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO, make_tiny_data, ppo_config, write_config
 from rlhf.config import load_experiment
@@ -44,18 +55,33 @@ PPO_UPDATE = ["stages.ppo.num_minibatches=1", "stages.ppo.gradient_accumulation_
               "stages.ppo.ppo_epochs=2", "stages.ppo.whiten_rewards=true"]
 
 
-def launch(program: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd, env = launch_command(LAUNCH, program)
+def cpu_launch_config(name: str, directory: Path) -> Path:
+    """The launch file for two CPU processes: cpu-ddp.yaml, or configs/accelerate/NAME.yaml made into one."""
+    if name == "cpu-ddp":
+        return LAUNCH
+    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / f"{name}.yaml").read_text())
+    cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")
+    path = directory / f"{name}-cpu.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _tests_on_path(env: dict[str, str]) -> dict[str, str]:
     # the test judge (conftest:length_judge) and the helper stages import from tests/
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO / "tests" / "helpers"), env.get("PYTHONPATH", "")])
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO / "tests"), str(REPO / "tests" / "helpers"), env.get("PYTHONPATH", "")])}
 
 
-def rlhf_launch(path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`rlhf run PATH ARGS --launch cpu-ddp.yaml`, as a user (or `make ... LAUNCH=`) runs it."""
-    cmd = [sys.executable, "-m", "rlhf.cli", "run", str(path), *args, "--launch", str(LAUNCH)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO / "tests" / "helpers")])}
-    return subprocess.run(cmd, cwd=path.parent, env=env, capture_output=True, text=True, timeout=timeout)
+def launch(program: list[str], cwd: Path, launch_file: Path = LAUNCH, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd, env = launch_command(launch_file, program)
+    return subprocess.run(cmd, cwd=cwd, env=_tests_on_path(env), capture_output=True, text=True, timeout=timeout)
+
+
+def rlhf_launch(path: Path, *args: str, launch_file: Path = LAUNCH, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`rlhf run PATH ARGS --launch FILE`, as a user (or `make ... LAUNCH=`) runs it."""
+    cmd = [sys.executable, "-m", "rlhf.cli", "run", str(path), *args, "--launch", str(launch_file)]
+    return subprocess.run(cmd, cwd=path.parent, env=_tests_on_path(dict(os.environ)), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +93,17 @@ def experiment(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def two_processes(experiment):
-    """SFT, reward and PPO in two processes through `rlhf run --launch`; the pipeline that names their keys."""
-    done = rlhf_launch(experiment, *PER_PROCESS)
+@pytest.fixture(scope="module", params=["cpu-ddp", "zero2", "zero3"])
+def two_processes(request, experiment, tmp_path_factory):
+    """SFT, reward and PPO in two processes through `rlhf run --launch FILE`, in a copy of the experiment's
+    store (the launches give the same keys): (launch file, the overrides, the pipeline that names the keys)."""
+    root = tmp_path_factory.mktemp(request.param)
+    shutil.copytree(experiment.parent / "store", root / "store")
+    launch_file = cpu_launch_config(request.param, root)
+    overrides = [f"store={root / 'store'}", *PER_PROCESS]
+    done = rlhf_launch(experiment, *overrides, launch_file=launch_file)
     assert done.returncode == 0, done.stderr[-4000:]
-    return Pipeline(load_experiment(experiment, PER_PROCESS))
+    return launch_file, overrides, Pipeline(load_experiment(experiment, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +113,9 @@ def one_process(experiment):
     return pipe
 
 
-def _max_difference(store, key_a: str, key_b: str, auto_class) -> float:
-    a = auto_class.from_pretrained(store.local_dir(key_a)).state_dict()
-    b = auto_class.from_pretrained(store.local_dir(key_b)).state_dict()
+def _max_difference(store_a, key_a: str, store_b, key_b: str, auto_class) -> float:
+    a = auto_class.from_pretrained(store_a.local_dir(key_a)).state_dict()
+    b = auto_class.from_pretrained(store_b.local_dir(key_b)).state_dict()
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
@@ -93,19 +124,20 @@ def _max_difference(store, key_a: str, key_b: str, auto_class) -> float:
 def test_two_processes_match_one_at_the_same_global_batch(two_processes, one_process, stage):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    launch_file, _, pipe = two_processes
     auto = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification
-    two, one = two_processes.stages[stage], one_process.stages[stage]
-    assert two.key != one.key  # different per-process batch sizes: two artifacts side by side
-    diff = _max_difference(one_process.store, one.key, two.key, auto)
-    assert diff < TOLERANCE, f"{stage}: max |w_2proc - w_1proc| = {diff:.3g}"
-    m1, m2 = one_process.store.manifest(one.key)["metrics"], one_process.store.manifest(two.key)["metrics"]
+    two, one = pipe.stages[stage], one_process.stages[stage]
+    assert two.key != one.key  # different per-process batch sizes: different artifacts
+    diff = _max_difference(one_process.store, one.key, pipe.store, two.key, auto)
+    assert diff < TOLERANCE, f"{launch_file.name} {stage}: max |w_2proc - w_1proc| = {diff:.3g}"
+    m1, m2 = one_process.store.manifest(one.key)["metrics"], pipe.store.manifest(two.key)["metrics"]
     assert m2["train_steps"] == m1["train_steps"]
     assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-5)
 
 
 def test_two_process_ppo_writes_once_from_the_main_process(two_processes):
-    ppo = two_processes.stages["ppo"]
-    store = two_processes.store
+    _, _, pipe = two_processes
+    ppo, store = pipe.stages["ppo"], pipe.store
     manifest = store.manifest(ppo.key)
     assert manifest["metrics"]["train_steps"] == ppo.config.num_steps
     assert store.alias("test", "ppo") == ppo.key
@@ -119,11 +151,12 @@ def test_two_process_ppo_writes_once_from_the_main_process(two_processes):
 def test_ppo_update_in_two_processes_matches_one(two_processes, tmp_path):
     from ppo_update_step import build_stage, update
 
-    config = two_processes.experiment.source
+    launch_file, overrides, pipe = two_processes
+    config = pipe.experiment.source
     out = tmp_path / "update"
-    overrides = [*PER_PROCESS, *PPO_UPDATE]  # starts from the two-process SFT and reward artifacts
+    overrides = [*overrides, *PPO_UPDATE]  # starts from the two-process SFT and reward artifacts
     done = launch([str(REPO / "tests" / "helpers" / "ppo_update_step.py"), config, str(out), *overrides],
-                  cwd=Path(config).parent)
+                  cwd=Path(config).parent, launch_file=launch_file)
     assert done.returncode == 0, done.stderr[-4000:]
     # the same update in this process on the whole batch the two ranks split
     stage = build_stage(config, overrides)
@@ -137,7 +170,8 @@ def test_ppo_update_in_two_processes_matches_one(two_processes, tmp_path):
     moved = max((one[k] - before[k]).abs().max().item() for k in one)
     diff = max((one[k] - two[k]).abs().max().item() for k in one)
     assert moved > 30 * TOLERANCE  # the update really moved the weights (SGD, so by lr x the gradient)
-    assert diff < TOLERANCE, f"max |w_2proc - w_1proc| = {diff:.3g} after an update that moved weights by {moved:.3g}"
+    assert diff < TOLERANCE, (f"{launch_file.name}: max |w_2proc - w_1proc| = {diff:.3g} after an update that moved "
+                              f"weights by {moved:.3g}")
 
 
 def test_a_failing_rank_stops_the_others_with_its_error(experiment):
@@ -151,9 +185,10 @@ def test_a_failing_rank_stops_the_others_with_its_error(experiment):
 
 
 @pytest.mark.parametrize("name", ["single", "ddp", "zero2", "zero3", "fsdp", "cpu-ddp"])
-def test_every_launch_config_loads_and_builds_the_launch_command(name):
+def test_every_launch_config_loads_and_builds_the_launch_command(name, monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU configs are refused without GPUs
     path = REPO / "configs" / "accelerate" / f"{name}.yaml"
     cfg = load_config_from_file(str(path))  # Accelerate's own validation of the file
     cmd, env = launch_command(path, ["-m", "rlhf.cli", "run", "configs/tiny.yaml"])
@@ -163,6 +198,36 @@ def test_every_launch_config_loads_and_builds_the_launch_command(name):
     assert ("--multi_gpu" in cmd) == (name == "cpu-ddp")
     assert (env.get("ACCELERATE_USE_CPU") == "true") == (name == "cpu-ddp")
     assert cfg.num_processes == (2 if name == "cpu-ddp" else 1 if name == "single" else 8)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3", "fsdp"])
+def test_a_gpu_launch_config_is_refused_on_a_machine_without_gpus(name, monkeypatch):
+    # Each process would otherwise train alone on the CPU, with no error and N times the work.
+    from rlhf.distributed import LaunchError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(LaunchError, match=f"{name}.yaml: distributed_type .* runs on GPUs and this machine has none"):
+        launch_command(REPO / "configs" / "accelerate" / f"{name}.yaml", ["-m", "rlhf.cli"])
+
+
+def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(tmp_path):
+    from rlhf.distributed import LaunchError
+
+    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp.yaml").read_text())
+    path = tmp_path / "fsdp-cpu.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "use_cpu": True, "num_processes": 2}))
+    with pytest.raises(LaunchError, match="fsdp-cpu.yaml: FSDP with use_cpu: true is not supported"):
+        launch_command(path, ["-m", "rlhf.cli"])
+
+
+def test_deepspeed_on_cpu_is_launched_on_deepspeeds_cpu_accelerator(tmp_path):
+    # ACCELERATE_USE_CPU would make Accelerate drop DeepSpeed altogether (and run DDP)
+    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / "zero3.yaml").read_text())
+    path = tmp_path / "zero3-cpu.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "use_cpu": True, "num_processes": 2}))
+    _, env = launch_command(path, ["-m", "rlhf.cli"])
+    assert env.get("ACCELERATE_USE_CPU") != "true"
+    assert env["DS_ACCELERATOR"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_saved_weights_are_checked_against_the_gathered_state(tmp_path):

@@ -106,10 +106,18 @@ class LaunchMixin:
         from rlhf.distributed import zero_stage
 
         if self.engine is not None and zero_stage(self.accelerator) == 3:
-            from trl.models.utils import unwrap_model_for_generation
+            import deepspeed
+            from trl.models.utils import add_hooks, remove_hooks
 
-            with unwrap_model_for_generation(self.engine, self.accelerator) as joint:
-                yield joint.policy
+            # Only the policy's shards are gathered (the value model does not generate). TRL's
+            # unwrap_model_for_generation would gather both, and it needs a transformers model, not PolicyAndValue.
+            policy = self.engine.module.policy
+            with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+                remove_hooks(self.engine)  # the gathered weights stay put for all of `generate`
+                try:
+                    yield policy
+                finally:
+                    add_hooks(self.engine)
         else:
             yield self.accelerator.unwrap_model(self.policy)
 
@@ -158,6 +166,13 @@ class LaunchMixin:
         values = torch.tensor([float(stats[k]) for k in keys], device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         return {**stats, **dict(zip(keys, values.tolist()))}
+
+    def micro_batch_loss(self, mb, advantages, returns) -> tuple[torch.Tensor, dict]:
+        """`self.loss` of one micro-batch; under DeepSpeed run through the engine's forward (see
+        `rlhf.distributed.PolicyAndValue.forward`), which gradient accumulation depends on."""
+        if self.engine is not None:
+            return self.engine(self.loss, mb, advantages, returns)
+        return self.loss(mb, advantages, returns)
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
         """Backward of one micro-batch. DeepSpeed steps inside backward at the last micro-batch and

@@ -60,11 +60,22 @@ def update(stage, traj: Trajectory) -> dict[str, torch.Tensor]:
     advantages, returns = stage.compute_advantages(rewards, local)
     torch.manual_seed(3)
     stage.update(local, advantages, returns)
-    policy = acc.unwrap_model(stage.policy).state_dict()
     value_model = acc.unwrap_model(stage.value_model)
-    value = (value_model.model if isinstance(value_model, PerTokenHead) else value_model).state_dict()
-    return {**{f"policy.{k}": v.detach().clone() for k, v in policy.items()},
-            **{f"value.{k}": v.detach().clone() for k, v in value.items()}}
+    policy = whole_state(acc, acc.unwrap_model(stage.policy))
+    value = whole_state(acc, value_model.model if isinstance(value_model, PerTokenHead) else value_model)
+    return {**{f"policy.{k}": v for k, v in policy.items()}, **{f"value.{k}": v for k, v in value.items()}}
+
+
+def whole_state(acc, module) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s weights; under ZeRO-3 gathered from every rank's shard (a collective)."""
+    from rlhf.distributed import zero_stage
+
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def main(config: str, out: str, *overrides: str) -> None:
