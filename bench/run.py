@@ -255,8 +255,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
     ap.add_argument("--results", default="bench/RESULTS.md")
-    ap.add_argument("--ours-python", default=str(OURS_PY), help="interpreter with this project installed")
-    ap.add_argument("--trl-python", default=str(TRL_PY), help="interpreter with TRL 1.12.0 installed")
+    ap.add_argument("--ours-python", default=str(ROOT / ".venv" / "bin" / "python"),
+                    help="interpreter with this project installed")
+    ap.add_argument("--trl-python", default=str(ROOT / "bench" / ".venv" / "bin" / "python"),
+                    help="interpreter with TRL 1.12.0 installed")
     a = ap.parse_args()
     global OURS_PY, TRL_PY  # every run below uses them
     OURS_PY, TRL_PY = Path(a.ours_python), Path(a.trl_python)

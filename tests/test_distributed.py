@@ -96,11 +96,12 @@ def experiment(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=["cpu-ddp", "zero2", "zero3"])
 def two_processes(request, experiment, tmp_path_factory):
     """SFT, reward and PPO in two processes through `rlhf run --launch FILE`, in a copy of the experiment's
-    store (the launches give the same keys): (launch file, the overrides, the pipeline that names the keys)."""
+    store and with run logs of their own (the launches give the same keys): (launch file, the overrides,
+    the pipeline that names the keys)."""
     root = tmp_path_factory.mktemp(request.param)
     shutil.copytree(experiment.parent / "store", root / "store")
     launch_file = cpu_launch_config(request.param, root)
-    overrides = [f"store={root / 'store'}", *PER_PROCESS]
+    overrides = [f"store={root / 'store'}", f"tracking.dir={root / 'runs'}", *PER_PROCESS]
     done = rlhf_launch(experiment, *overrides, launch_file=launch_file)
     assert done.returncode == 0, done.stderr[-4000:]
     return launch_file, overrides, Pipeline(load_experiment(experiment, overrides))
