@@ -214,19 +214,13 @@ def test_a_gpu_launch_config_is_refused_on_a_machine_without_gpus(name, monkeypa
 def test_fsdp_on_cpu_is_refused_rather_than_run_as_ddp(tmp_path):
     from rlhf.distributed import LaunchError
 
-    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp.yaml").read_text())
-    path = tmp_path / "fsdp-cpu.yaml"
-    path.write_text(yaml.safe_dump({**cfg, "use_cpu": True, "num_processes": 2}))
     with pytest.raises(LaunchError, match="fsdp-cpu.yaml: FSDP with use_cpu: true is not supported"):
-        launch_command(path, ["-m", "rlhf.cli"])
+        launch_command(cpu_launch_config("fsdp", tmp_path), ["-m", "rlhf.cli"])
 
 
 def test_deepspeed_on_cpu_is_launched_on_deepspeeds_cpu_accelerator(tmp_path):
     # ACCELERATE_USE_CPU would make Accelerate drop DeepSpeed altogether (and run DDP)
-    cfg = yaml.safe_load((REPO / "configs" / "accelerate" / "zero3.yaml").read_text())
-    path = tmp_path / "zero3-cpu.yaml"
-    path.write_text(yaml.safe_dump({**cfg, "use_cpu": True, "num_processes": 2}))
-    _, env = launch_command(path, ["-m", "rlhf.cli"])
+    _, env = launch_command(cpu_launch_config("zero3", tmp_path), ["-m", "rlhf.cli"])
     assert env.get("ACCELERATE_USE_CPU") != "true"
     assert env["DS_ACCELERATOR"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
 

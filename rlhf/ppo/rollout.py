@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf.ppo.core import entropy_from_logits, last_token_index, logprobs_from_logits
-from rlhf.ppo.packing import pack, unpack
+from rlhf.ppo.packing import Packed, pack, unpack
 
 
 class Trajectory(NamedTuple):
@@ -122,13 +122,17 @@ class PerTokenHead(torch.nn.Module):
         return head_per_token(self.model, input_ids, attention_mask, position_ids)
 
 
+def packed_heads(model, batch: Packed) -> torch.Tensor:
+    """The head's output (value or reward) at every token of a packed batch: (L,)."""
+    with batch.active():
+        return head_per_token(model, batch.input_ids, None, batch.position_ids)[0]
+
+
 def value_forward(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False) -> torch.Tensor:
     """Values (B, R) of the states before each response token (0 at padding when `packed`)."""
     if packed:
         batch = pack(query_ids, query_mask, response_ids, response_mask)
-        with batch.active():
-            per_token = head_per_token(model, batch.input_ids, None, batch.position_ids)  # (1, L)
-        return unpack(per_token[0, batch.before_response], response_mask)
+        return unpack(packed_heads(model, batch)[batch.before_response], response_mask)
     seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
     p = query_ids.shape[1]
     return head_per_token(model, *seq)[:, p - 1 : -1]
@@ -138,9 +142,7 @@ def score_at_eos(model, query_ids, query_mask, response_ids, response_mask, pack
     """Reward-model score (B,) read at the last real response token: the EOS when there is one."""
     if packed:
         batch = pack(query_ids, query_mask, response_ids, response_mask)
-        with batch.active():
-            per_token = head_per_token(model, batch.input_ids, None, batch.position_ids)  # (1, L)
-        return per_token[0, batch.last]
+        return packed_heads(model, batch)[batch.last]
     seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
     per_token = head_per_token(model, *seq)
     index = query_ids.shape[1] + last_token_index(response_mask)
