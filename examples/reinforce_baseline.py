@@ -47,7 +47,9 @@ class ReinforceBaselinePPO(PPOStage):
     config_class = ReinforceBaselineConfig
 
     def compute_advantages(self, rewards, traj):
-        returns_per_seq = masked_sum(rewards, traj.response_mask, dim=1)  # (B,)
+        # the episode: the response, and the state after EOS that holds the score with score_after_eos
+        episode = self.episode_mask(traj.response_mask, traj.has_eos)
+        returns_per_seq = masked_sum(rewards, episode, dim=1)  # (B,)
         if self.config.baseline == "batch_mean":
             baseline = returns_per_seq.mean().expand_as(returns_per_seq)
         else:
@@ -56,5 +58,5 @@ class ReinforceBaselinePPO(PPOStage):
         if self.config.whiten_advantages:
             advantages = masked_whiten(advantages, traj.response_mask)
         # The value model still learns to predict the per-sequence return at every token.
-        value_targets = torch.where(traj.response_mask, returns_per_seq.unsqueeze(1), 0.0)
+        value_targets = torch.where(episode, returns_per_seq.unsqueeze(1), 0.0)
         return advantages, value_targets

@@ -42,6 +42,7 @@ from rlhf.ppo import (
     policy_loss,
     response_mask_from_eos,
     value_loss,
+    with_state_after_eos,
 )
 from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
 from rlhf.ppo.packing import use_packed_attention
@@ -105,6 +106,10 @@ class PPOConfig:
     """Horizon of the adaptive controller (episodes)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards over the batch (scale only)."""
+    score_after_eos: bool = False
+    """Place the score one position after EOS, on the state after the last action, whose value (the
+    value model at the EOS token) GAE then bootstraps through and the value model learns; TRL's PPO
+    places it so. False: the score is the EOS token's reward and the episode ends there."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -330,38 +335,51 @@ class PPOStage(LaunchMixin, Stage):
             return policy_forward(model, query_ids, query_mask, response_ids, response_mask, self.config.temperature,
                                   packed=self.config.pack_sequences)[0]
 
+    def episode_mask(self, response_mask: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """(B, R) positions with a value and a return: the response tokens, and the state after EOS
+        when `score_after_eos`. The policy loss and advantage whitening stay on the response tokens."""
+        return with_state_after_eos(response_mask, eos) if self.config.score_after_eos else response_mask
+
     def compute_rewards(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 3: per-token rewards (B, R) = -beta * KL + score at the last token. Returns (rewards, kl)."""
+        """Step 3: per-token rewards (B, R) = -beta * KL + score at the episode's end. Returns (rewards, kl)."""
         kl = KL_ESTIMATORS[self.config.kl_estimator](traj.logprobs, traj.ref_logprobs)
-        rewards = compute_rewards(traj.scores, kl, self.kl_ctl.value, traj.response_mask)
+        episode = self.episode_mask(traj.response_mask, traj.has_eos)
+        rewards = compute_rewards(traj.scores, kl, self.kl_ctl.value, traj.response_mask, episode)
         if self.config.whiten_rewards:
-            rewards = self.whiten(rewards, traj.response_mask, shift_mean=False)
+            rewards = self.whiten(rewards, episode, shift_mean=False)
         return rewards, kl
 
     def compute_advantages(self, rewards: torch.Tensor, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 4: GAE advantages (whitened) and returns, both (B, R)."""
-        advantages, returns = gae(rewards, traj.values, traj.response_mask, self.config.gamma, self.config.lam)
+        episode = self.episode_mask(traj.response_mask, traj.has_eos)
+        advantages, returns = gae(rewards, traj.values, episode, self.config.gamma, self.config.lam)
         if self.config.whiten_advantages:
             advantages = self.whiten(advantages, traj.response_mask)
         return advantages, returns
 
-    def loss(self, mb: Trajectory, advantages, returns) -> tuple[torch.Tensor, dict]:
-        """Step 5 (per micro-batch): clipped policy loss + vf_coef * clipped value loss, with statistics."""
+    def loss(self, mb: Trajectory, advantages, returns) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Step 5 (per micro-batch): (clipped policy loss, clipped value loss, statistics).
+
+        Each loss is a mean over its own positions: the policy's over the response tokens, the value's
+        over `episode_mask`. `update` weighs them by `vf_coef` and by the micro-batch's share of those
+        positions in the minibatch, which makes gradient accumulation exact.
+        """
         c = self.config
         logprobs, entropy = policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
                                            mb.response_mask, c.temperature, with_entropy=True, entropy_grad=False,
                                            packed=c.pack_sequences)
+        episode = self.episode_mask(mb.response_mask, mb.has_eos)
         values = value_forward(self.value_model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                               packed=c.pack_sequences)
+                               packed=c.pack_sequences, value_mask=episode)
         pg, pg_stats = policy_loss(logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range)
-        vf, vf_stats = value_loss(values, mb.values, returns, mb.response_mask, c.clip_range_value)
+        vf, vf_stats = value_loss(values, mb.values, returns, episode, c.clip_range_value)
         stats = {
             "policy/loss": pg.detach(), "policy/clipfrac": pg_stats["clipfrac"],
             "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio_mean"],
             "policy/entropy": masked_mean(entropy.detach(), mb.response_mask),
             "value/loss": vf.detach(), "value/clipfrac": vf_stats["clipfrac"],
         }
-        return pg + c.vf_coef * vf, stats
+        return pg, vf, stats
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -376,12 +394,13 @@ class PPOStage(LaunchMixin, Stage):
                                           packed=packed)[0]
             with timed("reference_forward"):
                 ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask)
+            eos = has_eos(r_ids, self.tokenizer.eos_token_id)
             with timed("value_forward"):
-                values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask, packed=packed)
+                values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask, packed=packed,
+                                       value_mask=self.episode_mask(r_mask, eos))
         with timed("score"):
             scores, raw = self.score(q_ids, q_mask, r_ids, r_mask)
-        return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw,
-                          has_eos(r_ids, self.tokenizer.eos_token_id))
+        return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos)
 
     def update(self, traj: Trajectory, advantages, returns) -> dict[str, float]:
         """Step 5: `ppo_epochs` passes of minibatch updates over one rollout batch."""
@@ -389,27 +408,26 @@ class PPOStage(LaunchMixin, Stage):
         n = acc.num_processes
         self.policy.train()
         self.value_model.train()
+        episode = self.episode_mask(traj.response_mask, traj.has_eos)
         totals: dict[str, float] = {}
         count = 0
         for _ in range(c.ppo_epochs):
             # With N processes each rank holds B/N rows; a minibatch takes minibatch_size/N from each.
             order = torch.randperm(c.rollout_batch_size // n, device=traj.query_ids.device)
             for mb_idx in order.split(c.minibatch_size // n):
-                # Token-weighted accumulation: each micro-batch's masked mean is scaled by its share of the
-                # minibatch's tokens, so the summed gradient equals the full-minibatch masked mean's.
-                mb_tokens = traj.response_mask[mb_idx].sum()
-                if n > 1:  # every rank's tokens, per rank: the wrappers average gradients over ranks
-                    mb_tokens = acc.reduce(mb_tokens, reduction="sum").clamp(min=1) / n
-                else:
-                    mb_tokens = mb_tokens.clamp(min=1)
+                # Token-weighted accumulation: each micro-batch's masked means are scaled by its share of the
+                # minibatch's positions, so the summed gradient equals the full-minibatch masked means'.
+                policy_tokens = self.minibatch_tokens(traj.response_mask[mb_idx])
+                value_tokens = self.minibatch_tokens(episode[mb_idx])
                 micro_batches = mb_idx.split(c.micro_batch_size // n)
                 for i, micro_idx in enumerate(micro_batches):
                     # columns that are padding in every row of this micro-batch cost compute and change nothing
-                    mb, mb_adv, mb_ret = trim_padding(Trajectory(*(t[micro_idx] for t in traj)),
-                                                      advantages[micro_idx], returns[micro_idx])
-                    loss, stats = self.micro_batch_loss(mb, mb_adv, mb_ret)
-                    weight = mb.response_mask.sum() / mb_tokens
-                    self.backward(loss * weight, last_micro_batch=i == len(micro_batches) - 1)
+                    mb, mb_adv, mb_ret = trim_padding(Trajectory(*(t[micro_idx] for t in traj)), advantages[micro_idx],
+                                                      returns[micro_idx], response_columns=episode[micro_idx])
+                    pg, vf, stats = self.micro_batch_loss(mb, mb_adv, mb_ret)
+                    loss = (pg * (mb.response_mask.sum() / policy_tokens)
+                            + c.vf_coef * vf * (episode[micro_idx].sum() / value_tokens))
+                    self.backward(loss, last_micro_batch=i == len(micro_batches) - 1)
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + float(v)
                     count += 1
@@ -480,7 +498,8 @@ class PPOStage(LaunchMixin, Stage):
                 "env/reward_total": masked_sum(rewards, m, dim=1).mean().item(), "env/kl": seq_kl,
                 "env/kl_coef": self.kl_ctl.value, "env/response_length": length,
                 "env/eos_rate": traj.has_eos.float().mean().item(),
-                "value/explained_variance": explained_variance(traj.values, returns, m).item(),
+                "value/explained_variance": explained_variance(
+                    traj.values, returns, self.episode_mask(m, traj.has_eos)).item(),
                 **self.timer.pop(), "time/step": time.perf_counter() - step_start,
             })
             self.progress.step = step + 1

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from rlhf.ppo import with_state_after_eos
 from rlhf.ppo.packing import pack, unpack, use_packed_attention
 from rlhf.ppo.rollout import PerTokenHead, policy_forward, score_at_eos, value_forward
 
@@ -92,6 +93,32 @@ def test_packed_forwards_equal_padded_ones_with_their_gradients(arch):
     for name, a, b in zip(("logprobs", "entropy", "values", "scores"), padded, packed):
         assert torch.allclose(a, b, atol=2e-5), (name, (a - b).abs().max())
     assert g_padded.keys() == g_packed.keys() and len(g_padded) > 10
+    for n in g_padded:
+        assert torch.allclose(g_padded[n], g_packed[n], rtol=1e-3, atol=1e-6), n
+
+
+def test_the_value_after_eos_is_the_head_at_eos_packed_or_padded():
+    _, cls = _models("llama")
+    packed_cls = copy.deepcopy(cls)
+    use_packed_attention(packed_cls)
+    batch = _batch()
+    m = batch[3]
+    episode = with_state_after_eos(m, torch.ones(m.shape[0], dtype=torch.bool))
+    after = episode & ~m
+    assert after.sum() == 3  # the rows of 1, 3 and 2 tokens; the two of 6 fill every column
+    weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for head, packed in ((cls, False), (packed_cls, True)):
+        values = value_forward(head, *batch, packed=packed, value_mask=episode)
+        (values * weights * episode).sum().backward()
+        results.append((values[episode], {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+        # the state after EOS is read where the reward model reads its score: the EOS token
+        with torch.no_grad():
+            at_eos = score_at_eos(head, *batch, packed=packed)
+        assert torch.allclose(values[after], at_eos[after.any(dim=1)], atol=1e-6)
+    (padded, g_padded), (packed, g_packed) = results
+    assert torch.allclose(padded, packed, atol=2e-5)
+    assert g_padded.keys() == g_packed.keys() and g_padded
     for n in g_padded:
         assert torch.allclose(g_padded[n], g_packed[n], rtol=1e-3, atol=1e-6), n
 

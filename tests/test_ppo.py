@@ -8,7 +8,7 @@ import torch
 
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
-from rlhf.ppo import logprobs_from_logits, policy_loss, response_mask_from_eos
+from rlhf.ppo import last_token_index, logprobs_from_logits, policy_loss, response_mask_from_eos
 from rlhf.ppo.rollout import policy_forward
 from rlhf.sampling import encode_prompts
 
@@ -111,17 +111,21 @@ def _captured_gradients(stage, traj, advantages, returns):
     return grads
 
 
-def test_gradient_accumulation_equals_full_batch(upstream):
-    common = ["stages.ppo.ppo_epochs=1", "stages.ppo.num_minibatches=1", "stages.ppo.max_grad_norm=1e9"]
+@pytest.mark.parametrize("after_eos", ["false", "true"])
+def test_gradient_accumulation_equals_full_batch(upstream, after_eos):
+    common = ["stages.ppo.ppo_epochs=1", "stages.ppo.num_minibatches=1", "stages.ppo.max_grad_norm=1e9",
+              f"stages.ppo.score_after_eos={after_eos}"]
     full = ppo_stage(upstream, *common, "stages.ppo.gradient_accumulation_steps=1")
     accum = ppo_stage(upstream, *common, "stages.ppo.gradient_accumulation_steps=4")
     torch.manual_seed(0)
     traj = full.make_trajectory(full.prompts_for_step(0))
     # Give rows different response lengths (as EOS at different places would), so micro-batches hold
     # different token counts and a plain average of micro-batch means would not match the full batch.
+    # Every row ends in EOS, so with score_after_eos the value loss counts one more position per row
+    # than the policy loss except in rows that fill every column: its weights must be its own.
     lengths = torch.arange(traj.response_ids.shape[0]) % traj.response_ids.shape[1] + 1
     mask = torch.arange(traj.response_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-    traj = traj._replace(response_mask=mask)
+    traj = traj._replace(response_mask=mask, has_eos=torch.ones_like(traj.has_eos))
     rewards, _ = full.compute_rewards(traj)
     advantages, returns = full.compute_advantages(rewards, traj)
     g_full = _captured_gradients(full, traj, advantages, returns)
@@ -129,6 +133,37 @@ def test_gradient_accumulation_equals_full_batch(upstream):
     assert g_full.keys() == g_accum.keys() and g_full
     for name in g_full:
         assert torch.allclose(g_full[name], g_accum[name], rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("packed", ["true", "false"])
+def test_score_after_eos_is_scored_and_valued_after_eos(upstream, packed, monkeypatch):
+    stage = ppo_stage(upstream, "stages.ppo.score_after_eos=true", f"stages.ppo.pack_sequences={packed}")
+    tok, sample = stage.tokenizer, stage.rollout
+
+    def rollout_ending_in_eos(prompts):  # the tiny test policy rarely stops by itself: end row i at i % (R - 1)
+        q_ids, q_mask, r_ids, _ = sample(prompts)
+        cols = torch.arange(r_ids.shape[1]).unsqueeze(0)
+        ends = torch.arange(len(r_ids)) % (r_ids.shape[1] - 1)
+        r_ids = torch.where(cols == ends.unsqueeze(1), tok.eos_token_id, r_ids)
+        r_mask = response_mask_from_eos(r_ids, tok.eos_token_id)
+        return q_ids, q_mask, torch.where(r_mask, r_ids, tok.pad_token_id), r_mask
+
+    monkeypatch.setattr(stage, "rollout", rollout_ending_in_eos)
+    torch.manual_seed(0)
+    traj = stage.make_trajectory(stage.prompts_for_step(0))
+    m = traj.response_mask
+    after = stage.episode_mask(m, traj.has_eos) & ~m
+    rows = after.any(dim=1)
+    assert rows.all() and (after.sum(dim=1) == 1).all()  # every row ended in EOS with room after it
+    # The value model is still the reward model: its value after EOS is the raw score itself.
+    assert torch.allclose(traj.values[after], traj.raw_scores[rows], atol=1e-5)
+    rewards, kl = stage.compute_rewards(traj)
+    eos = last_token_index(m)
+    assert torch.allclose(rewards[after], traj.scores[rows])  # the whole score there, no KL term
+    assert torch.allclose(rewards[rows, eos[rows]], -stage.kl_ctl.value * kl[rows, eos[rows]])
+    advantages, returns = stage.compute_advantages(rewards, traj)
+    assert torch.allclose(returns[after], traj.scores[rows], atol=1e-6)  # the episode ends after that state
+    assert (advantages[after] == 0).all()  # no action there to reinforce
 
 
 def test_every_trainable_parameter_changes(upstream):

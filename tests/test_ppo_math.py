@@ -31,6 +31,7 @@ from rlhf.ppo import (
     policy_loss,
     response_mask_from_eos,
     value_loss,
+    with_state_after_eos,
 )
 
 ATOL = 1e-6
@@ -251,6 +252,83 @@ def test_no_eos_penalty_replaces_score():
     penalised = apply_no_eos_penalty(torch.tensor([1.0, 2.0, 3.0]), has_eos(RESPONSES[:3], EOS), -1.0)
     rewards = compute_rewards(penalised, torch.zeros(3, 4), 0.1, mask)
     close(rewards, [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, -1.0]])
+
+
+def test_state_after_eos_is_added_only_where_a_row_ended_in_eos_with_room_after_it():
+    mask = torch.tensor([
+        [1, 1, 0, 0],  # EOS at 1: the state after it is column 2
+        [1, 0, 0, 0],  # EOS at 0: column 1
+        [1, 1, 1, 1],  # EOS in the last column: no room
+        [1, 1, 1, 1],  # truncated, no EOS: the episode did not end
+        [1, 1, 0, 0],  # ends at 1 without EOS (has_eos False): nothing added
+        [0, 0, 0, 0],  # no token at all
+    ], dtype=torch.bool)
+    eos = torch.tensor([True, True, True, False, False, True])
+    out = with_state_after_eos(mask, eos)
+    assert out.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_compute_rewards_puts_the_score_after_eos_and_keeps_kl_on_the_response():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    episode = with_state_after_eos(mask, torch.tensor([True, True]))  # row 0 gains column 2, row 1 nothing
+    kl = torch.tensor([[0.5, -1.0, 9.0, 9.0], [1.0, 1.0, 1.0, 1.0]])  # 9.0 past EOS must not count
+    # row 0: KL on columns 0-1 only, the score 1.0 alone at column 2: [-0.05, 0.1, 1.0, 0]
+    # row 1: EOS in the last column, so the score stays there:       [-0.1, -0.1, -0.1, -0.1 + 2.0]
+    close(compute_rewards(torch.tensor([1.0, 2.0]), kl, 0.1, mask, episode),
+          [[-0.05, 0.1, 1.0, 0.0], [-0.1, -0.1, -0.1, 1.9]])
+
+
+def trl_112_advantages(logprobs, ref_logprobs, values, scores, lengths, kl_coef, gamma, lam):
+    """TRL 1.12.0's PPOTrainer steps 3-6 (trl/experimental/ppo/ppo_trainer.py), transcribed to plain loops.
+
+    lengths[b] is the index of row b's last real token (TRL's `sequence_lengths`). Returns the whitened
+    advantages (0 past the last token) and the returns, both as lists of rows.
+    """
+    batch, seq_len = len(values), len(values[0])
+    rewards, vals = [], []
+    for b in range(batch):
+        last = lengths[b]
+        # logprobs past `last` are INVALID_LOGPROB in both, so their k1 KL is 0; values past last+1 are 0
+        rewards.append([-kl_coef * (logprobs[b][t] - ref_logprobs[b][t]) if t <= last else 0.0 for t in range(seq_len)])
+        vals.append([values[b][t] if t <= last + 1 else 0.0 for t in range(seq_len)])
+        end = last + 1 if last + 1 < seq_len else last
+        rewards[b][end] += scores[b]
+    advantages, returns = [], []
+    for b in range(batch):
+        row, last_gae = [0.0] * seq_len, 0.0
+        for t in reversed(range(seq_len)):
+            next_value = vals[b][t + 1] if t < seq_len - 1 else 0.0
+            last_gae = rewards[b][t] + gamma * next_value - vals[b][t] + gamma * lam * last_gae
+            row[t] = last_gae
+        advantages.append(row)
+        returns.append([a + v for a, v in zip(row, vals[b])])
+    real = [advantages[b][t] for b in range(batch) for t in range(lengths[b] + 1)]
+    mean = sum(real) / len(real)
+    var = sum((x - mean) ** 2 for x in real) / (len(real) - 1)
+    whitened = [[(advantages[b][t] - mean) / math.sqrt(var + 1e-8) if t <= lengths[b] else 0.0
+                 for t in range(seq_len)] for b in range(batch)]
+    return whitened, returns
+
+
+def test_score_after_eos_gives_trl_112_advantages_and_returns():
+    g = torch.Generator().manual_seed(5)
+    lengths = [2, 6, 0, 4]  # last real token; row 1 ends in the last column (or was truncated)
+    batch, seq_len = len(lengths), 7
+    mask = torch.arange(seq_len)[None, :] <= torch.tensor(lengths)[:, None]
+    logprobs, ref_logprobs, values = (torch.randn(batch, seq_len, generator=g, dtype=torch.float64) for _ in range(3))
+    scores = torch.randn(batch, generator=g, dtype=torch.float64)
+    expected_adv, expected_ret = trl_112_advantages(logprobs.tolist(), ref_logprobs.tolist(), values.tolist(),
+                                                    scores.tolist(), lengths, 0.05, 1.0, 0.95)
+    episode = with_state_after_eos(mask, torch.tensor([True, True, True, True]))
+    rewards = compute_rewards(scores, kl_k1(logprobs, ref_logprobs), 0.05, mask, episode)
+    adv, ret = gae(rewards, values, episode, 1.0, 0.95)
+    close(masked_whiten(adv, mask), expected_adv, atol=1e-10)
+    expected_ret = torch.tensor(expected_ret, dtype=torch.float64)
+    close(torch.where(episode, ret, 0.0), torch.where(episode, expected_ret, 0.0), atol=1e-10)
+    # Without the state after EOS the score's row-0 return differs (no bootstrap through V at column 3).
+    plain_adv, _ = gae(compute_rewards(scores, kl_k1(logprobs, ref_logprobs), 0.05, mask), values, mask, 1.0, 0.95)
+    expected_adv = torch.tensor(expected_adv, dtype=torch.float64)
+    assert not torch.allclose(masked_whiten(plain_adv, mask), expected_adv, atol=1e-3)
 
 
 # --------------------------------------------------------------------------------------------------

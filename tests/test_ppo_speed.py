@@ -63,23 +63,29 @@ def test_policy_forward_equals_logprobs_of_the_full_logits(stage):
     assert torch.allclose(got[m], expected[m], atol=1e-6)
 
 
-def test_trimmed_micro_batch_gives_the_same_loss_and_gradients(stage):
+@pytest.mark.parametrize("after_eos", [False, True])
+def test_trimmed_micro_batch_gives_the_same_loss_and_gradients(stage, monkeypatch, after_eos):
+    monkeypatch.setattr(stage.config, "score_after_eos", after_eos)
     torch.manual_seed(0)
     traj = stage.make_trajectory(stage.prompts_for_step(0))
     # short responses in the first rows, so the micro-batch of those rows has padding columns to drop
     b, r = traj.response_ids.shape
     lengths = torch.arange(b) % 3 + 1
-    traj = traj._replace(response_mask=torch.arange(r).unsqueeze(0) < lengths.unsqueeze(1))
+    traj = traj._replace(response_mask=torch.arange(r).unsqueeze(0) < lengths.unsqueeze(1),
+                         has_eos=torch.ones(b, dtype=torch.bool))
     rewards, _ = stage.compute_rewards(traj)
     advantages, returns = stage.compute_advantages(rewards, traj)
     idx = torch.arange(4)
     mb = Trajectory(*(t[idx] for t in traj))
-    trimmed, adv, ret = trim_padding(mb, advantages[idx], returns[idx])
-    assert trimmed.response_ids.shape[1] == 3 < r
+    episode = stage.episode_mask(mb.response_mask, mb.has_eos)
+    trimmed, adv, ret = trim_padding(mb, advantages[idx], returns[idx], response_columns=episode)
+    # the state after EOS needs the column after the longest response
+    assert trimmed.response_ids.shape[1] == (4 if after_eos else 3) < r
     results = []
     for batch, a, g in ((mb, advantages[idx], returns[idx]), (trimmed, adv, ret)):
         stage.optimizer.zero_grad()
-        loss, _ = stage.loss(batch, a, g)
+        pg, vf, _ = stage.loss(batch, a, g)
+        loss = pg + stage.config.vf_coef * vf
         loss.backward()
         grads = {n: p.grad.clone() for n, p in list(stage.policy.named_parameters())
                  + list(stage.value_model.named_parameters()) if p.grad is not None}

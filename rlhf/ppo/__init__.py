@@ -22,6 +22,7 @@ from rlhf.ppo.core import (
     policy_loss,
     response_mask_from_eos,
     value_loss,
+    with_state_after_eos,
 )
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
 
@@ -45,4 +46,5 @@ __all__ = [
     "policy_loss",
     "response_mask_from_eos",
     "value_loss",
+    "with_state_after_eos",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "policy_loss",
     "response_mask_from_eos",
     "value_loss",
+    "with_state_after_eos",
 ]
 
 
@@ -170,6 +171,22 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tor
     return eos_before == 0
 
 
+def with_state_after_eos(response_mask: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
+    """`response_mask` (B, T) plus, in each row that ends in EOS before the last column, the column after EOS.
+
+    That column is the state after the final action: its value is the value model's output at the EOS
+    token, the one position a value model started from the reward model already scores well. With the
+    score placed there (`compute_rewards(..., episode_mask=...)`) instead of on EOS, GAE bootstraps the
+    last action's advantage through that value, and the value model learns it too. TRL's PPO (up to
+    1.12) does this; a row whose EOS is in the last column, or that has no EOS, has no such column
+    and keeps its score on its last token, as there. has_eos: (B,) bool.
+    """
+    response_mask = response_mask.bool()
+    after = torch.zeros_like(response_mask)
+    after[:, 1:] = response_mask[:, :-1] & ~response_mask[:, 1:]  # the first False after the Trues
+    return response_mask | (after & has_eos.bool().unsqueeze(1))
+
+
 def has_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Bool (B,), True where the row contains at least one EOS token."""
     return (response_ids == eos_token_id).any(dim=1)
@@ -225,7 +242,11 @@ def apply_no_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: f
 
 
 def compute_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, response_mask: torch.Tensor
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    kl_coef: float,
+    response_mask: torch.Tensor,
+    episode_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token rewards (B, T): -kl_coef * kl on real tokens, plus the sequence score on the last one.
 
@@ -233,11 +254,15 @@ def compute_rewards(
     The reward model scores the whole response, so its score lands on the final real token
     (`last_token_index`: the EOS when present); the KL penalty is dense. Padding gets 0. Rows with no
     real token get no score at all, rather than a score on a padding position.
+
+    episode_mask (B, T), a superset of response_mask (`with_state_after_eos`), moves the score to the
+    last position of the episode instead; the KL penalty stays on the response tokens.
     """
     response_mask = response_mask.bool()
+    episode_mask = response_mask if episode_mask is None else episode_mask.bool()
     rewards = torch.where(response_mask, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    last = last_token_index(response_mask)  # (B,)
-    score = torch.where(response_mask.any(dim=1), scores.to(rewards.dtype), 0.0)  # (B,)
+    last = last_token_index(episode_mask)  # (B,)
+    score = torch.where(episode_mask.any(dim=1), scores.to(rewards.dtype), 0.0)  # (B,)
     return rewards.scatter_add(1, last.unsqueeze(1), score.unsqueeze(1))  # (B, T)
 
 

@@ -167,7 +167,15 @@ class LaunchMixin:
         values = self.accelerator.reduce(values, reduction="mean")
         return {**stats, **dict(zip(keys, values.tolist()))}
 
-    def micro_batch_loss(self, mb, advantages, returns) -> tuple[torch.Tensor, dict]:
+    def minibatch_tokens(self, mask: torch.Tensor) -> torch.Tensor:
+        """The True entries of this rank's rows of a minibatch's `mask`, at least 1; over several ranks
+        every rank's count divided by the ranks, since the wrappers average gradients over ranks."""
+        tokens = mask.sum()
+        if self.accelerator.num_processes > 1:
+            return self.accelerator.reduce(tokens, reduction="sum").clamp(min=1) / self.accelerator.num_processes
+        return tokens.clamp(min=1)
+
+    def micro_batch_loss(self, mb, advantages, returns) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """`self.loss` of one micro-batch; under DeepSpeed run through the engine's forward (see
         `rlhf.distributed.PolicyAndValue.forward`), which gradient accumulation depends on."""
         if self.engine is not None:

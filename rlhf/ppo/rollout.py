@@ -128,11 +128,22 @@ def packed_heads(model, batch: Packed) -> torch.Tensor:
         return head_per_token(model, batch.input_ids, None, batch.position_ids)[0]
 
 
-def value_forward(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False) -> torch.Tensor:
-    """Values (B, R) of the states before each response token (0 at padding when `packed`)."""
+def value_forward(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False,
+                  value_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Values (B, R) of the states before each response token (0 at padding when `packed`).
+
+    `value_mask` (`with_state_after_eos`) also asks for the state after EOS, one column past a row's
+    last token: the head at the EOS token. Padded forwards compute it anyway; packed ones read it at
+    each sequence's last token.
+    """
     if packed:
         batch = pack(query_ids, query_mask, response_ids, response_mask)
-        return unpack(packed_heads(model, batch)[batch.before_response], response_mask)
+        heads = packed_heads(model, batch)  # (L,)
+        values = unpack(heads[batch.before_response], response_mask)  # (B, R)
+        if value_mask is None:
+            return values
+        after_eos = value_mask.bool() & ~response_mask.bool()  # (B, R), at most one column per row
+        return torch.where(after_eos, heads[batch.last].unsqueeze(1), values)
     seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
     p = query_ids.shape[1]
     return head_per_token(model, *seq)[:, p - 1 : -1]
@@ -149,17 +160,20 @@ def score_at_eos(model, query_ids, query_mask, response_ids, response_mask, pack
     return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-def trim_padding(traj: Trajectory, *per_token: torch.Tensor) -> tuple[Trajectory, ...]:
+def trim_padding(traj: Trajectory, *per_token: torch.Tensor,
+                 response_columns: torch.Tensor | None = None) -> tuple[Trajectory, ...]:
     """`traj` (a slice of a rollout batch) without the columns that are padding in every row.
 
     A minibatch holds fewer rows than the rollout it came from, so its longest prompt and response are
     often shorter than the batch's: the leading prompt columns and trailing response columns that no
     row uses are dropped, from `traj` and from each (B, R) tensor in `per_token` (advantages, returns).
     Nothing any loss reads changes: those columns are masked out everywhere, and positions come from
-    the mask. Returns (trimmed traj, *trimmed per_token).
+    the mask. `response_columns` (B, R) says which response columns are used where that is more than
+    `traj.response_mask` (the state after EOS). Returns (trimmed traj, *trimmed per_token).
     """
     used_p = traj.query_mask.any(dim=0).nonzero()
-    used_r = traj.response_mask.any(dim=0).nonzero()
+    used = traj.response_mask if response_columns is None else response_columns
+    used_r = used.any(dim=0).nonzero()
     start = int(used_p[0]) if len(used_p) else 0  # (P,) left padding: drop columns before the first used
     end = int(used_r[-1]) + 1 if len(used_r) else 1  # (R,) right padding: drop columns after the last used
     p_cols = {"query_ids", "query_mask"}
