@@ -106,10 +106,12 @@ class PPOConfig:
     """Horizon of the adaptive controller (episodes)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards over the batch (scale only)."""
-    score_after_eos: bool = False
-    """Place the score one position after EOS, on the state after the last action, whose value (the
-    value model at the EOS token) GAE then bootstraps through and the value model learns; TRL's PPO
-    places it so. False: the score is the EOS token's reward and the episode ends there."""
+    score_after_eos: bool = True
+    """Place the score one position after EOS, on the state after the last action: its value is the
+    value model at the EOS token (where the reward head it started from reads), GAE bootstraps through
+    it and the value model learns it, as in TRL's PPO. False makes the score the EOS token's reward and
+    ends the episode there; True reached a 0.035 +- 0.021 higher reward-model score over 24 seeds
+    (bench/RESULTS.md, "Reward over many seeds")."""
     gamma: float = 1.0
     """Discount."""
     lam: float = 0.95
@@ -463,7 +465,7 @@ class PPOStage(LaunchMixin, Stage):
             step_start = time.perf_counter()
             # 1-2. rollout and score
             traj = self.make_trajectory(self.local_prompts(step))
-            # 3. rewards: per-token KL penalty plus the score at EOS
+            # 3. rewards: per-token KL penalty plus the score at the episode's end (on the state after EOS)
             rewards, kl = self.compute_rewards(traj)
             # 4. advantages
             advantages, returns = self.compute_advantages(rewards, traj)
