@@ -57,6 +57,8 @@ def main() -> None:
         "kl_coef": a.kl_coef, "temperature": a.temperature, "learning_rate": a.lr, "value_learning_rate": a.lr,
         # TRL reads the raw reward-model score and has no normalisation; penalties off on both sides
         "normalize_score": False, "no_eos_score": None,
+        # where TRL 1.12.0 puts the score (our default too; explicit, so the comparison stays like for like)
+        "score_after_eos": True,
         # TRL 1.12.0's PPO loop never clips gradients (its max_grad_norm is unused), so neither do we here
         "max_grad_norm": 1e9,
         # the benchmark measures training, not the watchdogs' judgement

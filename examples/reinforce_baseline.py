@@ -32,12 +32,15 @@ class ReinforceBaselineConfig(PPOConfig):
             raise ValueError(f"baseline: {self.baseline!r}; one of batch_mean, value")
 
 
-def sequence_advantages(rewards: torch.Tensor, response_mask: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """Every real token of a sequence gets that sequence's total reward minus its baseline.
+def sequence_advantages(rewards: torch.Tensor, episode_mask: torch.Tensor, response_mask: torch.Tensor,
+                        baseline: torch.Tensor) -> torch.Tensor:
+    """Every response token of a sequence gets that sequence's total reward minus its baseline.
 
-    rewards (B, R), response_mask (B, R) bool, baseline (B,). Returns (B, R), zero outside the mask.
+    rewards (B, R); episode_mask (B, R) bool, the positions whose rewards count (the response, and the
+    state after EOS where the stage puts the score there: `PPOStage.episode_mask`); response_mask
+    (B, R) bool, the tokens that get an advantage; baseline (B,). Returns (B, R), zero off the response.
     """
-    returns = masked_sum(rewards, response_mask, dim=1)  # (B,)
+    returns = masked_sum(rewards, episode_mask, dim=1)  # (B,)
     return torch.where(response_mask, (returns - baseline).unsqueeze(1), 0.0)
 
 
@@ -54,7 +57,7 @@ class ReinforceBaselinePPO(PPOStage):
             baseline = returns_per_seq.mean().expand_as(returns_per_seq)
         else:
             baseline = traj.values[:, 0]
-        advantages = sequence_advantages(rewards, traj.response_mask, baseline)
+        advantages = sequence_advantages(rewards, episode, traj.response_mask, baseline)
         if self.config.whiten_advantages:
             advantages = masked_whiten(advantages, traj.response_mask)
         # The value model still learns to predict the per-sequence return at every token.

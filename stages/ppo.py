@@ -494,14 +494,13 @@ class PPOStage(LaunchMixin, Stage):
                 stats = self.update(traj, advantages, returns)
             self.kl_ctl.update(seq_kl, c.rollout_batch_size)
             # 6. log
-            m = traj.response_mask
+            episode = self.episode_mask(traj.response_mask, traj.has_eos)
             stats.update({
                 "env/score": traj.scores.mean().item(), "env/raw_score": traj.raw_scores.mean().item(),
-                "env/reward_total": masked_sum(rewards, m, dim=1).mean().item(), "env/kl": seq_kl,
+                "env/reward_total": masked_sum(rewards, episode, dim=1).mean().item(), "env/kl": seq_kl,
                 "env/kl_coef": self.kl_ctl.value, "env/response_length": length,
                 "env/eos_rate": traj.has_eos.float().mean().item(),
-                "value/explained_variance": explained_variance(
-                    traj.values, returns, self.episode_mask(m, traj.has_eos)).item(),
+                "value/explained_variance": explained_variance(traj.values, returns, episode).item(),
                 **self.timer.pop(), "time/step": time.perf_counter() - step_start,
             })
             self.progress.step = step + 1

@@ -11,13 +11,16 @@ from rlhf.pipeline import Pipeline
 
 
 def test_sequence_advantages_golden():
-    rewards = torch.tensor([[0.1, -0.2, 1.0], [0.5, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, True], [True, False, False]])
-    baseline = torch.tensor([0.4, 0.4])
+    rewards = torch.tensor([[0.1, -0.2, 1.0], [0.5, 0.0, 0.0], [-0.1, 2.0, 7.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False], [True, False, False]])
+    episode = mask.clone()
+    episode[2, 1] = True  # row 2 ended in EOS at 0 and holds its score 2.0 on the state after it
+    baseline = torch.tensor([0.4, 0.4, 0.4])
     # row 0: return 0.1 - 0.2 + 1.0 = 0.9 -> 0.9 - 0.4 = 0.5 on every real token
     # row 1: return 0.5 (padding rewards ignored) -> 0.1 on its one real token, 0 on padding
-    expected = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.0, 0.0]])
-    assert torch.allclose(sequence_advantages(rewards, mask, baseline), expected, atol=1e-7)
+    # row 2: return -0.1 + 2.0 = 1.9 (7.0 past the episode ignored) -> 1.5 on its one token, not after EOS
+    expected = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.0, 0.0], [1.5, 0.0, 0.0]])
+    assert torch.allclose(sequence_advantages(rewards, episode, mask, baseline), expected, atol=1e-7)
 
 
 def test_subclass_runs_from_yaml(workdir, tiny_data):
