@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +32,7 @@ ROOT = bench.ROOT
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
+    """`NAME[:override ...]` -> (NAME, [override, ...])."""
     name, _, overrides = text.partition(":")
     return name, overrides.split()
 
@@ -40,7 +40,7 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 def one_run(arm: str, overrides: list[str], seed: int, a, sft: Path, reward: Path) -> dict:
     """Train one seed of one arm and evaluate its policy; the run's result.json with "eval" added."""
     s = bench.SETTINGS["full"]
-    d = Path(a.out) / f"{arm}-{seed}"
+    d = a.out / f"{arm}-{seed}"
     if (d / "eval.json").exists():
         return {**json.loads((d / "result.json").read_text()), "eval": json.loads((d / "eval.json").read_text())}
     common = ["--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
@@ -75,6 +75,7 @@ def difference(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
 
 
 def report(results: dict[str, list[dict]], arms: dict[str, list[str]]) -> str:
+    """A markdown table: per arm, reward and gold judge as mean +- s.e., and the difference from TRL."""
     lines = ["| arm | overrides | seeds | reward (mean +- s.e.) | reward - TRL [95%] | gold (mean +- s.e.) | gold - TRL [95%] |",
              "|---|---|---|---|---|---|---|"]
     base = results.get("trl")
@@ -118,13 +119,15 @@ def main() -> None:
     store = ROOT / cfg.store
     if not (store / "aliases" / cfg.name / "reward").exists():
         bench.run(["make", "-s", "reward", f"CONFIG={bench.SETTINGS['full']['config']}"], a.threads,
-                  Path(a.out) / "upstream.log")
+                  a.out / "upstream.log")
     sft, reward = bench.artifact(store, cfg.name, "sft"), bench.artifact(store, cfg.name, "reward")
-    jobs = [(name, seed) for seed in range(a.first_seed, a.first_seed + a.seeds) for name in arms]  # seed-major: every arm advances together
+    # seed-major, so every arm advances together and a study cut short stays balanced
+    jobs = [(name, seed) for seed in range(a.first_seed, a.first_seed + a.seeds) for name in arms]
     with ThreadPoolExecutor(a.parallel) as pool:
         done = list(pool.map(lambda job: one_run(job[0], arms[job[0]], job[1], a, sft, reward), jobs))
     results = {name: [r for (n, _), r in zip(jobs, done) if n == name] for name in arms}
     out = a.out
+    out.mkdir(parents=True, exist_ok=True)
     (out / "reward-study.json").write_text(json.dumps({"arms": arms, "results": results}, indent=1, default=str))
     text = report(results, arms)
     (out / "reward-study.md").write_text(text)
