@@ -12,7 +12,9 @@ standard error and each arm's difference from TRL with a 95% interval. Several r
 
 An arm is `trl`, or `NAME[:override ...]` for our stage with those overrides (space-separated
 `key=value`). Results: <out>/reward-study.json and a markdown table on stdout and in <out>/reward-study.md.
-Seeds already done in <out> are read back, not rerun.
+Seeds already done in <out> are read back, not rerun. Every run imports the project as installed, which
+for the repository's editable install is the working tree (ahead of PYTHONPATH): do not change the code
+while a study runs, or its later seeds measure something else.
 """
 
 from __future__ import annotations
