@@ -41,25 +41,13 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 
 def one_run(arm: str, overrides: list[str], seed: int, a, sft: Path, reward: Path) -> dict:
     """Train one seed of one arm and evaluate its policy; the run's result.json with "eval" added."""
-    s = bench.SETTINGS["full"]
     d = a.out / f"{arm}-{seed}"
     if (d / "eval.json").exists():
         return {**json.loads((d / "result.json").read_text()), "eval": json.loads((d / "eval.json").read_text())}
-    common = ["--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
-              *bench.flags(s["ppo"]), "--threads", a.threads, "--seed", seed, "--out", d, "--json", d / "result.json"]
-    if arm == "trl":
-        cmd = [a.trl_python, "bench/ppo_trl.py", *common]
-    else:
-        cmd = [a.ours_python, "bench/ppo_ours.py", *common, *(["--set", *overrides] if overrides else [])]
-    bench.run(cmd, a.threads, d / "train.log")
-    r = json.loads((d / "result.json").read_text())
-    bench.run([a.ours_python, "bench/eval_policy.py", "--policy", r["policy_dir"], "--reward", reward,
-               "--prompts", "data/prompts/eval.jsonl.gz", "--num-prompts", s["eval_prompts"],
-               "--response-length", s["ppo"]["response-length"], "--temperature", s["ppo"]["temperature"],
-               "--json", d / "eval.json"], a.threads, d / "eval.log")
+    r = bench.ppo_run("trl" if arm == "trl" else "ours", seed, d, bench.SETTINGS["full"], sft, reward, a.threads,
+                      (d / "train.log", d / "eval.log"), pythons=(a.ours_python, a.trl_python), overrides=overrides)
     for f in Path(r["policy_dir"]).glob("*.safetensors"):  # weights are not needed once scored
         f.unlink()
-    r["eval"] = json.loads((d / "eval.json").read_text())
     bench.log(f"{arm} seed {seed}: reward {r['eval']['reward']:.3f}, gold {r['eval']['gold']:.3f}")
     return r
 

@@ -117,26 +117,44 @@ def bench_pipeline(cfg: str, store: Path, threads: int, out: Path) -> dict:
     return {"cold_s": cold, "rerun_s": warm}
 
 
+def eval_args(s: dict, reward: Path) -> list:
+    """bench/eval_policy.py's arguments after `--policy`: the held-out prompts, length and temperature of `s`."""
+    return ["--reward", reward, "--prompts", "data/prompts/eval.jsonl.gz", "--num-prompts", s["eval_prompts"],
+            "--response-length", s["ppo"]["response-length"], "--temperature", s["ppo"]["temperature"]]
+
+
+def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threads: int, logs: tuple[Path, Path],
+            pythons: tuple[Path, Path] | None = None, overrides: list[str] = ()) -> dict:
+    """Train one PPO run (`fw`: ours or trl) with the settings `s` into `d`, then score its final policy.
+
+    Returns the run's result.json with bench/eval_policy.py's result under "eval". `logs` are the training
+    and evaluation logs; `pythons` the (ours, TRL) interpreters, by default those of this run of bench/run.py;
+    `overrides` go to our stage (`--set`).
+    """
+    ours_py, trl_py = pythons or (OURS_PY, TRL_PY)
+    py, script = (ours_py, "bench/ppo_ours.py") if fw == "ours" else (trl_py, "bench/ppo_trl.py")
+    if overrides and fw != "ours":
+        raise ValueError(f"overrides are for our stage, not {fw}")
+    run([py, script, "--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
+         *flags(s["ppo"]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
+         *(["--set", *overrides] if overrides else [])], threads, logs[0])
+    r = json.loads((d / "result.json").read_text())
+    run([ours_py, "bench/eval_policy.py", "--policy", r["policy_dir"], *eval_args(s, reward), "--json", d / "eval.json"],
+        threads, logs[1])
+    r["eval"] = json.loads((d / "eval.json").read_text())
+    return r
+
+
 def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict:
-    common = ["--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
-              *flags(s["ppo"]), "--threads", threads]
-    evaluate = ["--reward", reward, "--prompts", "data/prompts/eval.jsonl.gz", "--num-prompts", s["eval_prompts"],
-                "--response-length", s["ppo"]["response-length"], "--temperature", s["ppo"]["temperature"]]
     results = {"ours": [], "trl": []}
-    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *evaluate, "--json", out / "ppo" / "sft-eval.json"],
+    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *eval_args(s, reward), "--json", out / "ppo" / "sft-eval.json"],
         threads, out / "logs" / "eval-sft.log")
     sft_eval = json.loads((out / "ppo" / "sft-eval.json").read_text())
     for i in range(s["runs"]):
         # alternate which goes first, so drift in the machine's speed hits both alike
         for fw in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
-            d = out / "ppo" / f"{fw}-{i}"
-            py, script = (OURS_PY, "bench/ppo_ours.py") if fw == "ours" else (TRL_PY, "bench/ppo_trl.py")
-            run([py, script, *common, "--seed", i, "--out", d, "--json", d / "result.json"], threads,
-                out / "logs" / f"ppo-{fw}-{i}.log")
-            r = json.loads((d / "result.json").read_text())
-            run([OURS_PY, "bench/eval_policy.py", "--policy", r["policy_dir"], *evaluate, "--json", d / "eval.json"],
-                threads, out / "logs" / f"eval-{fw}-{i}.log")
-            r["eval"] = json.loads((d / "eval.json").read_text())
+            r = ppo_run(fw, i, out / "ppo" / f"{fw}-{i}", s, sft, reward, threads,
+                        (out / "logs" / f"ppo-{fw}-{i}.log", out / "logs" / f"eval-{fw}-{i}.log"))
             results[fw].append(r)
             log(f"ppo {fw} run {i}: {r['episodes_per_s']:.2f} episodes/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
