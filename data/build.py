@@ -6,11 +6,12 @@
 Writes gzipped JSON Lines (deterministic: same packages + seed -> byte-identical files):
 
     pretrain/{train,valid}.jsonl.gz      {"text"}: fortunes, "word: definition." glosses, example sentences
-    sft/{train,valid}.jsonl.gz           {"prompt": 'Use the word "X" in a sentence.', "response": example}
-    prompts/{train,eval}.jsonl.gz        {"prompt"} for words in no SFT training prompt (PPO and evaluation)
-    preferences/{train,valid}.jsonl.gz   {"prompt","chosen","rejected"}: two human examples ranked by VADER
+    sft/{train,valid}.jsonl.gz           {"prompt": "Use the word X in a sentence.", "response": example}
+    prompts/{train,eval}.jsonl.gz        {"prompt", "word"} for words in no SFT training prompt (RL and evaluation)
+    preferences/{train,valid}.jsonl.gz   {"prompt","chosen","rejected"}: human examples ranked by the gold judge
 
-SFT, prompt and preference splits are disjoint by word, so held-out prompts are really unseen.
+The words with example sentences are split at random into evaluation, RL and SFT words, so held-out
+prompts are really unseen and come from the same distribution as the training prompts.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from pathlib import Path
 FORTUNES = Path("/usr/share/games/fortunes")
 WORDNET = Path("/usr/share/wordnet")
 SKIP_FORTUNES = {"art", "ascii-art"}  # pictures, not prose
-PROMPT = 'Use the word "{}" in a sentence.'
+# No quotes around the word: the byte-level tokenizer would split `"firm"` into pieces (`f ir m`) unlike
+# the space-led `Ġfirm` of a sentence, leaving nothing to copy from the prompt into the answer.
+PROMPT = "Use the word {} in a sentence."
 MAX_EXAMPLE_CHARS = 200
+EVAL_WORDS, RL_WORDS = 512, 3000
 
 
 def read_fortunes() -> list[str]:
@@ -105,44 +109,54 @@ def build(out: Path, seed: int) -> None:
     write_jsonl_gz(out / "pretrain/valid.jsonl.gz", [{"text": d} for d in docs[:n_valid]])
     write_jsonl_gz(out / "pretrain/train.jsonl.gz", [{"text": d} for d in docs[n_valid:]])
 
-    # 2. SFT pairs, split by word; lowercase alphabetic single words make clean prompts
+    # 2. words: a random split of the words that have example sentences into evaluation, RL and SFT words
     usable = sorted(w for w in examples if re.fullmatch(r"[a-z]{3,14}", w))
-    sft_train_words, sft_valid_words = split_words(usable, 0.03, rng)
+    shuffled = sorted(usable)
+    rng.shuffle(shuffled)
+    eval_words, rl_words, rest = shuffled[:EVAL_WORDS], shuffled[EVAL_WORDS:EVAL_WORDS + RL_WORDS], shuffled[EVAL_WORDS + RL_WORDS:]
+    sft_train_words, sft_valid_words = split_words(rest, 0.03, rng)
+
+    # 3. SFT pairs: every example sentence of a word, for the SFT words
     sft = {name: [{"prompt": PROMPT.format(w), "response": s} for w in sorted(ws) for s in sorted(set(examples[w]))]
            for name, ws in (("train", sft_train_words), ("valid", sft_valid_words))}
     for name, rows in sft.items():
         rng.shuffle(rows)
         write_jsonl_gz(out / f"sft/{name}.jsonl.gz", rows)
 
-    # 3. prompts for PPO and evaluation: held-out SFT words plus common words WordNet has no example for
-    lemmas_without_examples = set()
-    for pos in ("noun", "verb", "adj", "adv"):
-        for line in (WORDNET / f"index.{pos}").read_text(encoding="latin-1").splitlines():
-            word = line.split(" ", 1)[0]
-            if re.fullmatch(r"[a-z]{3,10}", word) and word not in examples:
-                lemmas_without_examples.add(word)
-    pool = sorted(sft_valid_words | lemmas_without_examples)
-    rng.shuffle(pool)
-    eval_words, ppo_words = pool[:512], pool[512:4512]
-    write_jsonl_gz(out / "prompts/eval.jsonl.gz", [{"prompt": PROMPT.format(w)} for w in eval_words])
-    write_jsonl_gz(out / "prompts/train.jsonl.gz", [{"prompt": PROMPT.format(w)} for w in ppo_words])
+    # 4. prompts for RL and evaluation, with the requested word as a column for the task judge
+    write_jsonl_gz(out / "prompts/eval.jsonl.gz", [{"prompt": PROMPT.format(w), "word": w} for w in eval_words])
+    write_jsonl_gz(out / "prompts/train.jsonl.gz", [{"prompt": PROMPT.format(w), "word": w} for w in rl_words])
 
-    # 4. preferences: two different human examples of one word, ranked by the gold judge (VADER)
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    # 5. preferences on the SFT words, ranked by the gold judge (rlhf.judges.word_vader: VADER's tone of a
+    # response that uses the word, -1 for one that does not): tone pairs (two examples of the word) and
+    # task pairs (an example of the word against an example of another word that lacks it)
+    from rlhf.judges import word_vader
 
-    vader = SentimentIntensityAnalyzer()
+    all_sentences = sorted({s for w in usable for s in examples[w]})
     pairs = []
-    for w in usable:
-        scored = sorted({(vader.polarity_scores(s)["compound"], s) for s in set(examples[w])})
-        if len(scored) >= 2 and scored[-1][0] - scored[0][0] >= 0.05:
-            pairs.append({"prompt": PROMPT.format(w), "chosen": scored[-1][1], "rejected": scored[0][1], "word": w})
-    pref_train_words, pref_valid_words = split_words([p["word"] for p in pairs], 0.1, rng)
-    for name, ws in (("train", pref_train_words), ("valid", pref_valid_words)):
+    for w in sorted(sft_train_words | sft_valid_words):
+        own = sorted(set(examples[w]))
+        prompt = PROMPT.format(w)
+        if len(own) >= 2:
+            scores = word_vader([prompt] * len(own), own, word=[w] * len(own))
+            ranked = sorted(zip(scores, own))
+            if ranked[-1][0] - ranked[0][0] >= 0.05:
+                pairs.append({"prompt": prompt, "chosen": ranked[-1][1], "rejected": ranked[0][1], "word": w})
+        if rng.random() < 0.5:
+            other = rng.choice(all_sentences)
+            mine = rng.choice(own)
+            good, bad = word_vader([prompt] * 2, [mine, other], word=[w] * 2)
+            if good - bad >= 0.05:
+                pairs.append({"prompt": prompt, "chosen": mine, "rejected": other, "word": w})
+            elif bad - good >= 0.05:  # the other sentence happens to use the word too, in a better tone
+                pairs.append({"prompt": prompt, "chosen": other, "rejected": mine, "word": w})
+    for name, ws in (("train", sft_train_words), ("valid", sft_valid_words)):
         rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs if p["word"] in ws]
         rng.shuffle(rows)
         write_jsonl_gz(out / f"preferences/{name}.jsonl.gz", rows)
     print(f"done: {len(fortunes)} fortunes, {len(glosses)} glosses, {len(sentences)} example sentences, "
-          f"{len(usable)} words with examples, {len(lemmas_without_examples)} without")
+          f"{len(usable)} words with examples: {len(sft_train_words)} SFT, {len(sft_valid_words)} SFT held out, "
+          f"{len(rl_words)} RL, {len(eval_words)} evaluation")
 
 
 def main() -> None:
