@@ -1,15 +1,23 @@
 """Judges: programs that score responses, standing in for human annotators.
 
-A judge is any callable `(prompts: list[str], responses: list[str]) -> list[float]` returning one score
-per response, higher meaning better. It takes whole batches so a judge backed by a model can score many
-responses in one call; the built-ins here simply loop.
+A judge is any callable `(prompts: list[str], responses: list[str], **columns) -> list[float]` returning
+one score per response, higher meaning better. `columns` are the prompt rows' other fields (a prompts file
+of `{"prompt", "word"}` rows gives `word=[...]`, one value per response), so a checkable task ships its
+answers beside its prompts; a judge that takes only `(prompts, responses)` is called without them. It
+takes whole batches so a judge backed by a model can score many responses in one call; the built-ins
+here simply loop.
 
 Built-ins (`BUILTIN_JUDGES`):
 
-- `vader`: VADER's compound sentiment of the response, in [-1, 1]. The default experiment's gold judge,
-  the simulated human whose preferences the reward model learns.
-- `textblob`: TextBlob's polarity of the response, in [-1, 1]. A held-out judge nothing is trained on, so
-  a gain here is not just the policy exploiting VADER's lexicon.
+- `uses_word`: the default experiment's task judge: 1.0 when the response uses the word the prompt asks
+  for ("Use the word X in a sentence.", or the `word` column) as a whole word, any case; else 0.0.
+- `word_vader`: the default experiment's gold judge, the simulated person whose preferences the reward
+  model learns: VADER's compound sentiment (in [-1, 1]) of a response that does the task, and -1, the
+  worst score, for one that does not. Doing what was asked comes first; among answers that do, the
+  more positive one wins.
+- `word_textblob`: the same with TextBlob's polarity: the held-out judge nothing is trained on, so a gain
+  here is not just the policy exploiting VADER's lexicon.
+- `vader`, `textblob`: the two tones alone, prompt ignored.
 - `fluency`: the share of the response's words that a spelling dictionary knows, in [0, 1]; it catches a
   policy that drifts into gibberish while pleasing the sentiment judges.
 
@@ -26,20 +34,23 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import math
 import random
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-__all__ = ["BUILTIN_JUDGES", "Judge", "fluency", "load_judge", "rank_pairs", "textblob", "vader"]
+__all__ = ["BUILTIN_JUDGES", "Judge", "fluency", "load_judge", "rank_pairs", "requested_word", "textblob",
+           "uses_word", "vader", "word_textblob", "word_vader"]
 
 
 class Judge(Protocol):
     """Scores a batch of responses to their prompts: one float per response, higher is better."""
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Return `len(responses)` scores; `prompts[i]` is the prompt `responses[i]` answers."""
+    def __call__(self, prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+        """Return `len(responses)` scores; `prompts[i]` is the prompt `responses[i]` answers, and
+        `columns[name][i]` that prompt row's other fields."""
         ...
 
 
@@ -54,13 +65,13 @@ def _vader_analyzer():
     return SentimentIntensityAnalyzer()
 
 
-def vader(prompts: list[str], responses: list[str]) -> list[float]:
+def vader(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """VADER compound sentiment of each response, in [-1, 1] (the prompt is ignored)."""
     analyzer = _vader_analyzer()
     return [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
 
 
-def textblob(prompts: list[str], responses: list[str]) -> list[float]:
+def textblob(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """TextBlob polarity of each response, in [-1, 1] (the prompt is ignored)."""
     # TextBlob's default analyzer is the pattern lexicon bundled with the package; unlike its
     # NaiveBayesAnalyzer it needs no NLTK corpora, so nothing is downloaded.
@@ -82,7 +93,7 @@ def _spell_checker():
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
 
 
-def fluency(prompts: list[str], responses: list[str]) -> list[float]:
+def fluency(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """Share of each response's words that pyspellchecker's English dictionary knows, in [0, 1].
 
     A response without any word (empty, or only digits and punctuation) scores 0.0: saying nothing is
@@ -102,7 +113,55 @@ def fluency(prompts: list[str], responses: list[str]) -> list[float]:
     return scores
 
 
-BUILTIN_JUDGES: dict[str, Judge] = {"vader": vader, "textblob": textblob, "fluency": fluency}
+# "Use the word X in a sentence." (quotes around X allowed, as in earlier versions of the data)
+_ASKED_WORD = re.compile(r"""\buse the word ["“']?([^\s"”']+)["”']? in a sentence""", re.IGNORECASE)
+
+
+def requested_word(prompt: str) -> str | None:
+    """The word a prompt of the default task asks for ("Use the word X in a sentence."), or None."""
+    match = _ASKED_WORD.search(prompt)
+    return match.group(1) if match else None
+
+
+def uses_word(prompts: list[str], responses: list[str], word: list[str] | None = None, **columns) -> list[float]:
+    """1.0 where the response uses the requested word as a whole word (any case), else 0.0.
+
+    The word is the prompt row's `word` column when the prompts file has one, else the X of "Use the
+    word X in a sentence." in the prompt. "firm" counts in "Firm ground." and "a firm's books", not in
+    "firmly" or "infirm": the task is to use the word, not a longer one that contains its letters.
+    """
+    words = list(word) if word is not None else [requested_word(p) for p in prompts]
+    scores = []
+    for i, (w, response) in enumerate(zip(words, responses)):
+        if not isinstance(w, str) or not w.strip():
+            raise ValueError(f"uses_word: prompt {i} ({prompts[i]!r}) names no word; give the prompts file a "
+                             '"word" column or phrase the prompt as "Use the word X in a sentence."')
+        pattern = rf"(?<![^\W_]){re.escape(w.strip())}(?![^\W_])"
+        scores.append(1.0 if re.search(pattern, response, flags=re.IGNORECASE) else 0.0)
+    return scores
+
+
+def _on_task(tone: Judge, prompts: list[str], responses: list[str], columns: dict) -> list[float]:
+    """`tone`'s score where the response does the task (`uses_word`), the worst score -1 where it does not."""
+    done = uses_word(prompts, responses, **columns)
+    scores = tone(prompts, responses)
+    return [s if ok else -1.0 for s, ok in zip(scores, done)]
+
+
+def word_vader(prompts: list[str], responses: list[str], **columns) -> list[float]:
+    """VADER compound of a response that uses the requested word, -1 for one that does not (in [-1, 1])."""
+    return _on_task(vader, prompts, responses, columns)
+
+
+def word_textblob(prompts: list[str], responses: list[str], **columns) -> list[float]:
+    """TextBlob polarity of a response that uses the requested word, -1 for one that does not (in [-1, 1])."""
+    return _on_task(textblob, prompts, responses, columns)
+
+
+BUILTIN_JUDGES: dict[str, Judge] = {
+    "uses_word": uses_word, "word_vader": word_vader, "word_textblob": word_textblob,
+    "vader": vader, "textblob": textblob, "fluency": fluency,
+}
 """Judges a config can name without a dotted path."""
 
 
@@ -110,20 +169,20 @@ BUILTIN_JUDGES: dict[str, Judge] = {"vader": vader, "textblob": textblob, "fluen
 
 
 def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
-    """The judge a config value names.
+    """The judge a config value names, wrapped so that every call is checked.
 
-    `spec` is a key of `BUILTIN_JUDGES` (`vader`, `textblob`, `fluency`) or a dotted path to a user's
-    callable, `package.module:function` or `package.module.function`, importable from the working
-    directory or `PYTHONPATH`. A class found there is instantiated once with no arguments (so a judge can
-    load a model in `__init__`), and its instance is the judge. User judges are wrapped so that a wrong
-    number of scores fails loudly instead of being silently zipped away. A callable passed in place of
-    a string is returned unchanged.
+    `spec` is a key of `BUILTIN_JUDGES` or a dotted path to a user's callable, `package.module:function`
+    or `package.module.function`, importable from the working directory or `PYTHONPATH`. A class found
+    there is instantiated once with no arguments (so a judge can load a model in `__init__`), and its
+    instance is the judge. A callable passed in place of a string is wrapped the same way.
 
-    `field` is the config key the value came from (e.g. `stages.ppo.gold_judge`); every error names it.
+    The returned judge takes `(prompts, responses, **columns)` and hands the function only the columns
+    its signature names (all of them if it takes `**kwargs`). A judge that raises, returns a non-number,
+    the wrong count or a non-finite score stops with an error naming `field`, the judge and the row.
     Raises `ValueError` (a `rlhf.config.ConfigError` for import failures) saying what to change.
     """
     if callable(spec) and not isinstance(spec, str):
-        return spec
+        return _checked(spec, getattr(spec, "__name__", type(spec).__name__), field)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
             f"{field}: expected a judge name ({_builtin_names()}) or a dotted path 'package.module:function', "
@@ -131,7 +190,7 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
         )
     spec = spec.strip()
     if spec in BUILTIN_JUDGES:
-        return BUILTIN_JUDGES[spec]
+        return _checked(BUILTIN_JUDGES[spec], spec, field)
     if ":" not in spec and "." not in spec:
         close = difflib.get_close_matches(spec, list(BUILTIN_JUDGES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -155,7 +214,7 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
     if not callable(obj):
         raise ConfigError(
             f"{field}: judge {spec!r} is a {type(obj).__name__}, not a callable; point {field} at a function "
-            f"(prompts: list[str], responses: list[str]) -> list[float]"
+            f"(prompts: list[str], responses: list[str], **columns) -> list[float]"
         )
     return _checked(obj, spec, field)
 
@@ -164,25 +223,52 @@ def _builtin_names() -> str:
     return ", ".join(repr(name) for name in BUILTIN_JUDGES)
 
 
+def _accepted_columns(fn: Callable) -> Callable[[dict], dict]:
+    """A filter that keeps the columns `fn` can take: all with `**kwargs`, else those it names."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: give it none
+        return lambda columns: {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return lambda columns: columns
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)}
+    return lambda columns: {k: v for k, v in columns.items() if k in names}
+
+
 def _checked(fn: Callable, spec: str, field: str) -> Judge:
-    """`fn` with its output turned into a list of floats, one per response, or a clear error."""
+    """`fn` called with the columns it takes, its output checked: one finite float per response."""
+    if getattr(fn, "_rlhf_checked", False):
+        return fn
+    take = _accepted_columns(fn)
 
     @functools.wraps(fn)
-    def judge(prompts: list[str], responses: list[str]) -> list[float]:
-        out = fn(prompts, responses)
+    def judge(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+        where = f"{field}: judge {spec!r}"
+        for name, values in columns.items():
+            if len(values) != len(responses):
+                raise ValueError(f"{where}: column {name!r} has {len(values)} values for {len(responses)} responses")
+        try:
+            out = fn(list(prompts), list(responses), **take(columns))
+        except Exception as e:
+            raise ValueError(f"{where} failed on a batch of {len(responses)} responses "
+                             f"(first prompt {prompts[0] if prompts else None!r}): {type(e).__name__}: {e}") from e
         try:
             scores = [float(s) for s in out]
         except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"{field}: judge {spec!r} must return a list of numbers, one per response ({e})"
-            ) from None
+            raise ValueError(f"{where} must return a list of numbers, one per response ({e})") from None
         if len(scores) != len(responses):
             raise ValueError(
-                f"{field}: judge {spec!r} returned {len(scores)} scores for {len(responses)} responses; "
+                f"{where} returned {len(scores)} scores for {len(responses)} responses; "
                 f"it must return exactly one score per response"
             )
+        bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+        if bad is not None:
+            raise ValueError(f"{where} scored row {bad} (prompt {prompts[bad]!r}, response {responses[bad]!r}) "
+                             f"as {scores[bad]}; judges must return finite numbers")
         return scores
 
+    judge._rlhf_checked = True  # type: ignore[attr-defined]
     return judge
 
 
@@ -196,10 +282,12 @@ def rank_pairs(
     margin: float,
     noise: float = 0.0,
     seed: int = 0,
+    columns: dict[str, Sequence] | None = None,
 ) -> list[dict[str, Any]]:
     """Preference pairs from K sampled responses per prompt, labelled by a simulated annotator.
 
-    All responses go to `judge` in one batch. For each prompt with at least two responses, the best and
+    All responses go to `judge` in one batch, with the prompt rows' other `columns` (one value per
+    prompt, repeated for each of its responses). For each prompt with at least two responses, the best and
     worst scoring responses form a pair; it is dropped when the score gap is below `margin` (the judge
     barely prefers one, so the label would be mostly noise) or when both texts are identical (nothing to
     learn). With probability `noise` the kept pair's labels are swapped, simulating annotator mistakes.
@@ -220,10 +308,13 @@ def rank_pairs(
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"rank_pairs: noise={noise} is not a probability; use a value in [0, 1]")
 
-    groups = [(p, list(g)) for p, g in zip(prompts, responses_per_prompt) if len(g) >= 2]
+    keep = [i for i, g in enumerate(responses_per_prompt) if len(g) >= 2]
+    groups = [(prompts[i], list(responses_per_prompt[i])) for i in keep]
     flat_prompts = [p for p, g in groups for _ in g]
     flat_responses = [r for _, g in groups for r in g]
-    scores = [float(s) for s in judge(flat_prompts, flat_responses)] if flat_responses else []
+    flat_columns = {name: [values[i] for i in keep for _ in responses_per_prompt[i]]
+                    for name, values in (columns or {}).items()}
+    scores = [float(s) for s in judge(flat_prompts, flat_responses, **flat_columns)] if flat_responses else []
     if len(scores) != len(flat_responses):
         raise ValueError(
             f"rank_pairs: the judge returned {len(scores)} scores for {len(flat_responses)} responses; "

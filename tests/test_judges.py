@@ -70,9 +70,46 @@ def test_fluency_curly_apostrophe_and_digits():
 
 def test_builtins_return_one_float_per_response_and_accept_empty_batches():
     for judge in BUILTIN_JUDGES.values():
-        out = judge(["a", "b", "c"], [POSITIVE, "", NEGATIVE])
+        out = judge(["a", "b", "c"], [POSITIVE, "", NEGATIVE], word=["day", "x", "mistake"])
         assert len(out) == 3 and all(type(s) is float for s in out)
-        assert judge([], []) == []
+        assert judge([], [], word=[]) == []
+
+
+# ---- the default task: use the requested word ------------------------------------------------------
+
+
+def test_requested_word_is_read_from_the_prompt_with_or_without_quotes():
+    assert J.requested_word("Use the word firm in a sentence.") == "firm"
+    assert J.requested_word('Use the word "firm" in a sentence.') == "firm"
+    assert J.requested_word("use THE word Zukerman in a sentence please") == "Zukerman"
+    assert J.requested_word("Write a poem.") is None
+
+
+def test_uses_word_counts_whole_words_in_any_case_only():
+    prompts = ["Use the word firm in a sentence."] * 7
+    responses = ["you must stand firm", "Firm ground.", "a firm's books", "(firm)", "firmly", "infirm", "firm-ish"]
+    # whole word, any case, punctuation around it allowed; "firmly" and "infirm" are other words;
+    # "firm-ish": the hyphen is not a letter, so "firm" stands as a word there
+    assert J.uses_word(prompts, responses) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+def test_uses_word_prefers_the_word_column_and_refuses_prompts_without_a_word():
+    # the column wins over the prompt text
+    assert J.uses_word(["Use the word firm in a sentence."], ["a dog"], word=["dog"]) == [1.0]
+    with pytest.raises(ValueError, match=r"uses_word: prompt 0 \('Write a poem.'\) names no word"):
+        J.uses_word(["Write a poem."], ["roses are red"])
+
+
+def test_gold_judge_puts_the_task_first_and_tone_second():
+    prompt = "Use the word day in a sentence."
+    # VADER compounds (vaderSentiment 3.3.2): POSITIVE 0.8616, NEGATIVE -0.8176, "a day" 0.0
+    scores = J.word_vader([prompt] * 4, [POSITIVE, "a day", "This day is a terrible, awful mistake.", NEGATIVE])
+    assert scores[0] == pytest.approx(0.8616)  # uses "day", positive
+    assert scores[1] == 0.0  # uses "day", neutral
+    assert -1.0 < scores[2] < 0.0  # uses "day", negative: still better than not doing the task
+    assert scores[3] == -1.0  # does not use "day": the worst score, whatever its tone
+    tb = J.word_textblob([prompt] * 2, [POSITIVE, NEGATIVE])
+    assert tb == [pytest.approx(0.75), -1.0]
 
 
 def test_builtins_work_offline_without_corpora(monkeypatch, tmp_path):
@@ -100,10 +137,44 @@ def test_builtins_work_offline_without_corpora(monkeypatch, tmp_path):
 # ---- load_judge -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["vader", "textblob", "fluency"])
+@pytest.mark.parametrize("name", sorted(BUILTIN_JUDGES))
 def test_load_builtin(name):
-    assert load_judge(name) is BUILTIN_JUDGES[name]
-    assert load_judge(f"  {name} ") is BUILTIN_JUDGES[name]
+    prompts, responses, words = ["Use the word day in a sentence."] * 2, [POSITIVE, NEGATIVE], ["day", "mistake"]
+    expected = BUILTIN_JUDGES[name](prompts, responses, word=words)
+    assert load_judge(name)(prompts, responses, word=words) == expected
+    assert load_judge(f"  {name} ").__wrapped__ is BUILTIN_JUDGES[name]
+
+
+def test_columns_reach_only_judges_that_take_them():
+    seen = {}
+
+    def needs_answer(prompts, responses, answer):
+        seen["answer"] = answer
+        return [float(r == a) for r, a in zip(responses, answer)]
+
+    def takes_all(prompts, responses, **columns):
+        seen["all"] = sorted(columns)
+        return [0.0] * len(responses)
+
+    cols = {"answer": ["4", "5"], "source": ["x", "y"]}
+    assert load_judge(needs_answer)(["2+2", "2+3"], ["4", "6"], **cols) == [1.0, 0.0]
+    assert seen["answer"] == ["4", "5"]
+    load_judge(takes_all)(["a", "b"], ["c", "d"], **cols)
+    assert seen["all"] == ["answer", "source"]
+    assert load_judge(length_judge)(["a"], ["abc"], **{"answer": ["x"]}) == [3.0]  # none given to it
+
+
+def test_judge_that_raises_or_returns_nan_names_the_judge_and_row():
+    def broken(prompts, responses):
+        raise KeyError("boom")
+
+    def nan_at_1(prompts, responses):
+        return [0.0, float("nan")]
+
+    with pytest.raises(ValueError, match=r"^stages.x.judge: judge 'broken' failed .*KeyError"):
+        load_judge(broken, field="stages.x.judge")(["p"], ["r"])
+    with pytest.raises(ValueError, match=r"judge 'nan_at_1' scored row 1 \(prompt 'q', response 's'\) as nan"):
+        load_judge(nan_at_1)(["p", "q"], ["r", "s"])
 
 
 @pytest.mark.parametrize("sep", [":", "."])
@@ -119,8 +190,9 @@ def test_load_dotted_path_to_class_instantiates_once():
     assert judge(["p"], ["!"]) == [1.0]
 
 
-def test_load_passes_callables_through():
-    assert load_judge(length_judge) is length_judge
+def test_load_wraps_callables_once():
+    judge = load_judge(length_judge)
+    assert judge.__wrapped__ is length_judge and load_judge(judge) is judge
 
 
 def test_unknown_name_suggests_close_match():
@@ -129,7 +201,7 @@ def test_unknown_name_suggests_close_match():
     msg = str(e.value)
     assert msg.startswith("stages.ppo.gold_judge: unknown judge 'vadr'")
     assert "did you mean 'vader'?" in msg
-    assert "'vader', 'textblob', 'fluency'" in msg and "package.module:function" in msg
+    assert "'vader', 'textblob', 'fluency'" in msg and "'uses_word'" in msg and "package.module:function" in msg
 
 
 def test_unknown_name_without_close_match_has_no_suggestion():
