@@ -51,7 +51,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ppo = {
         "policy": str(Path(a.policy).resolve()), "reward_model": str(Path(a.reward).resolve()),
-        "prompts": a.prompts, "eval_prompts": a.prompts, "eval_num_prompts": 1,
+        "prompts": a.prompts,
         "num_steps": a.steps, "rollout_batch_size": a.batch, "num_minibatches": a.minibatches,
         "gradient_accumulation_steps": a.grad_accum, "ppo_epochs": a.epochs, "max_new_tokens": a.response_length,
         "kl_coef": a.kl_coef, "temperature": a.temperature, "learning_rate": a.lr, "value_learning_rate": a.lr,
@@ -62,11 +62,12 @@ def main() -> None:
         # TRL 1.12.0's PPO loop never clips gradients (its max_grad_norm is unused), so neither do we here
         "max_grad_norm": 1e9,
         # the benchmark measures training, not the watchdogs' judgement
-        "kl_budget": 1e9, "min_response_length": 0.0,
+        "kl_budget": 1e9, "min_response_length": 0.0, "min_unique_share": None,
         "eval_every": 0, "save_every": 0,
     }
     exp = {"name": "bench-ppo", "seed": a.seed, "store": str(out / "store"),
-           "tracking": {"wandb": "disabled", "dir": str(out / "runs")}, "stages": {"ppo": ppo}}
+           "tracking": {"wandb": "disabled", "dir": str(out / "runs")},
+           "evaluation": {"prompts": a.prompts, "num_prompts": 1}, "stages": {"ppo": ppo}}
     cfg_path = out / "experiment.yaml"
     cfg_path.write_text(yaml.safe_dump(exp, sort_keys=False))
     stage = Pipeline(load_experiment(cfg_path, a.set)).stages["ppo"]
@@ -76,7 +77,7 @@ def main() -> None:
     t0 = time.perf_counter()
     stage.setup()
     setup_s = time.perf_counter() - t0
-    stage.judge_policy = lambda: {}  # the baseline evaluation is not training time
+    stage.judge_policy = lambda greedy: {}  # the baseline evaluation is not training time
     t0 = time.perf_counter()
     stage.train()
     train_s = time.perf_counter() - t0

@@ -19,8 +19,6 @@ import time
 
 log = logging.getLogger("rlhf")
 
-HEADLINE = ("perplexity", "unigram_perplexity", "eos_rate", "accuracy", "gold_score", "kl")
-
 
 def _setup_logging(verbose: bool) -> None:
     # Our own progress at INFO; libraries only when they warn (their INFO chatter buries the story).
@@ -35,15 +33,6 @@ def _load(config: str, overrides: list[str]):
     from rlhf.pipeline import Pipeline
 
     return Pipeline(load_experiment(config, overrides))
-
-
-def _fmt_metrics(metrics: dict) -> str:
-    parts = []
-    for k in HEADLINE:
-        v = metrics.get(k)
-        if isinstance(v, (int, float)):
-            parts.append(f"{k} {v:.3g}")
-    return ", ".join(parts)
 
 
 def _without_launch(argv: list[str]) -> list[str]:
@@ -90,7 +79,6 @@ def _warn_if_ppo_cannot_fit(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from rlhf.distributed import LAUNCHED_ENV
-    from rlhf.report import headline
 
     if args.launch and not os.environ.get(LAUNCHED_ENV):
         return cmd_launch(args)
@@ -103,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
     for r in results:
-        print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {headline(r.name, r.metrics)}")
+        print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {type(pipeline.stages[r.name]).headline(r.metrics)}")
     for r in results:
         if not r.ran:
             print(f"{r.name}: up to date (key {r.key})")
@@ -165,9 +153,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for fname, ref in m.get("inputs", {}).items():
             src = ref.get("stage") or ref.get("external")
             print(f"    <- {fname}: {src} {ref.get('key')}")
-        headline = _fmt_metrics(m.get("metrics", {}))
-        if headline:
-            print(f"    {headline}")
+        if m.get("headline"):  # written by the stage class (`Stage.headline`) when it published
+            print(f"    {m['headline']}")
     return 0
 
 
@@ -178,11 +165,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rlhf.config import load_experiment
     from rlhf.report import write_report
 
-    cfg = load_experiment(args.config, args.overrides).config
+    experiment = load_experiment(args.config, args.overrides)
+    cfg = experiment.config
     store = ArtifactStore(cfg.store, cfg.cache_dir)
     out = Path(args.out or Path("reports") / cfg.name)
     try:
-        path, plots, missing = write_report(store, cfg.name, out)
+        path, plots, missing = write_report(store, experiment, out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -76,6 +76,40 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The one held-out evaluation every policy stage runs (SFT, PPO, ...): same prompts, seed and judges,
+    so their numbers compare across stages and against the reference policy prompt by prompt."""
+
+    prompts: str = "data/prompts/eval.jsonl.gz"
+    """Held-out prompts ({"prompt"} rows; other fields, e.g. "word", reach the judges as columns)."""
+    num_prompts: int = 512
+    """How many of them (the first N); at least 256 for numbers worth quoting."""
+    judges: dict[str, str | None] = field(default_factory=lambda: {
+        "gold": "word_vader", "heldout": "word_textblob", "task": "uses_word", "fluency": "fluency"})
+    """Role -> judge (a built-in name or `package.module:function`; null drops a role). `gold` is the simulated
+    person the experiment optimises for, never seen by the policy; `heldout` a second judge nothing trains on;
+    `task` scores whether the response does what the prompt asked (1 = yes), reported as task success."""
+    max_new_tokens: int = 32
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature of the sampled responses (KL to the reference is measured on these)."""
+    greedy: bool = True
+    """Also decode greedily and judge those responses (what a user of the model sees by default)."""
+    batch_size: int = 64
+    """Prompts per generate call."""
+    num_logged_samples: int = logging_only(8)
+    """Prompts whose responses the manifest and the report show side by side."""
+
+    def __post_init__(self) -> None:
+        if not self.judges.get("gold"):
+            raise ValueError("evaluation.judges.gold: every experiment needs a gold judge (e.g. word_vader)")
+        if self.num_prompts < 1:
+            raise ValueError(f"evaluation.num_prompts: {self.num_prompts}; at least 1")
+        if not self.temperature > 0:
+            raise ValueError(f"evaluation.temperature: {self.temperature}; must be > 0 (greedy: set greedy: true)")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     """Experiment name: aliases in the store (`<name>/<stage>`), run directories and reports use it."""
@@ -87,6 +121,8 @@ class ExperimentConfig:
     """Local cache for artifacts of a remote store; default ~/.cache/rlhf-pipeline."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking (wandb + metrics.jsonl)."""
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    """The held-out evaluation every policy stage runs."""
     stages: dict[str, Any] = field(default_factory=dict)
     """One block per stage, in any order; the pipeline orders them by their inputs."""
 

@@ -1,69 +1,183 @@
-"""Held-out evaluation of a policy: judge scores, KL to the reference, fluency, samples."""
+"""The held-out evaluation every policy stage runs: judges, task success, diversity, KL, length, samples.
+
+One `PolicyEvaluation` per stage, built from the experiment's `evaluation:` block, reads the same prompts
+with the same seed and judges for every policy (SFT, PPO, ...), so numbers compare across stages and, prompt
+by prompt, against the reference policy (paired-bootstrap intervals, `compare`):
+
+    evaluation = PolicyEvaluation(experiment.evaluation, seed)
+    before = evaluation.run(sft_policy, tokenizer)                    # per-prompt lists
+    after = evaluation.run(policy, tokenizer, reference=sft_policy)   # + KL to the reference
+    metrics = compare(before, after, evaluation.roles, seed)          # flat numbers for the manifest
+
+Each run decodes twice: sampled at the evaluation temperature (seeded without disturbing the caller's
+RNG; KL to the reference is measured on these) and, with `greedy`, greedily (what a user sees by default).
+A score counts only beside task success and diversity: a policy that answers every prompt with one upbeat
+phrase pleases a tone judge while ignoring the prompt, and `diversity` is how that shows.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from rlhf.ppo.core import masked_sum, response_mask_from_eos
-from rlhf.ppo.rollout import policy_forward
-from rlhf.sampling import batches, encode_prompts
+MODES = ("sampled", "greedy")
+"""Decoding modes of a run; metric names carry `greedy_` for the greedy one."""
 
 
-@torch.no_grad()
-def evaluate_policy(
-    policy,
-    tokenizer,
-    prompts: list[str],
-    judges: dict[str, Callable[[list[str], list[str]], list[float]]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int,
-    reference=None,
-    reference_context: Callable[[], AbstractContextManager] = nullcontext,
-    batch_size: int = 64,
-) -> dict:
-    """Sample one response per prompt (seeded, without disturbing the caller's RNG) and measure it.
+def diversity(responses: list[str]) -> dict[str, float]:
+    """How varied a set of responses is (one per prompt), each in [0, 1].
 
-    Returns per-prompt lists (`responses`, one list per judge, `kl`, `length`, `ended`) so callers can
-    compare two policies prompt by prompt. KL is the summed per-token log-ratio to `reference` (or to
-    `policy` itself inside `reference_context`, for LoRA's adapters-off reference).
+    distinct_1, distinct_2: distinct word unigrams (bigrams) over all responses / all of them (Li et al.
+    2016), words lowercased and split on whitespace; unique_share: distinct responses / responses;
+    top_share: share of the most common response. A policy that collapsed onto one phrase has
+    unique_share near 1/N and top_share near 1. Empty input gives zeros.
     """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    was_training = policy.training
-    policy.eval()
-    out: dict[str, list] = {"responses": [], "kl": [], "length": [], "ended": []}
-    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for chunk in batches(prompts, batch_size):
-            enc = encode_prompts(tokenizer, chunk, policy.device)
-            seqs = policy.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-                                   top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
-            q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
-            r_ids = seqs[:, q_ids.shape[1] :]
-            r_mask = response_mask_from_eos(r_ids, eos)
-            logp, _ = policy_forward(policy, q_ids, q_mask, r_ids, r_mask, temperature)
-            with reference_context():
-                ref_logp, _ = policy_forward(reference or policy, q_ids, q_mask, r_ids, r_mask, temperature)
-            out["kl"] += masked_sum(logp - ref_logp, r_mask, dim=1).tolist()
-            out["length"] += r_mask.sum(1).tolist()
-            out["ended"] += (r_ids == eos).any(1).tolist()
-            for ids, mask in zip(r_ids, r_mask):
-                out["responses"].append(tokenizer.decode(ids[mask], skip_special_tokens=True).strip())
-    policy.train(was_training)
-    for name, judge in judges.items():
-        out[name] = [float(s) for s in judge(prompts, out["responses"])]
+    if not responses:
+        return {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0}
+    words = [r.lower().split() for r in responses]
+    unigrams = [w for ws in words for w in ws]
+    bigrams = [pair for ws in words for pair in zip(ws, ws[1:])]
+    counts = Counter(responses)
+    return {
+        "distinct_1": len(set(unigrams)) / len(unigrams) if unigrams else 0.0,
+        "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
+        "unique_share": len(counts) / len(responses),
+        "top_share": counts.most_common(1)[0][1] / len(responses),
+    }
+
+
+class PolicyEvaluation:
+    """The experiment's held-out prompts and judges, loaded once; `run` measures one policy on them."""
+
+    def __init__(self, config, seed: int, field: str = "evaluation"):
+        from rlhf.data import load_rows
+        from rlhf.judges import load_judge
+
+        self.config, self.seed = config, seed
+        rows = load_rows(config.prompts, "prompts", limit=config.num_prompts)
+        self.prompts: list[str] = rows["prompt"]
+        self.columns: dict[str, list] = {c: rows[c] for c in rows.column_names if c != "prompt"}
+        self.judges = {role: load_judge(spec, f"{field}.judges.{role}")
+                       for role, spec in config.judges.items() if spec}
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.judges)
+
+    def keep_prompts(self, keep: Callable[[str], bool]) -> None:
+        """Drop prompts (and their columns) for which `keep` is False, e.g. those too long for a stage."""
+        idx = [i for i, p in enumerate(self.prompts) if keep(p)]
+        self.prompts = [self.prompts[i] for i in idx]
+        self.columns = {c: [v[i] for i in idx] for c, v in self.columns.items()}
+
+    @torch.no_grad()
+    def run(self, policy, tokenizer, *, reference=None,
+            reference_context: Callable[[], AbstractContextManager] = nullcontext,
+            greedy: bool | None = None) -> dict[str, dict[str, list]]:
+        """{mode: per-prompt lists} for "sampled" (and "greedy" when asked; default: the config's).
+
+        Each mode holds `responses`, `length`, `ended` and one score list per judge role; "sampled" also
+        `kl`, the summed per-token log-ratio to `reference` (or to `policy` itself inside
+        `reference_context`, LoRA's adapters-off reference) when either is given.
+        """
+        c = self.config
+        greedy = c.greedy if greedy is None else greedy
+        out = {"sampled": self._decode(policy, tokenizer, c.temperature, reference, reference_context)}
+        if greedy:
+            out["greedy"] = self._decode(policy, tokenizer, 0.0, None, None)
+        for results in out.values():
+            for role, judge in self.judges.items():
+                results[role] = judge(self.prompts, results["responses"], **self.columns)
+        return out
+
+    def _decode(self, policy, tokenizer, temperature: float, reference, reference_context) -> dict[str, list]:
+        from rlhf.ppo.core import masked_sum, response_mask_from_eos
+        from rlhf.ppo.rollout import policy_forward
+        from rlhf.sampling import batches, encode_prompts, generation_kwargs
+
+        c, eos = self.config, tokenizer.eos_token_id
+        was_training = policy.training
+        policy.eval()
+        out: dict[str, list] = {"responses": [], "length": [], "ended": []}
+        measure_kl = temperature > 0 and (reference is not None or reference_context is not nullcontext)
+        if measure_kl:
+            out["kl"] = []
+        with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            for chunk in batches(self.prompts, c.batch_size):
+                enc = encode_prompts(tokenizer, chunk, policy.device)
+                seqs = policy.generate(**enc, **generation_kwargs(tokenizer, max_new_tokens=c.max_new_tokens,
+                                                                  temperature=temperature))
+                q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
+                r_ids = seqs[:, q_ids.shape[1]:]
+                r_mask = response_mask_from_eos(r_ids, eos)
+                if measure_kl:
+                    logp, _ = policy_forward(policy, q_ids, q_mask, r_ids, r_mask, temperature)
+                    with reference_context():
+                        ref_logp, _ = policy_forward(reference or policy, q_ids, q_mask, r_ids, r_mask, temperature)
+                    out["kl"] += masked_sum(logp - ref_logp, r_mask, dim=1).tolist()
+                out["length"] += r_mask.sum(1).tolist()
+                out["ended"] += (r_ids == eos).any(1).tolist()
+                for ids, mask in zip(r_ids, r_mask):
+                    out["responses"].append(tokenizer.decode(ids[mask], skip_special_tokens=True).strip())
+        policy.train(was_training)
+        return out
+
+    def samples(self, after: dict, before: dict | None = None) -> list[dict[str, str]]:
+        """The first `num_logged_samples` prompts with their responses (and the reference's, if given)."""
+        rows = []
+        for i, prompt in enumerate(self.prompts[: self.config.num_logged_samples]):
+            row = {"prompt": prompt}
+            for mode in after:
+                if before is not None:
+                    row[_name(mode, "before")] = before[mode]["responses"][i]
+                row[_name(mode, "after" if before is not None else "response")] = after[mode]["responses"][i]
+            rows.append(row)
+        return rows
+
+
+def _name(mode: str, metric: str) -> str:
+    """Metric name in the manifest: plain for sampled responses, `greedy_` + name for greedy ones."""
+    return metric if mode == "sampled" else f"{mode}_{metric}"
+
+
+def summarize(results: dict[str, dict[str, list]], roles: list[str]) -> dict[str, float]:
+    """Means over prompts of one `PolicyEvaluation.run`, and the diversity of its responses.
+
+    Keys: each judge role (`task` is task success), `kl` (sampled only), `response_length`, `eos_rate`,
+    `distinct_1`, `distinct_2`, `unique_share`, `top_share`; greedy ones prefixed `greedy_`.
+    """
+    out: dict[str, float] = {}
+    for mode, r in results.items():
+        n = max(len(r["responses"]), 1)
+        means = {role: sum(r[role]) / n for role in roles if role in r}
+        means["response_length"] = sum(r["length"]) / n
+        means["eos_rate"] = sum(r["ended"]) / n
+        if "kl" in r:
+            means["kl"] = sum(r["kl"]) / n
+        means.update(diversity(r["responses"]))
+        out.update({_name(mode, k): float(v) for k, v in means.items()})
     return out
 
 
-def summarize(results: dict, judges: list[str]) -> dict[str, float]:
-    """Means of the per-prompt lists of `evaluate_policy`."""
-    n = len(results["responses"])
-    summary = {name: sum(results[name]) / n for name in judges}
-    summary["kl"] = sum(results["kl"]) / n
-    summary["response_length"] = sum(results["length"]) / n
-    summary["eos_rate"] = sum(results["ended"]) / n
-    return summary
+def compare(before: dict, after: dict, roles: list[str], seed: int) -> dict[str, Any]:
+    """The policy (`after`) against the reference (`before`) on the same prompts: flat manifest metrics.
+
+    For every judge role and mode: `<role>` (the policy's mean), `<role>_ref` (the reference's),
+    `<role>_gain` and `<role>_gain_ci` (paired-bootstrap 95% interval of the mean difference);
+    diversity, length and EOS rate of both (`_ref` for the reference's); `kl` of the policy.
+    """
+    from rlhf.stats import paired_bootstrap
+
+    s_before, s_after = summarize(before, roles), summarize(after, roles)
+    metrics: dict[str, Any] = dict(s_after)
+    metrics.update({f"{k}_ref": v for k, v in s_before.items() if not k.endswith("kl")})
+    for mode in after:
+        for role in roles:
+            boot = paired_bootstrap(before[mode][role], after[mode][role], seed=seed)
+            metrics[_name(mode, f"{role}_gain")] = boot["mean_diff"]
+            metrics[_name(mode, f"{role}_gain_ci")] = [boot["ci_low"], boot["ci_high"]]
+    return metrics

@@ -46,44 +46,10 @@ class Pipeline:
         self.stages = self._instantiate()
 
     def _upstream(self, name: str) -> dict[str, str | None]:
-        """For each input field of stage `name`: the upstream stage it names, or None for an outside model."""
-        spec = self.experiment.stages[name]
-        known = set(registered_stages())
-        out: dict[str, str | None] = {}
-        for fname in spec.cls.inputs:
-            value = getattr(spec.config, fname)
-            if value is None:  # an optional input left unset
-                continue
-            if value in self.experiment.stages:
-                out[fname] = value
-            elif value in known:
-                raise ConfigError(
-                    f"{self.experiment.source}: stages.{name}.{fname} = {value!r} names a stage that is not in "
-                    f"this experiment; add a `{value}:` block under stages, or name a hub id or local model directory"
-                )
-            else:
-                out[fname] = None
-        return out
+        return upstream_of(self.experiment, name)
 
     def _order(self) -> list[str]:
-        order: list[str] = []
-        visiting: set[str] = set()
-
-        def visit(name: str) -> None:
-            if name in order:
-                return
-            if name in visiting:
-                raise ConfigError(f"{self.experiment.source}: stage inputs form a cycle through {name!r}")
-            visiting.add(name)
-            for up in self._upstream(name).values():
-                if up:
-                    visit(up)
-            visiting.discard(name)
-            order.append(name)
-
-        for name in self.experiment.stages:
-            visit(name)
-        return order
+        return stage_order(self.experiment)
 
     def _instantiate(self) -> dict[str, Stage]:
         stages: dict[str, Stage] = {}
@@ -186,6 +152,49 @@ class Pipeline:
             manifest = step.stage.run()
             results.append(StageResult(step.name, step.key, True, time.time() - t0, manifest["metrics"]))
         return results
+
+
+def upstream_of(experiment: Experiment, name: str) -> dict[str, str | None]:
+    """For each input field of stage `name`: the upstream stage it names, or None for an outside model."""
+    spec = experiment.stages[name]
+    known = set(registered_stages())
+    out: dict[str, str | None] = {}
+    for fname in spec.cls.inputs:
+        value = getattr(spec.config, fname)
+        if value is None:  # an optional input left unset
+            continue
+        if value in experiment.stages:
+            out[fname] = value
+        elif value in known:
+            raise ConfigError(
+                f"{experiment.source}: stages.{name}.{fname} = {value!r} names a stage that is not in "
+                f"this experiment; add a `{value}:` block under stages, or name a hub id or local model directory"
+            )
+        else:
+            out[fname] = None
+    return out
+
+
+def stage_order(experiment: Experiment) -> list[str]:
+    """The experiment's stage names, every stage after the stages it reads."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ConfigError(f"{experiment.source}: stage inputs form a cycle through {name!r}")
+        visiting.add(name)
+        for up in upstream_of(experiment, name).values():
+            if up:
+                visit(up)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in experiment.stages:
+        visit(name)
+    return order
 
 
 def _diff(prefix: str, old: Any, new: Any) -> list[str]:

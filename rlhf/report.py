@@ -2,15 +2,49 @@
 
 Everything is read from the artifacts the experiment's aliases point at (manifests and the
 metrics.jsonl each artifact carries), so a report can be drawn on any machine that sees the store.
+This module knows no stage by name: each stage class writes its own section (`Stage.report_section`)
+with the building blocks below (plots, the shared policy-evaluation tables).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+log = logging.getLogger("rlhf")
+
+JUDGE_LABELS = {"gold": "gold judge", "heldout": "held-out judge", "task": "task success", "fluency": "fluency"}
+"""How the report names the evaluation's judge roles (other roles appear under their own name)."""
+
+
+@dataclass
+class StageReport:
+    """What a stage's report section can read: its artifact's manifest, its logged rows, where plots go."""
+
+    name: str
+    key: str
+    manifest: dict[str, Any]
+    rows: list[dict] = field(default_factory=list)
+    out_dir: Path = Path(".")
+    plots: list[str] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    def plot(self, filename: str, panels: list[tuple[str, list[tuple[str, list, list]]]], title: str) -> str:
+        """Line plots side by side (`lines_plot`), written into the report directory; returns the markdown."""
+        lines_plot(self.out_dir / filename, panels, title)
+        self.plots.append(filename)
+        return f"![{title}]({filename})"
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one logged metric."""
+        pts = [(r["step"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def _rows(art: Path) -> list[dict]:
@@ -20,12 +54,7 @@ def _rows(art: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def collect(store, experiment: str, stage_names=STAGES) -> tuple[dict[str, dict], list[str]]:
+def collect(store, experiment: str, stage_names) -> tuple[dict[str, dict], list[str]]:
     """({stage: {"key", "manifest", "rows"}}, [missing stages]) for an experiment's aliases."""
     found, missing = {}, []
     for name in stage_names:
@@ -38,12 +67,65 @@ def collect(store, experiment: str, stage_names=STAGES) -> tuple[dict[str, dict]
     return found, missing
 
 
-def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]], title: str) -> None:
+def write_report(store, experiment, out_dir: Path) -> tuple[Path, list[str], list[str]]:
+    """Write report.md and its PNG plots for a loaded experiment. Returns (path, plots, missing stages)."""
+    from rlhf.pipeline import stage_order
+
+    name = experiment.name
+    found, missing = collect(store, name, stage_order(experiment))
+    if not found:
+        raise FileNotFoundError(
+            f"experiment {name!r} has no artifacts in {store.url} (missing: {', '.join(missing)}); "
+            "run `make pipeline` first"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots: list[str] = []
+    md = [f"# Report: {name}", "", f"Store: `{store.url}`", ""]
+    if missing:
+        md += [f"**Missing stages:** {', '.join(missing)} (not run yet for this experiment).", ""]
+
+    md += ["## Stages", "", "| stage | key | seconds | headline |", "|---|---|---|---|"]
+    for stage, info in found.items():
+        m = info["manifest"]
+        md.append(f"| {stage} | `{info['key']}` | {m.get('seconds', '')} | {m.get('headline', '')} |")
+    md.append("")
+
+    loss_panels = []
+    for stage, info in found.items():
+        xs, ys = StageReport(stage, info["key"], info["manifest"], info["rows"]).series("loss")
+        if xs:
+            loss_panels.append((f"{stage} loss", [(stage, xs, ys)]))
+    if loss_panels:
+        plots.append("losses.png")
+        lines_plot(out_dir / "losses.png", loss_panels, "Training loss per stage")
+        md += ["## Training losses", "", "![losses](losses.png)", ""]
+
+    for stage, info in found.items():
+        cls = experiment.stages[stage].cls
+        section = StageReport(stage, info["key"], info["manifest"], info["rows"], out_dir)
+        lines = cls.report_section(section)
+        plots += section.plots
+        if lines:
+            md += [f"## {stage}", "", *lines, ""]
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    return out_dir / "report.md", plots, missing
+
+
+# ---- building blocks for the stages' sections --------------------------------------------------------
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def lines_plot(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]], title: str) -> None:
+    """One panel per (y label, [(line label, steps, values)]), side by side."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (ylabel, lines) in zip(axes[0], panels):
         for label, xs, ys in lines:
@@ -59,71 +141,9 @@ def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]], ti
     plt.close(fig)
 
 
-def write_report(store, experiment: str, out_dir: Path) -> tuple[Path, list[str], list[str]]:
-    """Write report.md and its PNG plots. Returns (report path, plots written, missing stages)."""
-    found, missing = collect(store, experiment)
-    if not found:
-        raise FileNotFoundError(
-            f"experiment {experiment!r} has no artifacts in {store.url} (missing: {', '.join(missing)}); "
-            "run `make pipeline` first"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plots: list[str] = []
-    md = [f"# Report: {experiment}", "", f"Store: `{store.url}`", ""]
-    if missing:
-        md += [f"**Missing stages:** {', '.join(missing)} (not run yet for this experiment).", ""]
-
-    md += ["## Stages", "", "| stage | key | seconds | headline |", "|---|---|---|---|"]
-    for name, info in found.items():
-        md.append(f"| {name} | `{info['key']}` | {info['manifest'].get('seconds', '')} | {headline(name, info['manifest']['metrics'])} |")
-    md.append("")
-
-    loss_panels = []
-    for name, info in found.items():
-        xs, ys = _series(info["rows"], "loss")
-        if xs:
-            loss_panels.append((f"{name} loss", [(name, xs, ys)]))
-    if loss_panels:
-        plots.append("losses.png")
-        _plot(out_dir / "losses.png", loss_panels, "Training loss per stage")
-        md += ["## Training losses", "", "![losses](losses.png)", ""]
-
-    if "reward" in found:
-        m = found["reward"]["manifest"]["metrics"]
-        sources = [k.removeprefix("accuracy_") for k in m if k.startswith("accuracy_")]
-        plots.append("reward_accuracy.png")
-        _bar(out_dir / "reward_accuracy.png", sources, [m[f"accuracy_{s}"] for s in sources],
-             "held-out pairwise accuracy", "Reward model agreement with the gold judge")
-        md += ["## Reward model", "", "![reward accuracy](reward_accuracy.png)", "",
-               *(f"- {s}: accuracy {m[f'accuracy_{s}']:.3f} on {m.get(f'eval_pairs_{s}', '?')} pairs, "
-                 f"mean margin {m.get(f'margin_{s}', float('nan')):.3f}" for s in sources), ""]
-
-    if "ppo" in found:
-        rows, m = found["ppo"]["rows"], found["ppo"]["manifest"]["metrics"]
-        panels = [(label, [(label, *_series(rows, key))]) for key, label in (
-            ("env/score", "score"), ("env/kl", "KL to reference"), ("env/response_length", "response length"),
-            ("env/eos_rate", "EOS rate"))]
-        plots.append("ppo_training.png")
-        _plot(out_dir / "ppo_training.png", panels, "PPO rollouts")
-        gold_x, gold_y = _series(rows, "eval/gold")
-        kl_x, kl_y = _series(rows, "eval/kl")
-        points = [(0.0, m["gold_sft"])] + list(zip(kl_y, gold_y))
-        labels = ["SFT"] + [f"step {int(s)}" for s in gold_x]
-        plots.append("gold_vs_kl.png")
-        _scatter(out_dir / "gold_vs_kl.png", [p[0] for p in points], [p[1] for p in points], labels,
-                 "KL to the SFT policy (nats per response)", "gold judge (VADER)", "Over-optimisation curve")
-        md += ["## PPO", "", "![ppo training](ppo_training.png)", "", "![gold vs kl](gold_vs_kl.png)", "",
-               *sft_vs_ppo(m)]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    return out_dir / "report.md", plots, missing
-
-
-def _bar(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def bar_plot(path: Path, labels: list[str], values: list[float], ylabel: str, title: str) -> None:
+    """Bars in [0, 1] with a chance line at 0.5 (accuracies)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.4))
     ax.bar(labels, values, color=["#4c72b0", "#dd8452", "#55a868"][: len(labels)])
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
@@ -138,58 +158,109 @@ def _bar(path: Path, labels: list[str], values: list[float], ylabel: str, title:
     plt.close(fig)
 
 
-def _scatter(path: Path, xs, ys, labels: list[str], xlabel: str, ylabel: str, title: str) -> None:
-    import matplotlib
+def overoptimisation_plot(section: StageReport, filename: str = "overoptimisation.png") -> str:
+    """Gold judge and task success against KL to the reference over training (Gao et al. 2022).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.8, 3.6))
-    ax.plot(xs, ys, "-o", alpha=0.8)
-    # Points are joined in step order, so the labels tell which way the run went.
-    for x, y, label in zip(xs, ys, labels):
+    Points are the periodic evaluations (`eval/*` rows) and the final one, joined in step order and
+    starting from the reference at KL 0, so the point where the policy starts gaming the reward model
+    (KL still rising, gold falling) shows. Returns the markdown that links the plot.
+    """
+    m = section.metrics
+    steps, kls = section.series("eval/kl")
+    curves = {}
+    for role in ("gold", "task"):
+        if f"{role}_ref" not in m:
+            continue
+        xs, ys = section.series(f"eval/{role}")
+        curves[role] = [m[f"{role}_ref"], *[y for x, y in zip(xs, ys) if x in steps]]
+    if not curves:
+        return ""
+    points = [0.0, *kls]
+    labels = ["start", *[f"step {int(s)}" for s in steps]]
+    if m.get("kl") is not None and (not kls or abs(kls[-1] - m["kl"]) > 1e-9):
+        points.append(m["kl"])
+        labels.append("final")
+        for role in curves:
+            curves[role].append(m.get(role, float("nan")))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for role, ys in curves.items():
+        ax.plot(points[: len(ys)], ys, "-o", alpha=0.85, label=JUDGE_LABELS.get(role, role))
+    for x, y, label in zip(points, curves.get("gold", []), labels):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -11), fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel("KL to the reference policy (nats per response)")
+    ax.set_ylabel("held-out score")
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.set_title("Over-optimisation: gold judge and task success against KL", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(section.out_dir / filename, dpi=110)
     plt.close(fig)
+    section.plots.append(filename)
+    return f"![gold and task success against KL]({filename})"
 
 
-def sft_vs_ppo(m: dict[str, Any]) -> list[str]:
-    """The before/after table and side-by-side samples of a PPO manifest's metrics."""
-    lines = ["### SFT vs PPO on held-out prompts", "",
-             f"{m.get('eval_prompts', '?')} prompts; gain = PPO - SFT with a paired-bootstrap 95% interval.", "",
-             "| metric | SFT | PPO | gain (95% CI) |", "|---|---|---|---|"]
-    for name, label in (("gold", "gold judge (VADER)"), ("heldout", "held-out judge (TextBlob)"),
-                        ("fluency", "fluency (dictionary words)")):
-        if f"{name}_sft" in m:
-            lo, hi = m[f"{name}_gain_ci"]
-            lines.append(f"| {label} | {m[f'{name}_sft']:.3f} | {m[f'{name}_ppo']:.3f} | "
-                         f"{m[f'{name}_gain']:+.3f} ({lo:+.3f}, {hi:+.3f}) |")
-    lines.append(f"| KL to SFT (nats) | 0 | {m.get('kl', float('nan')):.2f} | |")
-    lines += ["", "### Samples", "", "| prompt | SFT | PPO |", "|---|---|---|"]
-    for s in m.get("samples", []):
-        cells = [s["prompt"], s["sft"], s["ppo"]]
-        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def evaluation_table(m: dict[str, Any]) -> list[str]:
+    """The shared evaluation of one policy on its own (no reference): judges, diversity, length."""
+    n = m.get("eval_prompts", "?")
+    lines = [f"Shared evaluation on {n} held-out prompts (sampled at the evaluation temperature; greedy).", "",
+             "| metric | sampled | greedy |", "|---|---|---|"]
+    for key, label in _evaluation_rows(m):
+        lines.append(f"| {label} | {_fmt(m.get(key))} | {_fmt(m.get('greedy_' + key))} |")
     return lines + [""]
 
 
-def headline(stage: str, m: dict[str, Any]) -> str:
-    """The numbers a person looks at first, per stage."""
-    def f(key, fmt="{:.3g}"):
-        return fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "?"
+def _evaluation_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    roles = [k[: -len("_gain")] for k in m if k.endswith("_gain") and not k.startswith("greedy_")]
+    if not roles:  # a policy without a reference: the judge roles are the keys the judges wrote
+        roles = [r for r in JUDGE_LABELS if r in m]
+    rows = [(r, JUDGE_LABELS.get(r, r)) for r in roles]
+    rows += [("unique_share", "unique responses (share)"), ("top_share", "most common response (share)"),
+             ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("response_length", "length (tokens)"),
+             ("eos_rate", "EOS rate")]
+    return rows
 
-    if stage == "pretrain":
-        return f"perplexity {f('perplexity')} (unigram {f('unigram_perplexity')}, untrained {f('perplexity_before')})"
-    if stage == "sft":
-        return f"perplexity {f('perplexity')}, EOS rate {f('eos_rate', '{:.2f}')}"
-    if stage == "reward":
-        parts = [f"{k.removeprefix('accuracy_')} {m[k]:.3f}" for k in m if k.startswith("accuracy_")]
-        return "accuracy " + ", ".join(parts)
-    if stage == "ppo":
-        return (f"gold {f('gold_sft')} -> {f('gold_ppo')}, held-out {f('heldout_sft')} -> {f('heldout_ppo')}, "
-                f"KL {f('kl')}, fluency {f('fluency_sft')} -> {f('fluency_ppo')}")
-    return ""
+
+def comparison_table(m: dict[str, Any], before: str, after: str) -> list[str]:
+    """The policy against its reference on the same prompts: every judge, sampled and greedy, with the
+    paired-bootstrap 95% interval of the gain; diversity, length and KL beside them."""
+    n = m.get("eval_prompts", "?")
+    lines = [f"{n} held-out prompts, the same for both; gain = {after} - {before} with a paired-bootstrap "
+             "95% interval. A gain counts only with task success kept and no collapse (unique responses).", "",
+             f"| metric | decoding | {before} | {after} | gain (95% CI) |", "|---|---|---|---|---|"]
+    for key, label in _evaluation_rows(m):
+        for prefix, mode in (("", "sampled"), ("greedy_", "greedy")):
+            if prefix + key not in m:
+                continue
+            gain = ""
+            if prefix + key + "_gain" in m:
+                lo, hi = m[prefix + key + "_gain_ci"]
+                gain = f"{m[prefix + key + '_gain']:+.3f} ({lo:+.3f}, {hi:+.3f})"
+            lines.append(f"| {label} | {mode} | {_fmt(m.get(prefix + key + '_ref'))} | {_fmt(m[prefix + key])} "
+                         f"| {gain} |")
+    lines.append(f"| KL to {before} (nats per response) | sampled | 0 | {_fmt(m.get('kl'))} | |")
+    return lines + [""]
+
+
+def samples_table(samples: list[dict[str, str]], columns: list[tuple[str, str]]) -> list[str]:
+    """Samples side by side: `columns` are (key in each sample, column header)."""
+    columns = [(k, h) for k, h in columns if any(k in s for s in samples)]
+    if not samples or not columns:
+        return []
+    lines = ["| prompt | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for s in samples:
+        lines.append("| " + " | ".join(_cell(str(s.get(k, ""))) for k in ["prompt", *[k for k, _ in columns]]) + " |")
+    return lines + [""]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+def fmt(m: dict[str, Any], key: str, spec: str = "{:.3g}") -> str:
+    """A metric for a headline: formatted, or '?' when the manifest lacks it."""
+    return spec.format(m[key]) if isinstance(m.get(key), (int, float)) else "?"

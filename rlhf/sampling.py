@@ -43,6 +43,14 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torc
     return {k: v.to(device) if device is not None else v for k, v in enc.items()}
 
 
+def generation_kwargs(tokenizer, *, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> dict:
+    """`generate` arguments for plain sampling at `temperature` (greedy at 0), nothing else."""
+    sampling = {"do_sample": False} if temperature == 0 else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    return {"max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, **sampling}
+
+
 def batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

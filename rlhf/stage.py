@@ -113,18 +113,28 @@ class Stage:
     def data_fingerprints(self) -> dict[str, str]:
         from rlhf.data import fingerprint
 
-        return {role: fingerprint(spec) for role, spec in self.data_files().items() if spec}
+        files = dict(self.data_files())
+        if self.kind == "policy":
+            files["evaluation_prompts"] = self.experiment.evaluation.prompts
+        return {role: fingerprint(spec) for role, spec in files.items() if spec}
 
     def key_payload(self) -> dict[str, Any]:
-        """Everything that decides what this stage produces; its hash is the artifact key."""
+        """Everything that decides what this stage produces; its hash is the artifact key.
+
+        A policy's manifest holds the experiment's shared evaluation of it, so the evaluation settings
+        are part of a policy stage's key.
+        """
         cls = type(self)
-        return {
+        payload = {
             "stage": f"{cls.__module__}.{cls.__qualname__}",
             "config": result_config(self.config),
             "inputs": {f: ref.key for f, ref in sorted(self.input_refs.items())},
             "data": self.data_fingerprints(),
             "seed": self.seed,
         }
+        if self.kind == "policy":
+            payload["evaluation"] = result_config(self.experiment.evaluation)
+        return payload
 
     @property
     def key(self) -> str:
@@ -213,6 +223,19 @@ class Stage:
         """Stage-specific manifest fields (tokenizer digests, reward statistics, ...)."""
         return {}
 
+    # ---- how the stage shows itself (`rlhf run`, `rlhf status`, `rlhf report`) ------------------
+
+    @classmethod
+    def headline(cls, metrics: dict[str, Any]) -> str:
+        """One line of the numbers a person looks at first; kept in the manifest as `headline`."""
+        return ""
+
+    @classmethod
+    def report_section(cls, section: Any) -> list[str]:
+        """Markdown lines of this stage's section of `rlhf report` (`section` is a `rlhf.report.StageReport`:
+        the manifest, the logged rows, and `plot()` for figures); [] for none."""
+        return []
+
     # ---- the shared run ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -280,6 +303,7 @@ class Stage:
             "libraries": library_versions(),
             "code_version": code_version(),
             "metrics": metrics,
+            "headline": self.headline(metrics),
             "seconds": round(seconds, 1),
             **self.manifest_extra(),
         }

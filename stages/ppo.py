@@ -1,8 +1,9 @@
 """PPO: optimise the SFT policy against the reward model, held near the SFT model by a KL penalty.
 
 In:  the `sft` policy and the `reward` model (or hub ids / local directories), and prompts.
-Out: a policy artifact, with gold-judge, held-out-judge, KL and fluency numbers for the SFT policy and
-     for the PPO policy on the same held-out prompts (paired bootstrap interval of the gain).
+Out: a policy artifact, with the experiment's shared evaluation of the SFT policy and of the PPO policy on
+     the same held-out prompts: gold, held-out and task judges, diversity, KL and length, sampled and greedy,
+     with paired-bootstrap intervals of each gain.
 
 Our own loop on Accelerate (TRL no longer ships PPO), after Ziegler et al. 2019, Ouyang et al. 2022 and
 Huang et al. 2024. The loop is `train()`; every step is a small method a subclass can replace.
@@ -24,7 +25,7 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows
-from rlhf.evaluation import evaluate_policy, summarize
+from rlhf.evaluation import PolicyEvaluation, compare, summarize
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
 from rlhf.ppo import (
@@ -63,9 +64,7 @@ class PPOConfig:
     reward_model: str = "reward"
     """Reward model (the value model starts from it): an upstream stage, a hub id or a local directory."""
     prompts: str = "data/prompts/train.jsonl.gz"
-    """Training prompts ({"prompt"} rows)."""
-    eval_prompts: str = "data/prompts/eval.jsonl.gz"
-    """Held-out prompts for the judges."""
+    """Training prompts ({"prompt"} rows; the held-out ones are the experiment's `evaluation.prompts`)."""
     num_steps: int = 120
     """PPO iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
     rollout_batch_size: int = 64
@@ -136,20 +135,13 @@ class PPOConfig:
     """Watchdog: stop when the rollout's mean per-sequence KL exceeds this (nats), keeping the last good policy."""
     min_response_length: float = 2.0
     """Watchdog: stop when the mean response length falls below this many tokens."""
-    eval_num_prompts: int = 256
-    """Held-out prompts the judges score (at least 200 for the acceptance numbers)."""
-    gold_judge: str = "vader"
-    """The judge PPO is meant to please (never seen directly: the reward model learned it)."""
-    heldout_judge: str = "textblob"
-    """A second judge nothing was trained on: gains here are not reward hacking of the gold judge."""
-    fluency_judge: str = "fluency"
-    """Share of dictionary words: guards against degenerate text."""
+    min_unique_share: float | None = 0.25
+    """Watchdog: stop when fewer than this share of a rollout's responses (one per prompt) are distinct:
+    the policy is collapsing onto a few answers whatever the prompt asks (None: off)."""
     eval_every: int = logging_only(20)
-    """Judge the policy on the held-out prompts every N steps."""
+    """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report."""
     save_every: int = logging_only(10)
     """Write a resumable checkpoint every N steps."""
-    num_logged_samples: int = logging_only(8)
-    """Side-by-side samples kept in the manifest."""
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -179,7 +171,7 @@ class PPOStage(LaunchMixin, Stage):
     inputs = {"policy": "sft", "reward_model": "reward"}
 
     def data_files(self):
-        return {"prompts": self.config.prompts, "eval_prompts": self.config.eval_prompts}
+        return {"prompts": self.config.prompts}
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
@@ -250,20 +242,15 @@ class PPOStage(LaunchMixin, Stage):
         self.progress = StepCounter()
         self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
-        self.prompts = self.drop_long_prompts(load_rows(c.prompts, "prompts")["prompt"], "prompts")
-        self.eval_prompts = self.drop_long_prompts(
-            load_rows(c.eval_prompts, "prompts", limit=c.eval_num_prompts)["prompt"], "eval_prompts")
+        self.prompts = self.drop_long_prompts(load_rows(c.prompts, "prompts")["prompt"], f"stages.ppo.prompts ({c.prompts})")
+        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
+        kept = set(self.drop_long_prompts(self.evaluation.prompts,
+                                          f"evaluation.prompts ({self.experiment.evaluation.prompts})"))
+        self.evaluation.keep_prompts(kept.__contains__)
         rm_manifest = self.input_manifest("reward_model") or {}
         stats = rm_manifest.get("metrics", {})
         self.score_mean = stats.get("reward_mean", 0.0) if c.normalize_score else 0.0
         self.score_std = stats.get("reward_std", 1.0) if c.normalize_score else 1.0
-        from rlhf.judges import load_judge
-
-        self.judges = {
-            "gold": load_judge(c.gold_judge, "stages.ppo.gold_judge"),
-            "heldout": load_judge(c.heldout_judge, "stages.ppo.heldout_judge"),
-            "fluency": load_judge(c.fluency_judge, "stages.ppo.fluency_judge"),
-        }
         log.info("ppo: policy %d trainable parameters, value %d; %d prompts, %d steps of %d",
                  count_parameters(self.policy, True), count_parameters(self.value_model, True),
                  len(self.prompts), c.num_steps, c.rollout_batch_size)
@@ -277,8 +264,8 @@ class PPOStage(LaunchMixin, Stage):
         lengths = [len(ids) for ids in tok([chat_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]]
         kept = [p for p, n in zip(prompts, lengths) if n <= limit]
         if not kept:
-            raise StageError(f"ppo: every prompt of stages.ppo.{field} ({getattr(self.config, field)}) is longer than "
-                             f"stages.ppo.max_prompt_tokens={limit} tokens (shortest {min(lengths)}); raise the limit")
+            raise StageError(f"ppo: every prompt of {field} is longer than stages.ppo.max_prompt_tokens={limit} "
+                             f"tokens (shortest {min(lengths)}); raise the limit")
         if len(kept) < len(prompts):
             log.info("ppo: %d of %d %s longer than max_prompt_tokens=%d dropped", len(prompts) - len(kept),
                      len(prompts), field, limit)
@@ -451,7 +438,7 @@ class PPOStage(LaunchMixin, Stage):
         if baseline_file.exists():
             self.baseline = json.loads(baseline_file.read_text())
         else:
-            self.baseline = self.judge_policy()
+            self.baseline = self.judge_policy(greedy=None)
             if self.accelerator.is_main_process:
                 baseline_file.write_text(json.dumps(self.baseline))
         resumed_from = self.progress.step
@@ -473,7 +460,8 @@ class PPOStage(LaunchMixin, Stage):
             # (over every rank's rows: all ranks must take the same decision)
             seq_kl = self.batch_mean(masked_sum(kl, traj.response_mask, dim=1))
             length = self.batch_mean(traj.response_mask.sum(1).float())
-            reason = self.watchdog(seq_kl, length)
+            unique = self.batch_unique_share(traj.response_ids, traj.response_mask)
+            reason = self.watchdog(seq_kl, length, unique)
             if reason:
                 self.stopped = f"step {step}: {reason}"
                 if last_good is None:  # the first rollout of this run: nothing earlier is in memory
@@ -499,13 +487,14 @@ class PPOStage(LaunchMixin, Stage):
                 "env/score": traj.scores.mean().item(), "env/raw_score": traj.raw_scores.mean().item(),
                 "env/reward_total": masked_sum(rewards, episode, dim=1).mean().item(), "env/kl": seq_kl,
                 "env/kl_coef": self.kl_ctl.value, "env/response_length": length,
-                "env/eos_rate": traj.has_eos.float().mean().item(),
+                "env/eos_rate": traj.has_eos.float().mean().item(), "env/unique_share": unique,
                 "value/explained_variance": explained_variance(traj.values, returns, episode).item(),
                 **self.timer.pop(), "time/step": time.perf_counter() - step_start,
             })
             self.progress.step = step + 1
             if c.eval_every and self.progress.step % c.eval_every == 0:
-                stats.update({f"eval/{k}": v for k, v in summarize(self.judge_policy(), list(self.judges)).items()})
+                results = self.judge_policy(greedy=False)
+                stats.update({f"eval/{k}": v for k, v in summarize(results, self.evaluation.roles).items()})
             stats = self.reduce_stats(stats)
             self.tracker.log(stats, step=self.progress.step)
             bar.set_postfix(score=f"{stats['env/score']:.2f}", kl=f"{seq_kl:.2f}")
@@ -515,50 +504,34 @@ class PPOStage(LaunchMixin, Stage):
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}
 
-    def watchdog(self, seq_kl: float, length: float) -> str | None:
-        """A reason to stop, or None. KL past the budget or collapsing responses mean the policy is gaming."""
+    def watchdog(self, seq_kl: float, length: float, unique_share: float) -> str | None:
+        """A reason to stop, or None. KL past the budget, collapsing responses or the same few answers to
+        every prompt mean the policy is gaming the reward model."""
         c = self.config
         if not math.isfinite(seq_kl) or seq_kl > c.kl_budget:
             return f"KL to the reference {seq_kl:.2f} exceeds stages.ppo.kl_budget={c.kl_budget}"
         if length < c.min_response_length:
             return f"mean response length {length:.1f} fell below stages.ppo.min_response_length={c.min_response_length}"
+        if c.min_unique_share is not None and unique_share < c.min_unique_share:
+            return (f"only {unique_share:.0%} of the rollout's responses are distinct, below "
+                    f"stages.ppo.min_unique_share={c.min_unique_share}")
         return None
 
     # ---- evaluation and saving -----------------------------------------------------------------
 
-    def judge_policy(self) -> dict:
-        """Per-prompt judge scores, KL and lengths of the current policy on the held-out prompts."""
-        c = self.config
+    def judge_policy(self, greedy: bool | None) -> dict:
+        """The experiment's evaluation of the current policy (per-prompt lists; KL to the reference).
+        `greedy` None: as the evaluation config says; False: sampled responses only (the curves)."""
         with self.generation_model() as policy:
-            return evaluate_policy(
-                policy, self.tokenizer, self.eval_prompts, self.judges,
-                max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=self.seed,
-                reference=self.reference, reference_context=self.reference_context,
-            )
+            return self.evaluation.run(policy, self.tokenizer, reference=self.reference,
+                                       reference_context=self.reference_context, greedy=greedy)
 
     def evaluate(self) -> dict:
-        from rlhf.stats import paired_bootstrap
-
-        final = self.judge_policy()
-        before, after = self.baseline, final
-        metrics: dict = {"eval_prompts": len(self.eval_prompts)}
-        for name in self.judges:
-            boot = paired_bootstrap(before[name], after[name], seed=self.seed)
-            metrics[f"{name}_sft"], metrics[f"{name}_ppo"] = boot["mean_before"], boot["mean_after"]
-            metrics[f"{name}_gain"], metrics[f"{name}_gain_ci"] = boot["mean_diff"], [boot["ci_low"], boot["ci_high"]]
-        s_before, s_after = summarize(before, list(self.judges)), summarize(after, list(self.judges))
-        metrics.update({"gold_score": s_after["gold"], "kl": s_after["kl"], "eos_rate": s_after["eos_rate"],
-                        "response_length_sft": s_before["response_length"],
-                        "response_length_ppo": s_after["response_length"],
-                        "eos_rate_sft": s_before["eos_rate"]})
-        metrics["samples"] = [
-            {"prompt": p, "sft": b, "ppo": a}
-            for p, b, a in list(zip(self.eval_prompts, before["responses"], after["responses"]))[: self.config.num_logged_samples]
-        ]
-        log.info("ppo: gold judge %.3f -> %.3f (gain %.3f, 95%% CI %.3f..%.3f); held-out judge %.3f -> %.3f; "
-                 "KL %.2f; fluency %.3f -> %.3f", metrics["gold_sft"], metrics["gold_ppo"], metrics["gold_gain"],
-                 *metrics["gold_gain_ci"], metrics["heldout_sft"], metrics["heldout_ppo"], metrics["kl"],
-                 metrics["fluency_sft"], metrics["fluency_ppo"])
+        final = self.judge_policy(greedy=None)
+        metrics = {"eval_prompts": len(self.evaluation.prompts),
+                   **compare(self.baseline, final, self.evaluation.roles, self.seed),
+                   "samples": self.evaluation.samples(final, before=self.baseline)}
+        log.info("ppo: %s", self.headline(metrics))
         return metrics
 
     def save(self, out) -> None:
@@ -581,3 +554,30 @@ class PPOStage(LaunchMixin, Stage):
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)
+
+    @classmethod
+    def headline(cls, m):
+        from rlhf.report import fmt
+
+        return (f"gold {fmt(m, 'gold_ref')} -> {fmt(m, 'gold')}, task success {fmt(m, 'task_ref', '{:.2f}')} -> "
+                f"{fmt(m, 'task', '{:.2f}')}, held-out {fmt(m, 'heldout_ref')} -> {fmt(m, 'heldout')}, unique "
+                f"{fmt(m, 'unique_share_ref', '{:.2f}')} -> {fmt(m, 'unique_share', '{:.2f}')}, KL {fmt(m, 'kl')}")
+
+    @classmethod
+    def report_section(cls, section):
+        from rlhf.report import comparison_table, overoptimisation_plot, samples_table
+
+        m = section.metrics
+        panels = [(label, [(label, *section.series(key))]) for key, label in (
+            ("env/score", "score"), ("env/kl", "KL to reference"), ("env/response_length", "response length"),
+            ("env/unique_share", "unique responses"))]
+        lines = [section.plot(f"{section.name}_training.png", panels, f"{section.name} rollouts"), ""]
+        if m.get("stopped_early"):
+            lines += [f"**Stopped early:** {m['stopped_early']}.", ""]
+        lines += [overoptimisation_plot(section, f"{section.name}_overoptimisation.png"), ""]
+        lines += comparison_table(m, "reference", section.name)
+        lines += samples_table(m.get("samples", []), [("greedy_before", "reference, greedy"),
+                                                      ("greedy_after", f"{section.name}, greedy"),
+                                                      ("before", "reference, sampled"),
+                                                      ("after", f"{section.name}, sampled")])
+        return lines

@@ -204,6 +204,13 @@ class PretrainStage(Stage):
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)
 
+    @classmethod
+    def headline(cls, m):
+        from rlhf.report import fmt
+
+        return (f"perplexity {fmt(m, 'perplexity')} (unigram {fmt(m, 'unigram_perplexity')}, "
+                f"untrained {fmt(m, 'perplexity_before')})")
+
 
 def unigram_perplexity(train_blocks: list[list[int]], eval_blocks: list[list[int]], vocab_size: int) -> float:
     """Perplexity of an add-one-smoothed unigram model on the tokens the LM predicts (all but each block's first).

@@ -44,8 +44,9 @@ class OnPolicyConfig:
     """How many prompts to use."""
     k: int = 4
     """Responses sampled per prompt."""
-    judge: str = "vader"
-    """The simulated annotator: a built-in judge name or a dotted path to `fn(prompts, responses) -> scores`."""
+    judge: str = "word_vader"
+    """The simulated annotator: a built-in judge name or a dotted path to `fn(prompts, responses, **columns)
+    -> scores` (columns: the prompt rows' other fields)."""
     margin: float = 0.1
     """Drop pairs whose judge scores differ by less than this."""
     label_noise: float = 0.0
@@ -155,7 +156,9 @@ class RewardStage(Stage):
             saved = json.loads(cached.read_text())
             return saved["train"], saved["eval"], saved["responses"]
         judge = load_judge(c.judge, field="stages.reward.onpolicy.judge")
-        prompts = load_rows(c.prompts, "prompts", limit=c.num_prompts)["prompt"]
+        rows = load_rows(c.prompts, "prompts", limit=c.num_prompts)
+        prompts = rows["prompt"]
+        columns = {name: rows[name] for name in rows.column_names if name != "prompt"}  # e.g. the task's answers
         policy_path = self.input_path("policy" if "policy" in self.input_refs else "model")
         repeated = [p for p in prompts for _ in range(c.k)]
         with whole_models():  # the main process alone samples
@@ -163,7 +166,8 @@ class RewardStage(Stage):
             samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                              batch_size=64, progress=True)
         grouped = [[s.response for s in samples[i * c.k : (i + 1) * c.k]] for i in range(len(prompts))]
-        pairs = rank_pairs(prompts, grouped, judge, margin=c.margin, noise=c.label_noise, seed=self.seed)
+        pairs = rank_pairs(prompts, grouped, judge, margin=c.margin, noise=c.label_noise, seed=self.seed,
+                           columns=columns)
         held = set(random.Random(self.seed).sample(list(prompts), int(len(prompts) * c.eval_fraction)))
         train = [p for p in pairs if p["prompt"] not in held]
         evals = [p for p in pairs if p["prompt"] in held]
@@ -342,6 +346,26 @@ class RewardStage(Stage):
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)
+
+    @classmethod
+    def headline(cls, m):
+        parts = [f"{k.removeprefix('accuracy_')} {m[k]:.3f}" for k in m if k.startswith("accuracy_")]
+        return "accuracy " + ", ".join(parts)
+
+    @classmethod
+    def report_section(cls, section):
+        from rlhf.report import bar_plot
+
+        m = section.metrics
+        sources = [k.removeprefix("accuracy_") for k in m if k.startswith("accuracy_")]
+        if not sources:
+            return []
+        bar_plot(section.out_dir / "reward_accuracy.png", sources, [m[f"accuracy_{s}"] for s in sources],
+                 "held-out pairwise accuracy", "Reward model agreement with the judge")
+        section.plots.append("reward_accuracy.png")
+        return ["![reward accuracy](reward_accuracy.png)", "",
+                *(f"- {s}: accuracy {m[f'accuracy_{s}']:.3f} on {m.get(f'eval_pairs_{s}', '?')} pairs, "
+                  f"mean margin {m.get(f'margin_{s}', float('nan')):.3f}" for s in sources)]
 
 
 def _conversational(row: dict) -> dict:

@@ -2,8 +2,9 @@
 
 In:  a causal LM (the `pretrain` artifact, a hub id or a local HF directory) and prompt/response pairs.
 Out: a policy artifact (LoRA merged if used; the adapter kept in `adapter/`), with held-out loss and
-     perplexity, samples on held-out prompts and the EOS rate: a policy that never stops is useless to PPO,
-     so a rate below `min_eos_rate` fails the stage.
+     perplexity and the experiment's shared evaluation of the policy (task success, judges, diversity,
+     samples; sampled and greedy). A policy that never stops is useless to PPO, so an EOS rate below
+     `min_eos_rate` fails the stage.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
 from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
+from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
-from rlhf.sampling import sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
@@ -34,15 +35,17 @@ class SFTConfig:
     train_data: str = "data/sft/train.jsonl.gz"
     """Training pairs: {"prompt","response"} or {"messages"} rows (local file or hub dataset)."""
     eval_data: str = "data/sft/valid.jsonl.gz"
-    """Held-out pairs for loss and perplexity."""
-    eval_prompts: str = "data/prompts/eval.jsonl.gz"
-    """Held-out prompts that samples and the EOS rate are measured on."""
+    """Held-out pairs for loss and perplexity (samples, task success and the EOS rate come from the
+    experiment's `evaluation:` prompts)."""
     max_examples: int | None = None
     """Train on at most this many pairs (None: all)."""
     max_length: int = 128
     """Longest tokenized example; longer ones are truncated."""
     packing: bool = False
     """Pack several examples into one sequence (TRL's best-fit packing)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together (`train_sampling_strategy="group_by_length"`): less
+    padding, so faster steps on short, uneven examples; batches are then less random."""
     max_steps: int = 400
     """Optimizer steps."""
     batch_size: int = 32
@@ -52,7 +55,9 @@ class SFTConfig:
     learning_rate: float = 1e-3
     """Peak learning rate."""
     warmup_steps: int = 20
-    """Linear warmup steps before the cosine decay."""
+    """Linear warmup steps before the learning-rate schedule."""
+    lr_scheduler_type: str = "cosine"
+    """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -63,20 +68,13 @@ class SFTConfig:
     """bf16 mixed precision (GPUs that support it)."""
     eval_examples: int = 512
     """Held-out pairs used for loss and perplexity."""
-    eval_samples: int = 128
-    """Held-out prompts sampled to measure the EOS rate."""
-    max_new_tokens: int = 48
-    """Response length limit when sampling for the EOS rate."""
-    temperature: float = 1.0
-    """Sampling temperature for the EOS-rate samples."""
     min_eos_rate: float = 0.8
-    """Fail the stage when fewer samples than this end with EOS (lower it only on purpose)."""
+    """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS (lower it
+    only on purpose)."""
     logging_steps: int = logging_only(10)
     """Log training loss every N steps."""
     save_steps: int = logging_only(100)
     """Write a resumable checkpoint every N steps."""
-    num_logged_samples: int = logging_only(8)
-    """Samples kept in the manifest for people to read."""
 
 
 class SFTStage(Stage):
@@ -89,7 +87,7 @@ class SFTStage(Stage):
 
     def data_files(self):
         c = self.config
-        return {"train": c.train_data, "eval": c.eval_data, "eval_prompts": c.eval_prompts}
+        return {"train": c.train_data, "eval": c.eval_data}
 
     # -- override points --------------------------------------------------------------------------
 
@@ -119,11 +117,12 @@ class SFTStage(Stage):
             gradient_accumulation_steps=c.gradient_accumulation_steps,
             learning_rate=c.learning_rate,
             warmup_steps=c.warmup_steps,
-            lr_scheduler_type="cosine",
+            lr_scheduler_type=c.lr_scheduler_type,
             weight_decay=c.weight_decay,
             max_grad_norm=c.max_grad_norm,
             max_length=c.max_length,
             packing=c.packing,
+            train_sampling_strategy="group_by_length" if c.group_by_length else "random",
             assistant_only_loss=True,
             bf16=c.bf16,
             logging_steps=c.logging_steps,
@@ -153,7 +152,7 @@ class SFTStage(Stage):
         refuse_sharded_lora("sft", self.config.lora.enabled)  # before training, not after it
         self.model, self.tokenizer = self.build_model()
         self.train_ds, self.eval_ds = self.build_dataset()
-        self.eval_prompt_rows = load_rows(self.config.eval_prompts, "prompts", limit=self.config.eval_samples)
+        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
         self.trainer = self.build_trainer()
         self.model = self.trainer.model  # a PeftModel when LoRA is on
         log.info("sft: %d trainable of %d parameters, %d training pairs", count_parameters(self.model, True),
@@ -178,25 +177,18 @@ class SFTStage(Stage):
     def evaluate(self) -> dict:
         c = self.config
         loss = self.trainer.evaluate()["eval_loss"]
-        samples = sample(self.model, self.tokenizer, self.eval_prompt_rows["prompt"], max_new_tokens=c.max_new_tokens,
-                         temperature=c.temperature, batch_size=64, progress=True)
-        eos_rate = sum(s.ended for s in samples) / len(samples)
-        metrics = {
-            "eval_loss": loss,
-            "perplexity": math.exp(loss),
-            "eos_rate": eos_rate,
-            "mean_response_tokens": sum(s.num_tokens for s in samples) / len(samples),
-            "samples": [{"prompt": s.prompt, "response": s.response, "ended": s.ended}
-                        for s in samples[: c.num_logged_samples]],
-        }
-        self.tracker.log({k: v for k, v in metrics.items() if k != "samples"}, step=self.trainer.state.global_step)
-        log.info("sft: held-out perplexity %.2f, EOS rate %.2f", metrics["perplexity"], eos_rate)
-        if eos_rate < c.min_eos_rate:
+        results = self.evaluation.run(self.model, self.tokenizer)
+        metrics = {"eval_loss": loss, "perplexity": math.exp(loss), "eval_prompts": len(self.evaluation.prompts),
+                   **summarize(results, self.evaluation.roles)}
+        self.tracker.log(metrics, step=self.trainer.state.global_step)
+        metrics["samples"] = self.evaluation.samples(results)
+        log.info("sft: held-out perplexity %.2f; %s", metrics["perplexity"], self.headline(metrics))
+        if metrics["eos_rate"] < c.min_eos_rate:
             raise StageError(
-                f"sft: only {eos_rate:.0%} of {len(samples)} held-out samples end with EOS within {c.max_new_tokens} "
-                f"tokens (floor stages.sft.min_eos_rate={c.min_eos_rate}). A policy that does not stop gives PPO "
-                "nothing to score; train longer (stages.sft.max_steps), check that responses end with EOS, or lower "
-                "the floor on purpose."
+                f"sft: only {metrics['eos_rate']:.0%} of {metrics['eval_prompts']} held-out samples end with EOS "
+                f"within evaluation.max_new_tokens={self.experiment.evaluation.max_new_tokens} tokens (floor "
+                f"stages.sft.min_eos_rate={c.min_eos_rate}). A policy that does not stop gives PPO nothing to score; "
+                "train longer (stages.sft.max_steps), check that responses end with EOS, or lower the floor on purpose."
             )
         return metrics
 
@@ -215,3 +207,19 @@ class SFTStage(Stage):
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)
+
+    @classmethod
+    def headline(cls, m):
+        from rlhf.report import fmt
+
+        return (f"perplexity {fmt(m, 'perplexity')}, task success {fmt(m, 'greedy_task', '{:.2f}')} greedy / "
+                f"{fmt(m, 'task', '{:.2f}')} sampled, gold {fmt(m, 'gold')}, unique {fmt(m, 'unique_share', '{:.2f}')}, "
+                f"EOS rate {fmt(m, 'eos_rate', '{:.2f}')}")
+
+    @classmethod
+    def report_section(cls, section):
+        from rlhf.report import evaluation_table, samples_table
+
+        m = section.metrics
+        return [f"Held-out perplexity {m.get('perplexity', float('nan')):.2f}.", "", *evaluation_table(m),
+                *samples_table(m.get("samples", []), [("greedy_response", "greedy"), ("response", "sampled")])]

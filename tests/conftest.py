@@ -112,14 +112,11 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
         "sft": {
             "train_data": str(data["sft_train"]),
             "eval_data": str(data["sft_eval"]),
-            "eval_prompts": str(data["prompts"]),
             "max_length": 48,
             "max_steps": 6,
             "batch_size": 8,
             "warmup_steps": 1,
             "eval_examples": 16,
-            "eval_samples": 8,
-            "max_new_tokens": 8,
             "min_eos_rate": 0.0,
             "logging_steps": 2,
             "save_steps": 3,
@@ -141,8 +138,10 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
         },
     }
     runs = str(Path(store).parent / "runs")
+    evaluation = {"prompts": str(data["prompts"]), "num_prompts": 8, "max_new_tokens": 8, "batch_size": 8,
+                  "num_logged_samples": 2}
     return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled", "dir": runs},
-            "stages": {name: blocks[name] for name in stages}}
+            "evaluation": evaluation, "stages": {name: blocks[name] for name in stages}}
 
 
 def write_config(path: Path, cfg: dict) -> Path:
@@ -161,17 +160,15 @@ PPO_BLOCK = {
     "rollout_batch_size": 8,
     "num_minibatches": 2,
     "ppo_epochs": 2,
-    "eval_num_prompts": 8,
     "eval_every": 0,
     "save_every": 1,
-    "num_logged_samples": 2,
 }
 
 
 def ppo_config(data: dict[str, Path], store: str, **ppo) -> dict:
     """The whole four-stage tiny experiment."""
     cfg = tiny_config(data, store, stages=("pretrain", "sft", "reward"))
-    cfg["stages"]["ppo"] = {"prompts": str(data["prompts"]), "eval_prompts": str(data["prompts"]), **PPO_BLOCK, **ppo}
+    cfg["stages"]["ppo"] = {"prompts": str(data["prompts"]), **PPO_BLOCK, **ppo}
     return cfg
 
 

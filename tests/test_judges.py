@@ -263,6 +263,18 @@ def test_rank_pairs_takes_best_and_worst_in_one_batch():
     ]
 
 
+def test_rank_pairs_gives_each_response_its_prompt_rows_columns():
+    # the default task's gold judge reads the requested word from the prompts file's "word" column
+    prompts = ["Use the word x in a sentence.", "Use the word x in a sentence.", "lone"]
+    groups = [["I love my dog.", "I love my cat."], ["a cat", "the cat sat"], ["only one"]]
+    pairs = rank_pairs(prompts, groups, load_judge("word_vader"), margin=0.1,
+                       columns={"word": ["dog", "cat", "unused"]})
+    # prompt 0: only the dog sentence uses "dog" (VADER 0.6369), the other scores -1
+    assert pairs[0]["chosen"] == "I love my dog." and pairs[0]["margin"] == pytest.approx(1.6369)
+    # prompt 1: both use "cat" with VADER 0.0: a tie, below the margin, dropped; prompt 2 has one response
+    assert len(pairs) == 1
+
+
 def test_rank_pairs_drops_small_gaps_and_keeps_gap_equal_to_margin():
     judge = table_judge({"a": 0.0, "b": 0.25, "c": 0.5, "d": 0.75})
     pairs = rank_pairs(["small", "equal", "large"], [["a", "b"], ["a", "c"], ["a", "d"]], judge, margin=0.5)

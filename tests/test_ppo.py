@@ -248,14 +248,50 @@ def test_watchdog_on_the_first_rollout_keeps_the_starting_policy(upstream):
     assert all(torch.equal(ppo[k], sft[k]) for k in sft)
 
 
-def test_ppo_manifest_reports_sft_vs_ppo(upstream):
+def test_diversity_watchdog_stops_a_collapsing_policy_and_keeps_the_last_good_one(upstream, monkeypatch):
+    """From step 1 on the policy is forced to give one response to every prompt: the watchdog stops the run
+    there and the published policy is the one that produced step 0's diverse rollout (the SFT policy)."""
+    from stages.ppo import PPOStage
+
+    original, calls = PPOStage.rollout, []
+
+    def collapsing(self, prompts):
+        q_ids, q_mask, r_ids, r_mask = original(self, prompts)
+        calls.append(len(prompts))
+        if len(calls) > 1:  # every row becomes row 0's response
+            r_ids, r_mask = r_ids[:1].expand_as(r_ids).clone(), r_mask[:1].expand_as(r_mask).clone()
+        return q_ids, q_mask, r_ids, r_mask
+
+    monkeypatch.setattr(PPOStage, "rollout", collapsing)
+    pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=4", "stages.ppo.min_unique_share=0.5"]))
+    results = {r.name: r for r in pipe.run()}
+    m = results["ppo"].metrics
+    assert m["stopped_early"].startswith("step 1: only 12% of the rollout's responses are distinct")  # 1 of 8
+    assert m["train_steps"] == 1
+    from transformers import AutoModelForCausalLM
+
+    ppo = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["ppo"].key)).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(results["sft"].key)).state_dict()
+    assert all(torch.equal(ppo[k], sft[k]) for k in sft)
+
+
+def test_ppo_manifest_compares_with_the_reference_on_the_shared_evaluation(upstream):
     pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=2"]))
     results = {r.name: r for r in pipe.run()}
     m = pipe.store.manifest(results["ppo"].key)
     metrics = m["metrics"]
-    for name in ("gold", "heldout", "fluency"):
-        for suffix in ("sft", "ppo", "gain", "gain_ci"):
-            assert f"{name}_{suffix}" in metrics
-    assert len(metrics["samples"]) == 2 and {"prompt", "sft", "ppo"} <= set(metrics["samples"][0])
+    for role in ("gold", "heldout", "task", "fluency"):
+        for prefix in ("", "greedy_"):
+            for suffix in ("", "_ref", "_gain", "_gain_ci"):
+                assert f"{prefix}{role}{suffix}" in metrics, f"{prefix}{role}{suffix}"
+    for key in ("unique_share", "top_share", "distinct_1", "distinct_2", "response_length"):
+        assert key in metrics and f"{key}_ref" in metrics and f"greedy_{key}" in metrics
+    assert metrics["eval_prompts"] == 8 and "kl" in metrics
+    assert len(metrics["samples"]) == 2
+    assert set(metrics["samples"][0]) == {"prompt", "before", "after", "greedy_before", "greedy_after"}
+    # the baseline is the SFT policy measured by the same evaluation as the SFT stage's own
+    sft = pipe.store.manifest(results["sft"].key)["metrics"]
+    assert metrics["greedy_task_ref"] == sft["greedy_task"] and metrics["gold_ref"] == sft["gold"]
+    assert m["headline"].startswith("gold ") and "task success" in m["headline"]
     assert m["inputs"]["policy"]["stage"] == "sft" and m["inputs"]["reward_model"]["stage"] == "reward"
     assert m["kind"] == "policy"

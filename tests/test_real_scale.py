@@ -63,14 +63,14 @@ SMALL = [
     "tracking.wandb=disabled",
     "stages.sft.max_examples=60", "stages.sft.max_length=64", "stages.sft.max_steps=4", "stages.sft.batch_size=4",
     "stages.sft.gradient_accumulation_steps=1", "stages.sft.warmup_steps=1", "stages.sft.bf16=false",
-    "stages.sft.eval_examples=8", "stages.sft.eval_samples=4", "stages.sft.max_new_tokens=8",
+    "stages.sft.eval_examples=8", "evaluation.num_prompts=4", "evaluation.max_new_tokens=8",
     "stages.sft.min_eos_rate=0.0", "stages.sft.save_steps=2",
     "stages.reward.max_length=64", "stages.reward.max_steps=4", "stages.reward.batch_size=4",
     "stages.reward.gradient_accumulation_steps=1", "stages.reward.warmup_steps=1", "stages.reward.bf16=false",
     "stages.reward.min_accuracy=0.0", "stages.reward.stats_samples=8", "stages.reward.save_steps=2",
     "stages.ppo.num_steps=2", "stages.ppo.rollout_batch_size=4", "stages.ppo.num_minibatches=2",
     "stages.ppo.gradient_accumulation_steps=1", "stages.ppo.ppo_epochs=1", "stages.ppo.max_new_tokens=8",
-    "stages.ppo.eval_num_prompts=4", "stages.ppo.eval_every=0", "stages.ppo.save_every=1",
+    "stages.ppo.eval_every=0", "stages.ppo.save_every=1",
 ]
 
 
@@ -118,10 +118,10 @@ def test_pythia_hh_config_runs_on_local_standins(standins, workdir):
     assert raw.pad_token is None and raw.chat_template is None and raw.bos_token_id == raw.eos_token_id
     overrides = [
         f"store={workdir / 'store'}", f"tracking.dir={workdir / 'runs'}", f"stages.sft.model={model}",
-        f"stages.sft.train_data={hh}#train", f"stages.sft.eval_data={hh}#test", f"stages.sft.eval_prompts={hh}#test",
+        f"stages.sft.train_data={hh}#train", f"stages.sft.eval_data={hh}#test", f"evaluation.prompts={hh}#test",
         f"stages.reward.train_data={hh}#train", f"stages.reward.eval_data={hh}#test",
         f"stages.reward.onpolicy.prompts={hh}#train",
-        f"stages.ppo.prompts={hh}#train", f"stages.ppo.eval_prompts={hh}#test", *SMALL,
+        f"stages.ppo.prompts={hh}#train", *SMALL,
     ]
     pipe = Pipeline(load_experiment(CONFIG, overrides))
     assert pipe.order == ["sft", "reward", "ppo"]  # no pretraining

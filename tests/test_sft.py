@@ -51,16 +51,19 @@ def test_sft_artifact_metrics_and_input_from_store(sft_yaml):
     assert m["kind"] == "policy"
     assert m["inputs"]["model"] == {"key": results["pretrain"].key, "stage": "pretrain", "external": None}
     metrics = m["metrics"]
-    for k in ("eval_loss", "perplexity", "eos_rate", "samples", "train_loss"):
+    for k in ("eval_loss", "perplexity", "eos_rate", "samples", "train_loss", "task", "greedy_task", "gold",
+              "unique_share", "greedy_unique_share", "distinct_2", "top_share"):
         assert k in metrics
-    assert 0.0 <= metrics["eos_rate"] <= 1.0 and len(metrics["samples"]) == 8
+    assert 0.0 <= metrics["eos_rate"] <= 1.0 and len(metrics["samples"]) == 2
+    assert set(metrics["samples"][0]) == {"prompt", "response", "greedy_response"}
+    assert m["headline"].startswith("perplexity ") and "task success" in m["headline"]
     assert m["tokenizer_digest"] == store.manifest(results["pretrain"].key)["tokenizer_digest"]
 
 
 def test_eos_floor_fails_the_stage_and_publishes_nothing(sft_yaml):
     # eight SFT steps of a 2-layer model cannot make every sample stop within 8 tokens
     with pytest.raises(StageError, match=r"end with EOS.*min_eos_rate=1\.0"):
-        _run(sft_yaml, "stages.sft.min_eos_rate=1.0", "stages.sft.max_new_tokens=2")
+        _run(sft_yaml, "stages.sft.min_eos_rate=1.0", "evaluation.max_new_tokens=2")
     store = ArtifactStore(str(sft_yaml.parent / "store"))
     assert [store.manifest(k)["stage"] for k in store.keys()] == ["pretrain"]
 

@@ -22,6 +22,8 @@ def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     data = make_tiny_data(root)
     cfg = ppo_config(data, str(root / "store"), eval_every=1)
+    # a second policy stage under a name no module knows: the report and status show it through its class
+    cfg["stages"]["ppo_short"] = {**cfg["stages"]["ppo"], "class": "stages.ppo:PPOStage", "num_steps": 1}
     path = write_config(root / "exp.yaml", cfg)
     Pipeline(load_experiment(path)).run()
     return root, path
@@ -33,13 +35,25 @@ def test_report_writes_every_plot_it_names(finished, capsys):
     assert rlhf_main(["report", str(path), "--out", str(out)]) == 0
     md = (out / "report.md").read_text()
     named = [line.split("(")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
-    assert set(named) == {"losses.png", "reward_accuracy.png", "ppo_training.png", "gold_vs_kl.png"}
+    assert set(named) == {"losses.png", "reward_accuracy.png", "ppo_training.png", "ppo_overoptimisation.png",
+                          "ppo_short_training.png", "ppo_short_overoptimisation.png"}
     for name in named:
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
-    for heading in ("## Stages", "## Training losses", "## Reward model", "## PPO", "### SFT vs PPO", "### Samples"):
+    for heading in ("## Stages", "## Training losses", "## sft", "## reward", "## ppo", "## ppo_short"):
         assert heading in md
+    # every policy's shared evaluation: task success and diversity beside the judges, sampled and greedy
+    for row in ("| task success | sampled |", "| task success | greedy |", "| unique responses (share) | greedy |",
+                "| gold judge | sampled |", "| KL to reference"):
+        assert row in md
     assert "Missing stages" not in md
+
+
+def test_status_shows_each_stage_headline_from_its_class(finished, capsys):
+    root, path = finished
+    assert rlhf_main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[test/ppo_short]" in out and "task success" in out and "perplexity" in out and "accuracy" in out
 
 
 def test_report_names_missing_stages(workdir, tiny_data, capsys):

@@ -158,6 +158,15 @@ class LaunchMixin:
             return x.mean().item()
         return self.accelerator.gather(x).mean().item()
 
+    def batch_unique_share(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> float:
+        """Share of distinct responses (B, R) in the whole rollout batch (all ranks' rows)."""
+        rows = [tuple(ids[mask].tolist()) for ids, mask in zip(response_ids, response_mask)]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        return len(set(rows)) / max(len(rows), 1)
+
     def reduce_stats(self, stats: dict[str, float]) -> dict[str, float]:
         """Each statistic averaged over the ranks (every rank holds an equal share of the batch)."""
         if self.accelerator.num_processes == 1:

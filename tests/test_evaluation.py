@@ -1,0 +1,52 @@
+"""The shared policy evaluation: diversity with golden values, and the reference comparison's numbers."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf.evaluation import compare, diversity, summarize
+
+
+def test_diversity_golden_values():
+    responses = ["a good dog", "a good dog", "A bad cat", "the dog"]
+    d = diversity(responses)
+    # words, lowercased: a good dog | a good dog | a bad cat | the dog -> 11 words, 6 distinct
+    assert d["distinct_1"] == pytest.approx(6 / 11)
+    # bigrams: (a good)(good dog) x2, (a bad)(bad cat), (the dog) -> 7 bigrams, 5 distinct
+    assert d["distinct_2"] == pytest.approx(5 / 7)
+    # responses compare as whole strings: 3 distinct of 4; the most common one is 2 of 4
+    assert d["unique_share"] == 0.75 and d["top_share"] == 0.5
+
+
+def test_diversity_of_a_collapsed_policy_and_of_nothing():
+    d = diversity(["a good person"] * 9 + ["a good party"])
+    assert d["unique_share"] == 0.2 and d["top_share"] == 0.9
+    assert d["distinct_2"] == pytest.approx(3 / 20)  # (a good), (good person), (good party) of 20 bigrams
+    assert diversity([]) == {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0}
+    assert diversity(["", "one"])["distinct_2"] == 0.0  # no bigram at all
+
+
+def _run(responses, task, gold, kl=None):
+    sampled = {"responses": responses, "length": [len(r.split()) for r in responses], "ended": [True] * len(responses),
+               "task": task, "gold": gold}
+    if kl is not None:
+        sampled["kl"] = kl
+    greedy = {k: v for k, v in sampled.items() if k != "kl"}
+    return {"sampled": sampled, "greedy": greedy}
+
+
+def test_summarize_and_compare_name_every_number():
+    before = _run(["a dog", "a cat", "the sun", "a tree"], [1, 0, 1, 0], [0.5, -1.0, 0.0, -1.0])
+    after = _run(["a good dog", "a good cat", "a good sun", "a good sun"], [1, 1, 0, 0], [0.9, 0.8, -1.0, -1.0],
+                 kl=[1.0, 2.0, 3.0, 2.0])
+    s = summarize(before, ["task", "gold"])
+    assert s["task"] == 0.5 and s["greedy_task"] == 0.5 and s["gold"] == pytest.approx(-0.375)
+    assert s["unique_share"] == 1.0 and s["response_length"] == 2.0 and "kl" not in s
+    m = compare(before, after, ["task", "gold"], seed=0)
+    # paired differences of gold: +0.4, +1.8, -1.0, 0.0 -> mean +0.3
+    assert m["gold_gain"] == pytest.approx(0.3) and m["gold_ref"] == pytest.approx(-0.375)
+    assert m["gold"] == pytest.approx(-0.075) and m["greedy_gold_gain"] == pytest.approx(0.3)
+    lo, hi = m["gold_gain_ci"]
+    assert lo <= 0.3 <= hi
+    assert m["task_gain"] == 0.0 and m["kl"] == 2.0
+    assert m["unique_share"] == 0.75 and m["unique_share_ref"] == 1.0 and m["top_share"] == 0.5
