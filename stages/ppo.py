@@ -47,7 +47,7 @@ from rlhf.ppo import (
 from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
 from rlhf.ppo.packing import use_packed_attention
 from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
-from rlhf.sampling import chat_prompt, encode_prompts
+from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 
@@ -303,9 +303,9 @@ class PPOStage(LaunchMixin, Stage):
         enc = encode_prompts(tok, prompts, self.accelerator.device)
         with self.generation_model() as policy:
             policy.eval()
-            seqs = policy.generate(**enc, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-                                   top_p=c.top_p, top_k=0, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, **self.generate_extra())
+            # the stage's settings alone: the checkpoint's generation_config must not reshape what is sampled
+            config = generation_config(tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
+            seqs = generate(policy, config, **enc, **self.generate_extra())
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         response_ids = seqs[:, query_ids.shape[1] :]
         response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
