@@ -148,19 +148,36 @@ def test_sample_ignores_the_checkpoints_generation_config(carried_policy, temper
     assert carried.generation_config.repetition_penalty == 1.3
 
 
-def test_left_padding_gives_the_same_logprobs(upstream):
-    stage = ppo_stage(upstream)
-    tok, policy = stage.tokenizer, stage.policy
+def tiny_gpt2(vocab_size: int):
+    """A 2-layer GPT-2: absolute position embeddings, so a token's position moves its logits (rotary
+    positions as in Llama see only relative offsets, which a uniform shift keeps)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_left_padding_gives_the_same_logprobs(upstream, packed):
+    from rlhf.ppo.packing import use_packed_attention
+    from rlhf.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(sft_path(upstream)))
+    policy = tiny_gpt2(len(tok))
+    if packed:
+        use_packed_attention(policy)
     short, long = "Use the word \"sky\" in a sentence.", "Use the word \"river\" in a sentence, please, right now."
     response = torch.tensor([tok("The sky is blue.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
     r_mask = torch.ones_like(response, dtype=torch.bool)
     alone = encode_prompts(tok, [short])
-    batch = encode_prompts(tok, [short, long])
-    assert (batch["attention_mask"][0] == 0).any()  # the short prompt really is left-padded
-    lp_alone, _ = policy_forward(policy, alone["input_ids"], alone["attention_mask"].bool(), response, r_mask, 1.0)
+    batch = encode_prompts(tok, [long, short])  # second: packed, it starts after the long one's tokens
+    assert (batch["attention_mask"][1] == 0).any()  # the short prompt really is left-padded
+    lp_alone, _ = policy_forward(policy, alone["input_ids"], alone["attention_mask"].bool(), response, r_mask, 1.0,
+                                 packed=packed)
     lp_batch, _ = policy_forward(policy, batch["input_ids"], batch["attention_mask"].bool(), response.repeat(2, 1),
-                                 r_mask.repeat(2, 1), 1.0)
-    assert torch.allclose(lp_alone[0], lp_batch[0], atol=1e-5)
+                                 r_mask.repeat(2, 1), 1.0, packed=packed)
+    assert torch.allclose(lp_alone[0], lp_batch[1], atol=1e-5), (lp_alone[0] - lp_batch[1]).abs().max()
 
 
 def _captured_gradients(stage, traj, advantages, returns):
