@@ -154,6 +154,10 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator: {self.kl_estimator!r}; one of {sorted(KL_ESTIMATORS)}")
+        if self.lora.enabled and self.lora.dropout:
+            # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
+            raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
+                             "with adapter dropout on, which is not the policy that sampled the rollout; set it to 0")
         per_epoch = self.num_minibatches * self.gradient_accumulation_steps
         if self.rollout_batch_size % per_epoch:
             raise ValueError(

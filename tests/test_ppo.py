@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config
 
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
@@ -178,6 +179,16 @@ def test_left_padding_gives_the_same_logprobs(upstream, packed):
     lp_batch, _ = policy_forward(policy, batch["input_ids"], batch["attention_mask"].bool(), response.repeat(2, 1),
                                  r_mask.repeat(2, 1), 1.0, packed=packed)
     assert torch.allclose(lp_alone[0], lp_batch[1], atol=1e-5), (lp_alone[0] - lp_batch[1]).abs().max()
+
+
+def test_lora_dropout_is_refused(workdir):
+    from rlhf.config import ConfigError
+
+    path = write_config(workdir / "e.yaml", {"stages": {"ppo": {"lora": {"enabled": True, "dropout": 0.1}}}})
+    with pytest.raises(ConfigError, match=r"e\.yaml: stages\.ppo\.lora\.dropout: 0\.1 must be 0 in PPO"):
+        load_experiment(path)
+    write_config(path, {"stages": {"ppo": {"lora": {"enabled": True, "dropout": 0.0}}}})
+    load_experiment(path)
 
 
 def _captured_gradients(stage, traj, advantages, returns):
