@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--judge", default="vader")
+    p.add_argument("--judge", default="word_vader")
     p.add_argument("--json")
     a = p.parse_args()
     import torch
@@ -31,21 +31,20 @@ def main() -> None:
     from rlhf.judges import load_judge
     from rlhf.ppo import response_mask_from_eos
     from rlhf.ppo.rollout import score_at_eos
-    from rlhf.sampling import batches, encode_prompts
+    from rlhf.sampling import batches, encode_prompts, generate, generation_config
     from rlhf.tokenizer import load_tokenizer
 
     tok = load_tokenizer(a.policy)
     policy = AutoModelForCausalLM.from_pretrained(a.policy).eval()
     reward = AutoModelForSequenceClassification.from_pretrained(a.reward).eval()
     prompts = read_prompts(a.prompts, a.num_prompts)
+    config = generation_config(tok, max_new_tokens=a.response_length, temperature=a.temperature)
     scores, ended, lengths, texts = [], [], [], []
     torch.manual_seed(a.seed)
     with torch.no_grad():
         for chunk in batches(prompts, 64):
             enc = encode_prompts(tok, chunk)
-            seqs = policy.generate(**enc, max_new_tokens=a.response_length, do_sample=True, top_k=0, top_p=1.0,
-                                   temperature=a.temperature, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id)
+            seqs = generate(policy, config, **enc)
             q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
             r_ids = seqs[:, q_ids.shape[1]:]
             r_mask = response_mask_from_eos(r_ids, tok.eos_token_id)

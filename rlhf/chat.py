@@ -44,6 +44,8 @@ def chat_loop(model, tokenizer, read: Callable[[str], str] = input, out: TextIO 
     """Read user turns until /quit or end of input; stream each reply token by token. Returns turns answered."""
     from transformers import TextStreamer
 
+    from rlhf.sampling import generate, generation_config
+
     history: list[dict] = []
     print(HELP, file=out, flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -69,10 +71,8 @@ def chat_loop(model, tokenizer, read: Callable[[str], str] = input, out: TextIO 
                                             return_dict=True).to(model.device)
         print("model> ", end="", file=out, flush=True)
         with torch.no_grad():
-            seq = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else None, top_k=0 if temperature > 0 else None,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                 streamer=streamer)
+            seq = generate(model, generation_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature),
+                           **ids, streamer=streamer)
         reply = tokenizer.decode(seq[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})
         turns += 1

@@ -96,7 +96,7 @@ class PolicyEvaluation:
     def _decode(self, policy, tokenizer, temperature: float, reference, reference_context) -> dict[str, list]:
         from rlhf.ppo.core import masked_sum, response_mask_from_eos
         from rlhf.ppo.rollout import policy_forward
-        from rlhf.sampling import batches, encode_prompts, generation_kwargs
+        from rlhf.sampling import batches, encode_prompts, generate, generation_config
 
         c, eos = self.config, tokenizer.eos_token_id
         was_training = policy.training
@@ -105,12 +105,12 @@ class PolicyEvaluation:
         measure_kl = temperature > 0 and (reference is not None or reference_context is not nullcontext)
         if measure_kl:
             out["kl"] = []
+        config = generation_config(tokenizer, max_new_tokens=c.max_new_tokens, temperature=temperature)
         with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             for chunk in batches(self.prompts, c.batch_size):
                 enc = encode_prompts(tokenizer, chunk, policy.device)
-                seqs = policy.generate(**enc, **generation_kwargs(tokenizer, max_new_tokens=c.max_new_tokens,
-                                                                  temperature=temperature))
+                seqs = generate(policy, config, **enc)
                 q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
                 r_ids = seqs[:, q_ids.shape[1]:]
                 r_mask = response_mask_from_eos(r_ids, eos)

@@ -47,7 +47,7 @@ class LoraSettings:
     alpha: int = 16
     """Scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
-    """Dropout on the adapter input (keep 0 for PPO: dropout breaks the ratio-1 check)."""
+    """Dropout on the adapter input (PPO refuses anything but 0: its update would run another policy)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Names of the linear layers that get adapters."""
 

@@ -2,14 +2,23 @@
 
 Prompts are left-padded so every row's last prompt token sits at the same position and generation
 appends to all rows at once; `generate` derives position ids from the attention mask.
+
+Every sample is drawn under a generation config built from the caller's settings alone: a checkpoint's
+own `generation_config.json` (Hub models often carry `repetition_penalty`, `no_repeat_ngram_size`,
+`min_new_tokens`, `top_k`, ...) would otherwise reshape the distribution sampled from, and PPO would
+optimise a policy other than the one it samples (its logprobs are computed from the plain logits).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 @dataclass
@@ -43,12 +52,48 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> dict[str, torc
     return {k: v.to(device) if device is not None else v for k, v in enc.items()}
 
 
-def generation_kwargs(tokenizer, *, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> dict:
-    """`generate` arguments for plain sampling at `temperature` (greedy at 0), nothing else."""
-    sampling = {"do_sample": False} if temperature == 0 else {
-        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    return {"max_new_tokens": max_new_tokens, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, **sampling}
+def generation_config(
+    tokenizer, *, max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0
+) -> GenerationConfig:
+    """Sampling at `temperature` (greedy when 0), nucleus `top_p` and `top_k` (0 = off), and nothing else.
+
+    Every setting that reshapes the next-token distribution is set to its neutral value, so the tokens
+    are drawn from softmax(logits / temperature), the distribution `policy_forward` scores; EOS and pad
+    are the tokenizer's. Pass it to `generate` below, which also keeps the model's own config out.
+    """
+    from transformers import GenerationConfig
+
+    greedy = temperature == 0
+    decoding = {"do_sample": False} if greedy else {
+        "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+        "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    }
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_length=0, num_beams=1, num_return_sequences=1,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, length_penalty=1.0, guidance_scale=1.0, renormalize_logits=False,
+        remove_invalid_values=False, use_cache=True, output_scores=False, output_logits=False,
+        return_dict_in_generate=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **decoding,
+    )
+
+
+def generate(model, config: GenerationConfig, **inputs) -> torch.Tensor:
+    """`model.generate(**inputs)` under `config` and no other generation setting: sequences (B, P + R).
+
+    `generate` fills every field `config` leaves unset from the model's own generation config, and some
+    processors are off only while their field is unset (`bad_words_ids`, `suppress_tokens`,
+    `forced_bos_token_id`, `sequence_bias`, `min_p`, ...). So the model's config is set aside for the
+    call: the one given stands in for it. `inputs` are the tensors and launch arguments (`synced_gpus`).
+    """
+    # a PEFT model generates through its base model, which is where `generate` reads the config
+    holder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = holder.generation_config
+    holder.generation_config = config
+    try:
+        return model.generate(**inputs, generation_config=config)
+    finally:
+        holder.generation_config = own
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -68,22 +113,18 @@ def sample(
     batch_size: int = 64,
     progress: bool = False,
 ) -> list[Sample]:
-    """Sample one response per prompt (greedy when temperature is 0)."""
+    """Sample one response per prompt (greedy when temperature is 0), under these settings alone."""
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    config = generation_config(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     out: list[Sample] = []
     chunks = list(batches(prompts, batch_size))
     for chunk in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2):
         enc = encode_prompts(tokenizer, chunk, model.device)
-        kwargs = {"do_sample": False} if temperature == 0 else {
-            "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0,
-        }
-        seqs = model.generate(
-            **enc, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **kwargs
-        )
+        seqs = generate(model, config, **enc)
         responses = seqs[:, enc["input_ids"].shape[1] :]
         for prompt, ids in zip(chunk, responses.tolist()):
             ended = eos in ids

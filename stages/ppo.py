@@ -48,7 +48,7 @@ from rlhf.ppo import (
 from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
 from rlhf.ppo.packing import use_packed_attention
 from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
-from rlhf.sampling import chat_prompt, encode_prompts
+from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 
@@ -146,6 +146,10 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator: {self.kl_estimator!r}; one of {sorted(KL_ESTIMATORS)}")
+        if self.lora.enabled and self.lora.dropout:
+            # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
+            raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
+                             "with adapter dropout on, which is not the policy that sampled the rollout; set it to 0")
         per_epoch = self.num_minibatches * self.gradient_accumulation_steps
         if self.rollout_batch_size % per_epoch:
             raise ValueError(
@@ -290,9 +294,9 @@ class PPOStage(LaunchMixin, Stage):
         enc = encode_prompts(tok, prompts, self.accelerator.device)
         with self.generation_model() as policy:
             policy.eval()
-            seqs = policy.generate(**enc, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-                                   top_p=c.top_p, top_k=0, eos_token_id=tok.eos_token_id,
-                                   pad_token_id=tok.pad_token_id, **self.generate_extra())
+            # the stage's settings alone: the checkpoint's generation_config must not reshape what is sampled
+            config = generation_config(tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
+            seqs = generate(policy, config, **enc, **self.generate_extra())
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         response_ids = seqs[:, query_ids.shape[1] :]
         response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_config
 
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
@@ -65,36 +70,125 @@ def test_first_minibatch_has_ratio_one_and_zero_kl(upstream):
     assert stats["clipfrac"].item() == 0.0
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_recomputed_logprobs_equal_sampling_logprobs(upstream, temperature):
-    stage = ppo_stage(upstream, f"stages.ppo.temperature={temperature}")
-    tok, policy = stage.tokenizer, stage.policy
-    enc = encode_prompts(tok, stage.prompts_for_step(0))
+# Sampling settings Hub checkpoints carry in generation_config.json; each reshapes what `generate` samples.
+CARRIED_GENERATION = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 1, "min_new_tokens": 8, "top_k": 5,
+                      "temperature": 0.5, "typical_p": 0.9, "return_dict_in_generate": True}
+
+
+def sft_path(upstream) -> Path:
+    return Path(Pipeline(load_experiment(upstream)).stages["ppo"].input_path("policy"))
+
+
+@pytest.fixture(scope="module")
+def carried_policy(upstream, tmp_path_factory) -> Path:
+    """The SFT policy saved with `CARRIED_GENERATION` in its generation_config.json."""
+    dst = tmp_path_factory.mktemp("carried") / "policy"
+    shutil.copytree(sft_path(upstream), dst)
+    path = dst / "generation_config.json"
+    path.chmod(0o644)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **CARRIED_GENERATION}))
+    return dst
+
+
+def spy_on_sampling(monkeypatch, model) -> list[torch.Tensor]:
+    """Record what each `model.generate` call samples from: its processed scores, (B, R, V) per call.
+
+    The call itself is left as the caller made it; only the outputs are asked for as well.
+    """
+    calls = []
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        out = original(*args, **kwargs, return_dict_in_generate=True, output_scores=True)
+        calls.append(torch.stack(out.scores, dim=1))
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("temperature,carried", [(1.0, False), (0.7, False), (0.7, True)])
+def test_trained_logprobs_are_those_of_the_sampling_distribution(upstream, carried_policy, monkeypatch, temperature,
+                                                                  carried):
+    overrides = [f"stages.ppo.temperature={temperature}"] + ([f"stages.ppo.policy={carried_policy}"] if carried else [])
+    stage = ppo_stage(upstream, *overrides)
+    sampled = spy_on_sampling(monkeypatch, stage.policy)
     torch.manual_seed(1)
-    out = policy.generate(**enc, max_new_tokens=8, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          return_dict_in_generate=True, output_scores=True)
-    response = out.sequences[:, enc["input_ids"].shape[1]:]
-    # generate's scores are the logits after its processors (temperature): the distribution sampled from
-    sampling_logprobs = logprobs_from_logits(torch.stack(out.scores, dim=1), response, 1.0)
-    mask = response_mask_from_eos(response, tok.eos_token_id)
-    recomputed, _ = policy_forward(policy, enc["input_ids"], enc["attention_mask"].bool(), response, mask, temperature)
-    assert torch.allclose(recomputed[mask], sampling_logprobs[mask], atol=1e-4)
+    traj = stage.make_trajectory(stage.prompts_for_step(0))
+    (scores,) = sampled  # (B, R, V) generate's logits after its processors: the distribution each token came from
+    m = traj.response_mask
+    sampling_logprobs = logprobs_from_logits(scores, traj.response_ids, 1.0)
+    gap = (traj.logprobs[m] - sampling_logprobs[m]).abs().max().item()
+    assert gap < 1e-4, f"PPO's logprobs differ from the sampling distribution's by up to {gap:.3g}"
+    if carried:
+        assert stage.policy.generation_config.no_repeat_ngram_size == 1  # the checkpoint's own config is left as is
+        # tokens that no_repeat_ngram_size=1 would have forbidden were sampled: one seen earlier in its sequence
+        def repeats(prompt: list[int], response: list[int]) -> bool:
+            return any(t in prompt + response[:i] for i, t in enumerate(response))
+
+        assert any(repeats(q[mq].tolist(), r[mr].tolist())
+                   for q, mq, r, mr in zip(traj.query_ids, traj.query_mask, traj.response_ids, m))
 
 
-def test_left_padding_gives_the_same_logprobs(upstream):
-    stage = ppo_stage(upstream)
-    tok, policy = stage.tokenizer, stage.policy
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sample_ignores_the_checkpoints_generation_config(carried_policy, temperature):
+    from transformers import GenerationConfig
+
+    from rlhf.models import load_causal_lm
+    from rlhf.sampling import sample
+
+    carried, tok = load_causal_lm(str(carried_policy))
+    plain = copy.deepcopy(carried)
+    plain.generation_config = GenerationConfig()
+    prompts = [f'Use the word "{w}" in a sentence.' for w in ("sky", "river", "stone", "cat")]
+    out = []
+    for model in (carried, plain):
+        torch.manual_seed(0)
+        out.append(sample(model, tok, prompts, max_new_tokens=8, temperature=temperature))
+    assert out[0] == out[1]
+    assert carried.generation_config.repetition_penalty == 1.3
+
+
+def tiny_gpt2(vocab_size: int):
+    """A 2-layer GPT-2: absolute position embeddings, so a token's position moves its logits (rotary
+    positions as in Llama see only relative offsets, which a uniform shift keeps)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_left_padding_gives_the_same_logprobs(upstream, packed):
+    from rlhf.ppo.packing import use_packed_attention
+    from rlhf.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(sft_path(upstream)))
+    policy = tiny_gpt2(len(tok))
+    if packed:
+        use_packed_attention(policy)
     short, long = "Use the word \"sky\" in a sentence.", "Use the word \"river\" in a sentence, please, right now."
     response = torch.tensor([tok("The sky is blue.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
     r_mask = torch.ones_like(response, dtype=torch.bool)
     alone = encode_prompts(tok, [short])
-    batch = encode_prompts(tok, [short, long])
-    assert (batch["attention_mask"][0] == 0).any()  # the short prompt really is left-padded
-    lp_alone, _ = policy_forward(policy, alone["input_ids"], alone["attention_mask"].bool(), response, r_mask, 1.0)
+    batch = encode_prompts(tok, [long, short])  # second: packed, it starts after the long one's tokens
+    assert (batch["attention_mask"][1] == 0).any()  # the short prompt really is left-padded
+    lp_alone, _ = policy_forward(policy, alone["input_ids"], alone["attention_mask"].bool(), response, r_mask, 1.0,
+                                 packed=packed)
     lp_batch, _ = policy_forward(policy, batch["input_ids"], batch["attention_mask"].bool(), response.repeat(2, 1),
-                                 r_mask.repeat(2, 1), 1.0)
-    assert torch.allclose(lp_alone[0], lp_batch[0], atol=1e-5)
+                                 r_mask.repeat(2, 1), 1.0, packed=packed)
+    assert torch.allclose(lp_alone[0], lp_batch[1], atol=1e-5), (lp_alone[0] - lp_batch[1]).abs().max()
+
+
+def test_lora_dropout_is_refused(workdir):
+    from rlhf.config import ConfigError
+
+    path = write_config(workdir / "e.yaml", {"stages": {"ppo": {"lora": {"enabled": True, "dropout": 0.1}}}})
+    with pytest.raises(ConfigError, match=r"e\.yaml: stages\.ppo\.lora\.dropout: 0\.1 must be 0 in PPO"):
+        load_experiment(path)
+    write_config(path, {"stages": {"ppo": {"lora": {"enabled": True, "dropout": 0.0}}}})
+    load_experiment(path)
 
 
 def _captured_gradients(stage, traj, advantages, returns):

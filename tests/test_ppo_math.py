@@ -123,6 +123,21 @@ def test_kl_estimators_hand_values():
     close(kl_k3(logp, ref), [[0.1065306597, 0.7182818285]])
 
 
+def test_k3_is_clamped_as_verl_does():
+    # logp = 0 and ref = d on every token, so log r = d; log r is clamped to [-20, 20], k3 to [0, 10]
+    d = torch.tensor([[2.0, -5.0, 3.0, 30.0, -30.0]], dtype=torch.float64)
+    logp = torch.zeros_like(d)
+    #   d = 2:   e^2 - 1 - 2   = 7.3890560989 - 3 = 4.3890560989        (inside both bounds)
+    #   d = -5:  e^-5 - 1 + 5  = 0.0067379470 + 4 = 4.0067379470        (inside both bounds)
+    #   d = 3:   e^3 - 1 - 3   = 20.0855369232 - 4 = 16.0855369232 -> 10
+    #   d = 30:  log r -> 20:  e^20 - 21 = 4.85e8 -> 10   (unclamped: e^30 - 31 = 1.07e13)
+    #   d = -30: log r -> -20: e^-20 - 1 + 20 = 19.000000002 -> 10
+    close(kl_k3(logp, d), [[4.3890560989, 4.0067379470, 10.0, 10.0, 10.0]])
+    # the bounds are arguments. max_log_ratio = 1: log r -> 1 for d = 2 and 3: e - 1 - 1 = 0.7182818285;
+    # log r -> -1 for d = -5: e^-1 - 1 + 1 = 0.3678794412
+    close(kl_k3(logp, d, max_log_ratio=1.0, max_kl=100.0)[:, :3], [[0.7182818285, 0.3678794412, 0.7182818285]])
+
+
 def test_kl_estimators_zero_when_equal_and_k3_nonnegative():
     g = torch.Generator().manual_seed(1)
     logp = -torch.rand(8, 16, generator=g) * 5.0

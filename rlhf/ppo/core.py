@@ -218,16 +218,19 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return logprobs - ref_logprobs
 
 
-def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref): (r - 1) - log r with r = ref(y) / pi(y), y ~ pi.
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_log_ratio: float = 20.0,
+          max_kl: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || ref): (r - 1) - log r with r = ref(y) / pi(y), y ~ pi, clamped.
 
     Schulman's estimator: unbiased (E_pi[r] = 1) and lower variance than k1, and non-negative on every
     token because e^x >= 1 + x. Evaluated as expm1(d) - d with d = log r, which is accurate for the
-    small d typical of a policy close to its reference; the clamp only removes rounding below 0.
-    Shapes (B, T) -> (B, T).
+    small d typical of a policy close to its reference. r grows exponentially in d: one token the
+    policy has made rare but the reference still likes (d = 30) would cost e^30 ~ 1e13 and swamp every
+    score, so, as veRL's `low_var_kl` does, d is clamped to [-max_log_ratio, max_log_ratio] and the
+    estimate to [0, max_kl] (the lower bound only removes rounding below 0). Shapes (B, T) -> (B, T).
     """
-    log_ratio = ref_logprobs - logprobs  # (B, T), log r
-    return (torch.expm1(log_ratio) - log_ratio).clamp_min(0.0)
+    log_ratio = (ref_logprobs - logprobs).clamp(-max_log_ratio, max_log_ratio)  # (B, T), log r
+    return (torch.expm1(log_ratio) - log_ratio).clamp(0.0, max_kl)
 
 
 def apply_no_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
