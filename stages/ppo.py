@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf.checkpoints import CheckpointDir, write_atomic
 from rlhf.config import logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import PolicyEvaluation, compare, summarize
@@ -431,20 +432,23 @@ class PPOStage(LaunchMixin, Stage):
         return {k: v / count for k, v in totals.items()}
 
     def train(self) -> dict:
-        c = self.config
-        ckpt = self.work_dir / "state"
+        c, acc = self.config, self.accelerator
+        # Each checkpoint is written aside and renamed into place whole: a run killed mid-save resumes
+        # from the previous checkpoint, never from a mixture of two steps (rlhf/checkpoints.py).
+        checkpoints = CheckpointDir(self.work_dir / "checkpoints", is_main_process=acc.is_main_process,
+                                    barrier=acc.wait_for_everyone)
         # Step 0 numbers of the SFT policy are measured once and kept beside the checkpoints, so a
         # resumed run compares against the same baseline.
         baseline_file = self.work_dir / "baseline.json"
-        if ckpt.exists():
-            self.accelerator.load_state(str(ckpt))
+        if (latest := checkpoints.latest()) is not None:
+            acc.load_state(str(latest))
             log.info("ppo: resuming at step %d", self.progress.step)
         if baseline_file.exists():
             self.baseline = json.loads(baseline_file.read_text())
         else:
             self.baseline = self.judge_policy(greedy=None)
-            if self.accelerator.is_main_process:
-                baseline_file.write_text(json.dumps(self.baseline))
+            if acc.is_main_process:
+                write_atomic(baseline_file, json.dumps(self.baseline))
         resumed_from = self.progress.step
         self.stopped: str | None = None
         last_good, good_step = None, self.progress.step
@@ -503,7 +507,7 @@ class PPOStage(LaunchMixin, Stage):
             self.tracker.log(stats, step=self.progress.step)
             bar.set_postfix(score=f"{stats['env/score']:.2f}", kl=f"{seq_kl:.2f}")
             if c.save_every and self.progress.step % c.save_every == 0:
-                self.accelerator.save_state(str(ckpt))
+                checkpoints.save(self.progress.step, lambda path: acc.save_state(str(path)))
         self.final_state = self.gathered_policy_state()  # every rank gathers; the main one saves
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}

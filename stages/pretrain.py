@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlhf.checkpoints import write_aside, write_atomic
 from rlhf.config import logging_only
 from rlhf.data import load_rows, pack_texts
 from rlhf.distributed import trainer_accelerator_config
@@ -86,7 +87,8 @@ class PretrainStage(Stage):
             return load_tokenizer(str(saved))
         cfg = self.config.tokenizer
         tok = train_tokenizer(texts[: cfg.max_documents] if cfg.max_documents else texts, cfg)
-        tok.save_pretrained(str(saved))
+        with write_aside(saved) as tmp:  # whole or not at all: a resumed run must not load half a tokenizer
+            tok.save_pretrained(str(tmp))
         return tok
 
     def build_model(self):
@@ -159,7 +161,7 @@ class PretrainStage(Stage):
             before = json.loads(before_file.read_text())
         else:
             before = {"perplexity_before": math.exp(self.trainer.evaluate()["eval_loss"])}
-            before_file.write_text(json.dumps(before))
+            write_atomic(before_file, json.dumps(before))
         last = self.last_checkpoint()
         resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
         if last:
