@@ -50,7 +50,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ppo = {
-        "policy": str(Path(a.policy).resolve()), "reward_model": str(Path(a.reward).resolve()),
+        "policy": str(Path(a.policy).resolve()), "rewards": {str(Path(a.reward).resolve()): 1.0},
         "prompts": a.prompts,
         "num_steps": a.steps, "rollout_batch_size": a.batch, "num_minibatches": a.minibatches,
         "gradient_accumulation_steps": a.grad_accum, "ppo_epochs": a.epochs, "max_new_tokens": a.response_length,

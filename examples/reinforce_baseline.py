@@ -8,7 +8,9 @@ Point an experiment at it from YAML:
         baseline: batch_mean        # or: value (the value model's estimate at the first response token)
 
 Only `compute_advantages` changes; rollout, scoring, the KL-penalised rewards, the clipped update,
-logging, resume and the watchdogs are inherited unchanged.
+logging, resume and the watchdogs are inherited unchanged. The batch mean and the whitening use every
+process's rows under `accelerate launch` (`self.launch`), as the built-in estimators do; the built-in
+`estimator: reinforce_pp` (rlhf/ppo/estimators.py) is REINFORCE++ without a value model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.ppo import masked_sum, masked_whiten
+from rlhf.ppo import masked_sum
 from stages.ppo import PPOConfig, PPOStage
 
 
@@ -51,15 +53,15 @@ class ReinforceBaselinePPO(PPOStage):
 
     def compute_advantages(self, rewards, traj):
         # the episode: the response, and the state after EOS that holds the score with score_after_eos
-        episode = self.episode_mask(traj.response_mask, traj.has_eos)
+        episode = traj.episode_mask
         returns_per_seq = masked_sum(rewards, episode, dim=1)  # (B,)
-        if self.config.baseline == "batch_mean":
-            baseline = returns_per_seq.mean().expand_as(returns_per_seq)
+        if self.config.baseline == "batch_mean":  # over every process's rows, not only this one's
+            baseline = torch.full_like(returns_per_seq, self.launch.batch_mean(returns_per_seq))
         else:
             baseline = traj.values[:, 0]
         advantages = sequence_advantages(rewards, episode, traj.response_mask, baseline)
         if self.config.whiten_advantages:
-            advantages = masked_whiten(advantages, traj.response_mask)
+            advantages = self.launch.whiten(advantages, traj.response_mask)
         # The value model still learns to predict the per-sequence return at every token.
         value_targets = torch.where(episode, returns_per_seq.unsqueeze(1), 0.0)
         return advantages, value_targets

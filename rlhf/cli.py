@@ -110,7 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def memory_plan(pipeline, launch: str | None, prompt_tokens: int) -> int:
-    """Print the PPO memory table; 1 (with a warning) when it does not fit the device, else 0."""
+    """Print the RL stage's memory table; 1 (with a warning) when it does not fit the device, else 0."""
     from rlhf.memory import available_memory, format_table, plan_ppo_memory
 
     try:
@@ -123,7 +123,7 @@ def memory_plan(pipeline, launch: str | None, prompt_tokens: int) -> int:
     bound = "stages.ppo.max_prompt_tokens" if est.prompt_tokens != prompt_tokens else "--prompt-tokens"
     print(f"  (assumes prompts of {est.prompt_tokens} tokens; set {bound})")
     if not fits:
-        print("warning: the PPO stage needs more memory per process than is available; use more processes, "
+        print("warning: the RL stage needs more memory per process than is available; use more processes, "
               "ZeRO-3 or FSDP (configs/accelerate/), LoRA, or a smaller rollout_batch_size or micro-batch",
               file=sys.stderr)
         return 1

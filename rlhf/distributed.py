@@ -166,27 +166,6 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def global_masked_whiten(accelerator, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                         eps: float = 1e-8) -> torch.Tensor:
-    """`rlhf.ppo.masked_whiten` with the mean and unbiased variance taken over every rank's positions.
-
-    Each rank holds part of the rollout batch; whitening with local statistics would give each shard
-    its own scale. Two sum-reductions give exactly the statistics of the whole batch.
-    """
-    mask = mask.bool()
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    totals = torch.stack([torch.where(mask, x, zero).sum(), mask.sum().to(x.dtype)])
-    totals = accelerator.reduce(totals, reduction="sum")
-    n = totals[1]
-    mean = totals[0] / n.clamp_min(1)
-    centred = accelerator.reduce(torch.where(mask, (x - mean) ** 2, zero).sum(), reduction="sum")
-    var = centred / (n - 1).clamp_min(1)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask, whitened, zero)
-
-
 # ---- PPO's own loop under a launch (the Trainer-based stages get this from the Trainer) -----------
 
 

@@ -1,15 +1,16 @@
-"""How much memory a PPO run needs per process, before it runs: `rlhf plan CONFIG --memory [--launch FILE]`.
+"""How much memory an RL run needs per process, before it runs: `rlhf plan CONFIG --memory [--launch FILE]`.
 
 `estimate_ppo_memory` is a pure function of model shapes and launch settings. Per process, in bytes:
 
-    trained models (policy, value), per parameter:
+    trained models (policy, and the value model where the estimator has one: GAE), per parameter:
         weights     4 (fp32; Accelerate's bf16 autocast keeps fp32 weights)   DeepSpeed bf16: 2
         gradients   4                                                         DeepSpeed bf16: 2
         AdamW       8 (m and v in fp32)                          DeepSpeed bf16: 12 (+ fp32 master copy)
       sharded over N processes: ZeRO-1 the optimizer state; ZeRO-2 also gradients; ZeRO-3 and FSDP
       everything. LoRA: gradients and optimizer state only for the adapters.
-    frozen models (reference, reward): 2 bytes per parameter when training in bf16 on GPU, else 4;
-      sharded over N under ZeRO-3 (None for the reference with LoRA: the policy with adapters off).
+    frozen models (reference, reward models): 2 bytes per parameter when training in bf16 on GPU, else 4;
+      sharded over N under ZeRO-3 (no reference with LoRA, the policy with adapters off, nor without a
+      KL term; no reward model for rewards that are all functions).
     KV cache of generation: 2 (K and V) x layers x kv_heads x head_dim x (prompt + response tokens)
       x rollout rows per process x bytes per value (2 in bf16, else 4).
     ZeRO-3 generation gathers the whole policy: params x weight bytes for the duration.
@@ -92,7 +93,7 @@ def lora_params(shape: ModelShape, r: int, num_target_modules: int) -> int:
 
 def estimate_ppo_memory(
     policy: ModelShape,
-    reward: ModelShape,
+    reward: ModelShape | list[ModelShape] | None,
     launch: LaunchSettings,
     *,
     rollout_batch_size: int,
@@ -100,13 +101,21 @@ def estimate_ppo_memory(
     prompt_tokens: int,
     response_tokens: int,
     lora_trainable: int | None = None,
+    value: ModelShape | None | bool = True,
+    reference: bool = True,
 ) -> MemoryEstimate:
-    """Bytes per process of a PPO run (see the module docstring for every term).
+    """Bytes per process of an RL run (see the module docstring for every term).
 
+    `reward`: the reward model's shape, several (a list), or None when every reward is a function.
+    `value`: the value model's shape, True for the shape of the (first) reward model, or None/False for
+    an estimator without one. `reference`: whether a frozen reference is held (False without a KL term).
     `rollout_batch_size` and `micro_batch_size` are global (over all processes), as in PPOConfig;
     `lora_trainable` is the adapter parameter count when the policy trains LoRA adapters (its reference
     is then the policy itself with adapters off, so there is no reference copy).
     """
+    rewards = reward if isinstance(reward, list) else [reward] if reward is not None else []
+    if value is True:
+        value = rewards[0] if rewards else policy
     n = launch.num_processes
     bf16 = launch.mixed_precision == "bf16"
     ds_bf16 = launch.deepspeed and launch.mixed_precision in ("bf16", "fp16")
@@ -120,18 +129,21 @@ def estimate_ppo_memory(
     seq = prompt_tokens + response_tokens
 
     est = MemoryEstimate()
-    trained = {"policy": (policy.params, lora_trainable if lora_trainable is not None else policy.params),
-               "value": (reward.params, reward.params)}
+    trained = {"policy": (policy.params, lora_trainable if lora_trainable is not None else policy.params)}
+    if value:
+        trained["value"] = (value.params, value.params)
     for name, (params, trainable) in trained.items():
         est.params[name] = params
         est.rows[f"{name} weights"] = params * w_bytes // shard_w
         est.rows[f"{name} gradients"] = trainable * g_bytes // shard_g
         est.rows[f"{name} optimizer state (AdamW)"] = trainable * o_bytes // shard_o
-    if lora_trainable is None:
+    if lora_trainable is None and reference:
         est.params["reference"] = policy.params
         est.rows["reference (frozen)"] = policy.params * frozen_bytes // shard_frozen
-    est.params["reward model"] = reward.params
-    est.rows["reward model (frozen)"] = reward.params * frozen_bytes // shard_frozen
+    for i, shape in enumerate(rewards):
+        name = "reward model" if len(rewards) == 1 else f"reward model {i + 1}"
+        est.params[name] = shape.params
+        est.rows[f"{name} (frozen)"] = shape.params * frozen_bytes // shard_frozen
     rows_per_process = rollout_batch_size // n
     est.rows["KV cache (generation)"] = (2 * policy.num_layers * policy.num_kv_heads * policy.head_dim * seq
                                          * rows_per_process * kv_bytes)
@@ -230,20 +242,29 @@ def available_memory(launch: LaunchSettings) -> tuple[int, str]:
 
 
 def plan_ppo_memory(pipeline, launch_file: str | None, prompt_tokens: int) -> tuple[MemoryEstimate, LaunchSettings]:
-    """The PPO stage of `pipeline` under `launch_file`, estimated."""
-    ppo = next((s for s in pipeline.stages.values() if hasattr(s.config, "rollout_batch_size")), None)
-    if ppo is None:
-        raise ValueError(f"{pipeline.experiment.source}: no PPO stage under stages:; the memory plan covers PPO "
-                         f"(add a ppo block, or run `rlhf plan` without --memory)")
-    c = ppo.config
+    """The RL stage of `pipeline` (the last one, if several) under `launch_file`, estimated."""
+    from rlhf.ppo.estimators import ESTIMATORS
+    from rlhf.rewards import model_sources
+
+    rl = [s for s in pipeline.stages.values() if hasattr(s.config, "rollout_batch_size")]
+    if not rl:
+        raise ValueError(f"{pipeline.experiment.source}: no RL stage under stages:; the memory plan covers RL stages "
+                         f"(add a ppo or grpo block, or run `rlhf plan` without --memory)")
+    c = rl[-1].config
     launch = launch_settings(launch_file)
     policy = shape_from_config(model_config_for(pipeline, c.policy))
-    reward = shape_from_config(model_config_for(pipeline, c.reward_model), sequence_classification=True)
+    rewards = [shape_from_config(model_config_for(pipeline, name), sequence_classification=True)
+               for name in model_sources(c.rewards)]
+    value = None
+    if ESTIMATORS[c.estimator].needs_values:
+        start = c.value_model or (model_sources(c.rewards) or [c.policy])[0]
+        value = shape_from_config(model_config_for(pipeline, start), sequence_classification=True)
     lora = lora_params(policy, c.lora.r, len(c.lora.target_modules)) if c.lora.enabled else None
     prompt_tokens = c.max_prompt_tokens or prompt_tokens  # no prompt is longer than the stage's bound
-    est = estimate_ppo_memory(policy, reward, launch, rollout_batch_size=c.rollout_batch_size,
+    est = estimate_ppo_memory(policy, rewards, launch, rollout_batch_size=c.rollout_batch_size,
                               micro_batch_size=c.micro_batch_size, prompt_tokens=prompt_tokens,
-                              response_tokens=c.max_new_tokens, lora_trainable=lora)
+                              response_tokens=c.max_new_tokens, lora_trainable=lora, value=value,
+                              reference=c.uses_reference)
     est.prompt_tokens = prompt_tokens
     return est, launch
 
@@ -254,7 +275,7 @@ def _size(b: int) -> str:
 
 def format_table(est: MemoryEstimate, launch: LaunchSettings, available: tuple[int, str] | None) -> tuple[str, bool]:
     """The table `rlhf plan --memory` prints, and whether the run fits."""
-    lines = [f"PPO memory per process ({launch.name})", ""]
+    lines = [f"RL stage memory per process ({launch.name})", ""]
     for name, count in est.params.items():
         lines.append(f"  {name:<36} {count / 1e6:>12.2f}M parameters")
     lines.append("")

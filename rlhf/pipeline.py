@@ -56,8 +56,9 @@ class Pipeline:
         for name in self.order:
             spec = self.experiment.stages[name]
             refs = {}
+            values = spec.cls.input_values(spec.config)
             for fname, up in self._upstream(name).items():
-                value = getattr(spec.config, fname)  # not None: _upstream skips unset inputs
+                value = values[fname]  # not None: _upstream skips unset inputs
                 if up:
                     refs[fname] = InputRef(fname, stages[up].key, stage=up)
                 else:
@@ -159,8 +160,7 @@ def upstream_of(experiment: Experiment, name: str) -> dict[str, str | None]:
     spec = experiment.stages[name]
     known = set(registered_stages())
     out: dict[str, str | None] = {}
-    for fname in spec.cls.inputs:
-        value = getattr(spec.config, fname)
+    for fname, value in spec.cls.input_values(spec.config).items():
         if value is None:  # an optional input left unset
             continue
         if value in experiment.stages:

@@ -85,6 +85,13 @@ class Stage:
     """What the artifact is: causal-lm, reward-model or policy."""
     inputs: ClassVar[dict[str, str]] = {}
     """Config fields that name an input model, with the upstream stage each defaults to."""
+
+    @classmethod
+    def input_values(cls, config: Any) -> dict[str, str | None]:
+        """The models this stage reads, by input name: an upstream stage, a hub id, a local directory, or
+        None for an optional input left unset. By default the config fields named in `inputs`; a stage
+        whose inputs depend on its config (the reward models of an RL stage's `rewards:`) overrides it."""
+        return {name: getattr(config, name) for name in cls.inputs}
     forced: bool = False
     """Set by the pipeline for `--force`: the new artifact replaces the one with the same key."""
 

@@ -1,14 +1,19 @@
-"""PPO: optimise the SFT policy against the reward model, held near the SFT model by a KL penalty.
+"""The RL stage: optimise the SFT policy against its rewards, held near the SFT model by a KL penalty.
 
-In:  the `sft` policy and the `reward` model (or hub ids / local directories), and prompts.
-Out: a policy artifact, with the experiment's shared evaluation of the SFT policy and of the PPO policy on
-     the same held-out prompts: gold, held-out and task judges, diversity, KL and length, sampled and greedy,
-     with paired-bootstrap intervals of each gain.
+In:  the `sft` policy; rewards from reward models (the `reward` stage, hub ids, local directories) and
+     Python functions, weighted (rlhf/rewards.py); prompts, whose other columns reach the functions.
+Out: a policy artifact, with the experiment's shared evaluation of the reference (SFT) policy and of this
+     policy on the same held-out prompts: gold, held-out and task judges, diversity, KL and length,
+     sampled and greedy, with paired-bootstrap intervals of each gain.
 
-Our own loop on Accelerate (TRL no longer ships PPO), after Ziegler et al. 2019, Ouyang et al. 2022 and
-Huang et al. 2024. The loop is `train()`; every step is a small method a subclass can replace.
-What running under `accelerate launch` needs (sharding, gathering, reductions) is in
-`rlhf/ppo/launch.py`; with one process it stays out of the way.
+One loop for the whole family (`train()`): PPO with a value model and GAE (Ziegler et al. 2019, Ouyang
+et al. 2022, Huang et al. 2024), and the critic-free estimators that need none, GRPO, Dr. GRPO, RLOO and
+REINFORCE++ (rlhf/ppo/estimators.py). They differ in small pure functions chosen by the config: the
+advantage estimator, how token losses aggregate (rlhf/ppo/aggregation.py) and where the KL goes (in the
+reward or in the loss). `stages/grpo.py` is this stage with GRPO's defaults. Every step of the loop is a
+small method a subclass can replace. What running under `accelerate launch` needs (sharding, gathering,
+reductions) is the `RLLaunch` object the stage owns (rlhf/launch.py); with one process it stays out of
+the way.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from rlhf.checkpoints import CheckpointDir, write_atomic
 from rlhf.config import logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import PolicyEvaluation, compare, summarize
+from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
 from rlhf.ppo import (
@@ -35,7 +41,6 @@ from rlhf.ppo import (
     apply_no_eos_penalty,
     compute_rewards,
     explained_variance,
-    gae,
     has_eos,
     kl_k1,
     kl_k3,
@@ -46,9 +51,11 @@ from rlhf.ppo import (
     value_loss,
     with_state_after_eos,
 )
-from rlhf.ppo.launch import LaunchMixin, PhaseTimer, StepCounter
-from rlhf.ppo.packing import use_packed_attention
+from rlhf.ppo.aggregation import AGGREGATIONS, aggregate
+from rlhf.ppo.estimators import ESTIMATORS
+from rlhf.ppo.packing import pack, use_packed_attention
 from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
+from rlhf.rewards import RewardSource, Rewards, is_function, model_sources
 from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
@@ -56,22 +63,39 @@ from rlhf.tokenizer import tokenizer_facts
 log = logging.getLogger("rlhf")
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+KL_PLACEMENTS = ("reward", "loss")
 
 
 @dataclass
 class PPOConfig:
     policy: str = "sft"
     """Policy to optimise (and the reference): an upstream stage, a hub id or a local directory."""
-    reward_model: str = "reward"
-    """Reward model (the value model starts from it): an upstream stage, a hub id or a local directory."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"reward": 1.0})
+    """Reward sources and their weights: reward models (an upstream stage, a hub id or a local directory)
+    and functions (a built-in judge name or `package.module:function`, called as
+    `fn(prompts, responses, **columns)`); the reward is the weighted sum (rlhf/rewards.py)."""
+    value_model: str | None = None
+    """Where the value model starts (GAE only): None = the first reward model of `rewards` (its head then
+    starts as the reward head), or the policy with a fresh head when every source is a function."""
+    estimator: str = "gae"
+    """Advantage estimator: gae (value model), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
+    (rlhf/ppo/estimators.py). Only gae builds a value model."""
+    samples_per_prompt: int = 1
+    """Responses per prompt in a rollout (a group; GRPO, Dr. GRPO, RLOO and REINFORCE++-baseline use the
+    group's other responses as the baseline, so they need 2 or more)."""
+    loss_aggregation: str = "token_mean"
+    """How per-token losses make the minibatch loss: token_mean (over all the minibatch's tokens),
+    sequence_mean (each sequence's token mean, averaged: GRPO's) or sequence_sum (each sequence's token
+    sum over `max_new_tokens`, averaged: Dr. GRPO's); exact under accumulation and N processes."""
     prompts: str = "data/prompts/train.jsonl.gz"
-    """Training prompts ({"prompt"} rows; the held-out ones are the experiment's `evaluation.prompts`)."""
+    """Training prompts ({"prompt"} rows, with any other columns the reward functions read; the held-out
+    ones are the experiment's `evaluation.prompts`)."""
     num_steps: int = 120
-    """PPO iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
+    """Iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
     rollout_batch_size: int = 64
-    """Prompts per rollout."""
+    """Responses per rollout (rollout_batch_size / samples_per_prompt prompts)."""
     num_minibatches: int = 4
-    """Minibatches per PPO epoch (one optimizer step each)."""
+    """Minibatches per epoch (one optimizer step each)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per minibatch; the update equals the full-minibatch one."""
     ppo_epochs: int = 4
@@ -91,13 +115,17 @@ class PPOConfig:
     Needs attention through transformers' attention interface (Llama, GPT-NeoX, GPT-2 are tested); the
     stage stops with an error otherwise. False: padded batches."""
     no_eos_score: float | None = -1.0
-    """Score given to responses without EOS instead of the reward model's (None: keep the model's)."""
+    """Score given to responses without EOS instead of the rewards' (None: keep the rewards')."""
     normalize_score: bool = True
-    """Standardise scores with the reward mean/std of the reward model's manifest."""
+    """Standardise each reward model's score with the reward mean/std of its manifest (functions are
+    taken as they are)."""
+    kl_penalty: str = "reward"
+    """Where the KL to the reference goes: `reward` (a per-token penalty -coef * KL in the reward, with
+    `kl_estimator`) or `loss` (coef * the clamped k3 estimate added to the policy loss, as GRPO does)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r-1) - log r)."""
     kl_coef: float = 0.05
-    """KL penalty coefficient (initial value when adaptive)."""
+    """KL coefficient (initial value when adaptive). 0 without `adaptive_kl` loads no reference model."""
     adaptive_kl: bool = False
     """Adapt the coefficient towards `kl_target` (Ziegler et al.)."""
     kl_target: float = 6.0
@@ -111,13 +139,14 @@ class PPOConfig:
     value model at the EOS token (where the reward head it started from reads), GAE bootstraps through
     it and the value model learns it, as in TRL's PPO. False makes the score the EOS token's reward and
     ends the episode there. Over 47 and 62 seeds the two reached the same reward within the noise (True
-    +0.026, 95% interval -0.007 to +0.059: bench/RESULTS.md, "Reward over many seeds")."""
+    +0.026, 95% interval -0.007 to +0.059: bench/RESULTS.md, "Reward over many seeds"). The critic-free
+    estimators give the same advantages either way."""
     gamma: float = 1.0
-    """Discount."""
+    """Discount (GAE and REINFORCE++)."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch."""
+    """Whiten advantages over the batch (after the estimator; REINFORCE++ always does)."""
     learning_rate: float = 3e-4
     """Policy learning rate."""
     value_learning_rate: float = 3e-4
@@ -137,20 +166,32 @@ class PPOConfig:
     min_response_length: float = 2.0
     """Watchdog: stop when the mean response length falls below this many tokens."""
     min_unique_share: float | None = 0.25
-    """Watchdog: stop when fewer than this share of a rollout's responses (one per prompt) are distinct:
-    the policy is collapsing onto a few answers whatever the prompt asks (None: off)."""
+    """Watchdog: stop when fewer than this share of a rollout's prompts get a response no other prompt
+    got (one response per prompt): the policy is collapsing onto a few answers whatever the prompt
+    asks (None: off)."""
     eval_every: int = logging_only(20)
     """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report."""
     save_every: int = logging_only(10)
     """Write a resumable checkpoint every N steps."""
 
     def __post_init__(self) -> None:
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator: {self.kl_estimator!r}; one of {sorted(KL_ESTIMATORS)}")
+        for name, options in (("kl_estimator", KL_ESTIMATORS), ("estimator", ESTIMATORS),
+                              ("loss_aggregation", AGGREGATIONS), ("kl_penalty", KL_PLACEMENTS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name}: {getattr(self, name)!r}; one of {', '.join(sorted(options))}")
+        if not self.rewards:
+            raise ValueError("rewards: empty; name at least one reward model or function, e.g. {reward: 1.0}")
         if self.lora.enabled and self.lora.dropout:
             # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
             raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
                              "with adapter dropout on, which is not the policy that sampled the rollout; set it to 0")
+        need = ESTIMATORS[self.estimator].min_group_size
+        if self.samples_per_prompt < need:
+            raise ValueError(f"samples_per_prompt: {self.samples_per_prompt}; the {self.estimator} estimator compares "
+                             f"responses to the same prompt and needs at least {need}")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"samples_per_prompt ({self.samples_per_prompt})")
         per_epoch = self.num_minibatches * self.gradient_accumulation_steps
         if self.rollout_batch_size % per_epoch:
             raise ValueError(
@@ -166,53 +207,83 @@ class PPOConfig:
     def micro_batch_size(self) -> int:
         return self.minibatch_size // self.gradient_accumulation_steps
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a KL to the reference is computed at all (a fixed coefficient of 0 needs no reference)."""
+        return self.kl_coef > 0 or self.adaptive_kl
 
-class PPOStage(LaunchMixin, Stage):
-    """PPO with a separate value model, a frozen reference, per-token KL in the reward and GAE."""
+
+class PPOStage(Stage):
+    """The RL loop: rollout, score, rewards, advantages (GAE with a value model, or critic-free), clipped update."""
 
     name = "ppo"
     config_class = PPOConfig
     kind = "policy"
-    inputs = {"policy": "sft", "reward_model": "reward"}
+    inputs = {"policy": "sft"}
+
+    @classmethod
+    def input_values(cls, config) -> dict[str, str | None]:
+        """The policy, every reward model of `rewards` (as `rewards.<name>`) and an explicit value model."""
+        values = {"policy": config.policy, **{f"rewards.{name}": name for name in model_sources(config.rewards)}}
+        if ESTIMATORS[config.estimator].needs_values and config.value_model is not None:
+            values["value_model"] = config.value_model
+        return values
 
     def data_files(self):
         return {"prompts": self.config.prompts}
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
-        self.require_same_tokenizer("policy", "reward_model")
+        self.require_same_tokenizer(*self.input_refs)
+
+    @property
+    def estimator(self):
+        return ESTIMATORS[self.config.estimator]
 
     # ---- setup ---------------------------------------------------------------------------------
 
     def build_models(self):
-        """(policy, reference or None, value model, reward model, tokenizer), dropout off everywhere."""
+        """(policy, reference or None, value model or None, {reward model source: model}, tokenizer).
+
+        No reference without a KL term (or with LoRA: the adapters-off policy is the reference); no value
+        model unless the estimator needs one. Dropout is off everywhere.
+        """
         from transformers import AutoModelForSequenceClassification
 
+        c = self.config
         policy, tok = load_causal_lm(self.input_path("policy"))
-        rm_path = self.input_path("reward_model")
         with whole_models():  # DeepSpeed partitions at prepare (rlhf.models.whole_models)
-            reward = AutoModelForSequenceClassification.from_pretrained(rm_path).requires_grad_(False).eval()
-            value = AutoModelForSequenceClassification.from_pretrained(rm_path)  # value head starts as the reward head
-        if self.config.pack_sequences:
-            for m in (policy, reward, value):
-                use_packed_attention(m)
-        if self.config.lora.enabled:
+            rewards = {name: AutoModelForSequenceClassification.from_pretrained(self.input_path(f"rewards.{name}"))
+                       .requires_grad_(False).eval() for name in model_sources(c.rewards)}
+            value = None
+            if self.estimator.needs_values:  # its head starts as the reward head, or fresh on the policy
+                start = ("value_model" if "value_model" in self.input_refs else
+                         f"rewards.{next(iter(rewards))}" if rewards else "policy")
+                value = AutoModelForSequenceClassification.from_pretrained(self.input_path(start), num_labels=1)
+                value.config.pad_token_id = tok.pad_token_id
+        if c.pack_sequences:
+            for m in (policy, value, *rewards.values()):
+                if m is not None:
+                    use_packed_attention(m)
+        reference = None
+        if c.lora.enabled:
             from peft import get_peft_model
 
-            policy, reference = get_peft_model(policy, self.config.lora.peft_config()), None
-        else:
+            policy = get_peft_model(policy, c.lora.peft_config())
+        elif c.uses_reference:
             reference = copy.deepcopy(policy).requires_grad_(False).eval()
-        for m in (reward, value):
-            disable_dropout(m)
-        return policy, reference, value, reward, tok
+        for m in (value, *rewards.values()):
+            if m is not None:
+                disable_dropout(m)
+        return policy, reference, value, rewards, tok
 
     def build_optimizer(self):
         """AdamW over policy and value parameters, each with its own learning rate."""
         c = self.config
-        groups = [
-            {"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": c.learning_rate},
-            {"params": [p for p in self.value_model.parameters() if p.requires_grad], "lr": c.value_learning_rate},
-        ]
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": c.learning_rate}]
+        if self.value_model is not None:
+            groups.append({"params": [p for p in self.value_model.parameters() if p.requires_grad],
+                           "lr": c.value_learning_rate})
         # The fused kernel is the same AdamW, with one pass over all tensors per step instead of a Python
         # loop over them: about 5% of a small model's PPO step on CPU (bench/RESULTS.md).
         state = self.accelerator.state
@@ -226,39 +297,62 @@ class PPOStage(LaunchMixin, Stage):
             return AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
         return FixedKLController(c.kl_coef)
 
+    def build_rewards(self, models: dict) -> Rewards:
+        """The weighted reward sources: each reward model with its manifest's normalisation, each function
+        loaded and checked (rlhf.judges.load_judge)."""
+        from rlhf.judges import load_judge
+
+        c, sources = self.config, []
+        for name, weight in c.rewards.items():
+            if is_function(name):
+                sources.append(RewardSource(name, weight, judge=load_judge(name, f"stages.{self.stage_name}.rewards")))
+                continue
+            stats = (self.input_manifest(f"rewards.{name}") or {}).get("metrics", {})
+            mean, std = (stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)) if c.normalize_score else (0, 1)
+            sources.append(RewardSource(name, weight, model=models[name], mean=mean, std=std or 1.0))
+        return Rewards(sources)
+
     def setup(self) -> None:
         from rlhf.distributed import new_accelerator, refuse_sharded_lora, uses_deepspeed
 
         c = self.config
-        refuse_sharded_lora("ppo", c.lora.enabled)
+        refuse_sharded_lora(self.stage_name, c.lora.enabled)
         # DeepSpeed steps inside backward, so it must know the micro-batches per optimizer step.
         # (new_accelerator forms a CPU launch's gloo group first and drops an earlier stage's Trainer settings)
         self.accelerator = (new_accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps)
                             if uses_deepspeed() else new_accelerator())
-        self.check_process_split(self.accelerator.num_processes)
+        self.launch = RLLaunch(self.accelerator, micro_batch_size=c.micro_batch_size,
+                               gradient_accumulation_steps=c.gradient_accumulation_steps,
+                               max_grad_norm=c.max_grad_norm)
+        self.launch.check_split(self.stage_name, c.rollout_batch_size, c.num_minibatches, c.samples_per_prompt)
         if self.accelerator.process_index:
             # Every rank was seeded alike; without its own stream each would sample the same random numbers.
             torch.manual_seed(self.seed + 100003 * self.accelerator.process_index)
-        policy, reference, value, reward, self.tokenizer = self.build_models()
+        policy, reference, value, reward_models, self.tokenizer = self.build_models()
         self.policy, self.value_model = policy, value
         self.optimizer = self.build_optimizer()
-        self.prepare_models(policy, reference, value, reward)
+        self.policy, self.reference, self.value_model, frozen, self.optimizer = self.launch.prepare(
+            policy, reference, value, list(reward_models.values()), self.optimizer)
+        self.rewards = self.build_rewards(dict(zip(reward_models, frozen)))
         self.kl_ctl = self.build_kl_controller()
         self.progress = StepCounter()
         self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
-        self.prompts = self.drop_long_prompts(load_rows(c.prompts, "prompts")["prompt"], f"stages.ppo.prompts ({c.prompts})")
+        rows = load_rows(c.prompts, "prompts")
+        self.prompts = rows["prompt"]
+        self.prompt_columns = {name: rows[name] for name in rows.column_names if name != "prompt"}
+        keep = set(self.drop_long_prompts(self.prompts, f"stages.{self.stage_name}.prompts ({c.prompts})"))
+        index = [i for i, p in enumerate(self.prompts) if p in keep]
+        self.prompts = [self.prompts[i] for i in index]
+        self.prompt_columns = {k: [v[i] for i in index] for k, v in self.prompt_columns.items()}
         self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
         kept = set(self.drop_long_prompts(self.evaluation.prompts,
                                           f"evaluation.prompts ({self.experiment.evaluation.prompts})"))
         self.evaluation.keep_prompts(kept.__contains__)
-        rm_manifest = self.input_manifest("reward_model") or {}
-        stats = rm_manifest.get("metrics", {})
-        self.score_mean = stats.get("reward_mean", 0.0) if c.normalize_score else 0.0
-        self.score_std = stats.get("reward_std", 1.0) if c.normalize_score else 1.0
-        log.info("ppo: policy %d trainable parameters, value %d; %d prompts, %d steps of %d",
-                 count_parameters(self.policy, True), count_parameters(self.value_model, True),
-                 len(self.prompts), c.num_steps, c.rollout_batch_size)
+        log.info("%s: policy %d trainable parameters, %s; %d prompts, %d steps of %d responses (%d per prompt)",
+                 self.stage_name, count_parameters(self.policy, True),
+                 f"value {count_parameters(self.value_model, True)}" if self.value_model is not None else "no value model",
+                 len(self.prompts), c.num_steps, c.rollout_batch_size, c.samples_per_prompt)
 
     def drop_long_prompts(self, prompts: list[str], field: str) -> list[str]:
         """`prompts` without those longer than `max_prompt_tokens` (all of them when it is None)."""
@@ -269,23 +363,27 @@ class PPOStage(LaunchMixin, Stage):
         lengths = [len(ids) for ids in tok([chat_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]]
         kept = [p for p, n in zip(prompts, lengths) if n <= limit]
         if not kept:
-            raise StageError(f"ppo: every prompt of {field} is longer than stages.ppo.max_prompt_tokens={limit} "
-                             f"tokens (shortest {min(lengths)}); raise the limit")
+            raise StageError(f"{self.stage_name}: every prompt of {field} is longer than "
+                             f"stages.{self.stage_name}.max_prompt_tokens={limit} tokens (shortest {min(lengths)}); "
+                             "raise the limit")
         if len(kept) < len(prompts):
-            log.info("ppo: %d of %d %s longer than max_prompt_tokens=%d dropped", len(prompts) - len(kept),
-                     len(prompts), field, limit)
+            log.info("%s: %d of %d %s longer than max_prompt_tokens=%d dropped", self.stage_name,
+                     len(prompts) - len(kept), len(prompts), field, limit)
         return kept
 
     # ---- override points: one per step of the loop ---------------------------------------------
 
-    def prompts_for_step(self, step: int) -> list[str]:
-        """The prompt batch of `step`: a seeded shuffle per pass over the prompts, so resuming is exact."""
-        b, n = self.config.rollout_batch_size, len(self.prompts)
+    def prompts_for_step(self, step: int) -> list[int]:
+        """Indices into `self.prompts` of `step`'s rollout: rollout_batch_size / K prompts, each repeated
+        K = samples_per_prompt times in a row (a group). A seeded shuffle per pass over the prompts, so
+        resuming is exact."""
+        k = self.config.samples_per_prompt
+        b, n = self.config.rollout_batch_size // k, len(self.prompts)
         out = []
         for i in range(step * b, (step + 1) * b):
             epoch, pos = divmod(i, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-            out.append(self.prompts[order[pos].item()])
+            out += [int(order[pos])] * k
         return out
 
     @torch.no_grad()
@@ -293,11 +391,11 @@ class PPOStage(LaunchMixin, Stage):
         """Step 1: sample responses. Returns (query_ids, query_mask, response_ids, response_mask)."""
         c, tok = self.config, self.tokenizer
         enc = encode_prompts(tok, prompts, self.accelerator.device)
-        with self.generation_model() as policy:
+        with self.launch.generation_model() as policy:
             policy.eval()
             # the stage's settings alone: the checkpoint's generation_config must not reshape what is sampled
             config = generation_config(tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
-            seqs = generate(policy, config, **enc, **self.generate_extra())
+            seqs = generate(policy, config, **enc, **self.launch.generate_extra())
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         response_ids = seqs[:, query_ids.shape[1] :]
         response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
@@ -306,143 +404,181 @@ class PPOStage(LaunchMixin, Stage):
         return query_ids, query_mask, response_ids, response_mask
 
     @torch.no_grad()
-    def score(self, query_ids, query_mask, response_ids, response_mask):
-        """Step 2: reward-model score at EOS; fixed score without EOS; normalised. Returns (scores, raw)."""
+    def score(self, query_ids, query_mask, response_ids, response_mask, prompts: list[str],
+              columns: dict[str, list], packed=None):
+        """Step 2: the weighted rewards at EOS; a fixed score without EOS. Returns (scores, raw, per source)."""
         c = self.config
-        raw = score_at_eos(self.reward_model, query_ids, query_mask, response_ids, response_mask,
-                           packed=c.pack_sequences)
-        scores = (raw - self.score_mean) / self.score_std
+
+        def score_model(model, q_ids, q_mask, r_ids, r_mask):
+            return score_at_eos(model, q_ids, q_mask, r_ids, r_mask, packed=packed or c.pack_sequences)
+
+        responses = self.decode(response_ids, response_mask)
+        scores, raw, per_source = self.rewards.score(score_model, query_ids, query_mask, response_ids, response_mask,
+                                                     prompts, responses, columns)
         if c.no_eos_score is not None:
             scores = apply_no_eos_penalty(scores, has_eos(response_ids, self.tokenizer.eos_token_id), c.no_eos_score)
-        return scores, raw
+        return scores, raw, per_source
+
+    def decode(self, response_ids, response_mask) -> list[str]:
+        """The responses as text (what reward functions and the diversity watchdog read)."""
+        return [self.tokenizer.decode(ids[mask], skip_special_tokens=True).strip()
+                for ids, mask in zip(response_ids, response_mask)]
 
     def reference_context(self):
         """Where the reference is the LoRA base, its forward runs with adapters disabled."""
-        if self.reference is None:
+        if self.reference is None and self.config.lora.enabled:
             return self.accelerator.unwrap_model(self.policy).disable_adapter()
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask):
+    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, packed=None):
+        """Logprobs (B, R) under the reference (None when the stage computes no KL)."""
+        if not self.config.uses_reference:
+            return None
         model = self.reference if self.reference is not None else self.policy
         with self.reference_context():
             return policy_forward(model, query_ids, query_mask, response_ids, response_mask, self.config.temperature,
-                                  packed=self.config.pack_sequences)[0]
+                                  packed=packed or self.config.pack_sequences)[0]
 
     def episode_mask(self, response_mask: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
-        """(B, R) positions with a value and a return: the response tokens, and the state after EOS
+        """(B, R) positions with a reward and (GAE) a value: the response tokens, and the state after EOS
         when `score_after_eos`. The policy loss and advantage whitening stay on the response tokens."""
         return with_state_after_eos(response_mask, eos) if self.config.score_after_eos else response_mask
 
+    def kl(self, traj: Trajectory) -> torch.Tensor:
+        """Per-token KL estimate (B, R) to the reference (0 without one), with the configured estimator."""
+        if traj.ref_logprobs is None:
+            return torch.zeros_like(traj.logprobs)
+        return KL_ESTIMATORS[self.config.kl_estimator](traj.logprobs, traj.ref_logprobs)
+
     def compute_rewards(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 3: per-token rewards (B, R) = -beta * KL + score at the episode's end. Returns (rewards, kl)."""
-        kl = KL_ESTIMATORS[self.config.kl_estimator](traj.logprobs, traj.ref_logprobs)
-        episode = self.episode_mask(traj.response_mask, traj.has_eos)
-        rewards = compute_rewards(traj.scores, kl, self.kl_ctl.value, traj.response_mask, episode)
+        """Step 3: per-token rewards (B, R) = -beta * KL (when the KL is in the reward) + the score at the
+        episode's end. Returns (rewards, kl)."""
+        kl = self.kl(traj)
+        coef = self.kl_ctl.value if self.config.kl_penalty == "reward" else 0.0
+        rewards = compute_rewards(traj.scores, kl, coef, traj.response_mask, traj.episode_mask)
         if self.config.whiten_rewards:
-            rewards = self.whiten(rewards, episode, shift_mean=False)
+            rewards = self.launch.whiten(rewards, traj.episode_mask, shift_mean=False)
         return rewards, kl
 
-    def compute_advantages(self, rewards: torch.Tensor, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 4: GAE advantages (whitened) and returns, both (B, R)."""
-        episode = self.episode_mask(traj.response_mask, traj.has_eos)
-        advantages, returns = gae(rewards, traj.values, episode, self.config.gamma, self.config.lam)
-        if self.config.whiten_advantages:
-            advantages = self.whiten(advantages, traj.response_mask)
+    def compute_advantages(self, rewards: torch.Tensor, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step 4: advantages (B, R) from the configured estimator, whitened if asked, and the value
+        model's targets (B, R) (None without a value model)."""
+        c = self.config
+        advantages, returns = self.estimator(rewards, traj.scores, traj.episode_mask, traj.response_mask, traj.values,
+                                             c.samples_per_prompt, whiten=self.launch.whiten, gamma=c.gamma,
+                                             lam=c.lam)
+        if c.whiten_advantages:
+            advantages = self.launch.whiten(advantages, traj.response_mask)
         return advantages, returns
 
-    def loss(self, mb: Trajectory, advantages, returns) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Step 5 (per micro-batch): (clipped policy loss, clipped value loss, statistics).
+    def loss(self, mb: Trajectory, advantages, returns, counts: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Step 5 (per micro-batch): (policy loss, value loss or None, statistics).
 
-        Each loss is a mean over its own positions: the policy's over the response tokens, the value's
-        over `episode_mask`. `update` weighs them by `vf_coef` and by the micro-batch's share of those
-        positions in the minibatch, which makes gradient accumulation exact.
+        The policy loss is the clipped surrogate (plus coef x the clamped k3 KL when the KL is in the
+        loss), aggregated over the response tokens by `loss_aggregation` with the whole minibatch's
+        `counts` ("sequences", "tokens"), so micro-batches sum to the minibatch's loss. The value loss is
+        this micro-batch's share of the minibatch's token mean over the episode positions.
         """
         c = self.config
+
+        def reduce(per_token):
+            return aggregate(per_token, mb.response_mask, c.loss_aggregation, num_sequences=counts["sequences"],
+                             num_tokens=counts["tokens"], max_len=c.max_new_tokens)
+
         logprobs, entropy = policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
                                            mb.response_mask, c.temperature, with_entropy=True, entropy_grad=False,
                                            packed=c.pack_sequences)
-        episode = self.episode_mask(mb.response_mask, mb.has_eos)
+        pg, pg_stats = policy_loss(logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range, reduce=reduce)
+        stats = {"policy/loss": pg_stats["loss"], "policy/clipfrac": pg_stats["clipfrac"],
+                 "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio_mean"],
+                 "policy/entropy": masked_mean(entropy.detach(), mb.response_mask)}
+        if c.kl_penalty == "loss" and mb.ref_logprobs is not None:
+            kl_term = reduce(kl_k3(logprobs, mb.ref_logprobs))
+            pg = pg + self.kl_ctl.value * kl_term
+            stats["policy/kl_loss"] = kl_term.detach()
+        if self.value_model is None:
+            return pg, None, stats
         values = value_forward(self.value_model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                               packed=c.pack_sequences, value_mask=episode)
-        pg, pg_stats = policy_loss(logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range)
-        vf, vf_stats = value_loss(values, mb.values, returns, episode, c.clip_range_value)
-        stats = {
-            "policy/loss": pg.detach(), "policy/clipfrac": pg_stats["clipfrac"],
-            "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio_mean"],
-            "policy/entropy": masked_mean(entropy.detach(), mb.response_mask),
-            "value/loss": vf.detach(), "value/clipfrac": vf_stats["clipfrac"],
-        }
-        return pg, vf, stats
+                               packed=c.pack_sequences, value_mask=mb.episode_mask)
+        vf, vf_stats = value_loss(values, mb.values, returns, mb.episode_mask, c.clip_range_value)
+        stats.update({"value/loss": vf.detach(), "value/clipfrac": vf_stats["clipfrac"]})
+        return pg, vf * (mb.episode_mask.sum() / counts["value_tokens"]), stats
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def make_trajectory(self, prompts: list[str]) -> Trajectory:
-        """Steps 1-2 and the forwards that go with them: one rollout batch with everything PPO needs."""
-        timed, packed = self.timer, self.config.pack_sequences
+    def make_trajectory(self, rows: list[int]) -> Trajectory:
+        """Steps 1-2 and the forwards that go with them: one rollout batch of prompts `rows` (indices into
+        `self.prompts`) with everything the update needs. The batch is packed once for all four forwards."""
+        timed, c = self.timer, self.config
+        prompts = [self.prompts[i] for i in rows]
+        columns = {name: [values[i] for i in rows] for name, values in self.prompt_columns.items()}
         with timed("rollout"):
             q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)
+        eos = has_eos(r_ids, self.tokenizer.eos_token_id)
+        episode = self.episode_mask(r_mask, eos)
         with torch.no_grad():
+            packed = pack(q_ids, q_mask, r_ids, r_mask) if c.pack_sequences else False
             with timed("policy_forward"):
-                logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, self.config.temperature,
-                                          packed=packed)[0]
+                logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, c.temperature, packed=packed)[0]
             with timed("reference_forward"):
-                ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask)
-            eos = has_eos(r_ids, self.tokenizer.eos_token_id)
-            with timed("value_forward"):
-                values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask, packed=packed,
-                                       value_mask=self.episode_mask(r_mask, eos))
+                ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask, packed=packed)
+            values = None
+            if self.value_model is not None:
+                with timed("value_forward"):
+                    values = value_forward(self.value_model, q_ids, q_mask, r_ids, r_mask, packed=packed,
+                                           value_mask=episode)
         with timed("score"):
-            scores, raw = self.score(q_ids, q_mask, r_ids, r_mask)
-        return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos)
+            scores, raw, per_source = self.score(q_ids, q_mask, r_ids, r_mask, prompts, columns, packed=packed)
+        return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos, episode,
+                          per_source)
 
     def update(self, traj: Trajectory, advantages, returns) -> dict[str, float]:
         """Step 5: `ppo_epochs` passes of minibatch updates over one rollout batch."""
-        c, acc = self.config, self.accelerator
-        n = acc.num_processes
+        c, launch = self.config, self.launch
+        n = launch.num_processes
         self.policy.train()
-        self.value_model.train()
-        episode = self.episode_mask(traj.response_mask, traj.has_eos)
+        if self.value_model is not None:
+            self.value_model.train()
         totals: dict[str, float] = {}
         count = 0
         for _ in range(c.ppo_epochs):
             # With N processes each rank holds B/N rows; a minibatch takes minibatch_size/N from each.
             order = torch.randperm(c.rollout_batch_size // n, device=traj.query_ids.device)
             for mb_idx in order.split(c.minibatch_size // n):
-                # Token-weighted accumulation: each micro-batch's masked means are scaled by its share of the
-                # minibatch's positions, so the summed gradient equals the full-minibatch masked means'.
-                policy_tokens = self.minibatch_tokens(traj.response_mask[mb_idx])
-                value_tokens = self.minibatch_tokens(episode[mb_idx])
+                # The whole minibatch's counts (over ranks): every micro-batch's loss is its share of the
+                # minibatch's, so the summed gradient equals the full-minibatch loss's (rlhf/ppo/aggregation.py).
+                counts = {"sequences": launch.minibatch_count(len(mb_idx)),
+                          "tokens": launch.minibatch_count(traj.response_mask[mb_idx].sum()),
+                          "value_tokens": launch.minibatch_count(traj.episode_mask[mb_idx].sum())}
                 micro_batches = mb_idx.split(c.micro_batch_size // n)
                 for i, micro_idx in enumerate(micro_batches):
                     # columns that are padding in every row of this micro-batch cost compute and change nothing
-                    mb, mb_adv, mb_ret = trim_padding(Trajectory(*(t[micro_idx] for t in traj)), advantages[micro_idx],
-                                                      returns[micro_idx], response_columns=episode[micro_idx])
-                    pg, vf, stats = self.micro_batch_loss(mb, mb_adv, mb_ret)
-                    loss = (pg * (mb.response_mask.sum() / policy_tokens)
-                            + c.vf_coef * vf * (episode[micro_idx].sum() / value_tokens))
-                    self.backward(loss, last_micro_batch=i == len(micro_batches) - 1)
+                    mb, mb_adv, mb_ret = trim_padding(traj.rows(micro_idx), advantages[micro_idx],
+                                                      returns[micro_idx] if returns is not None else None)
+                    pg, vf, stats = launch.micro_batch_loss(self.loss, mb, mb_adv, mb_ret, counts)
+                    loss = pg if vf is None else pg + c.vf_coef * vf
+                    launch.backward(loss, last_micro_batch=i == len(micro_batches) - 1)
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + float(v)
                     count += 1
-                acc.clip_grad_norm_(list(self.policy.parameters()) + list(self.value_model.parameters()),
-                                    c.max_grad_norm)
+                self.accelerator.clip_grad_norm_(launch.trained_parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         return {k: v / count for k, v in totals.items()}
 
     def train(self) -> dict:
-        c, acc = self.config, self.accelerator
+        c, acc, launch = self.config, self.accelerator, self.launch
         # Each checkpoint is written aside and renamed into place whole: a run killed mid-save resumes
         # from the previous checkpoint, never from a mixture of two steps (rlhf/checkpoints.py).
         checkpoints = CheckpointDir(self.work_dir / "checkpoints", is_main_process=acc.is_main_process,
                                     barrier=acc.wait_for_everyone)
-        # Step 0 numbers of the SFT policy are measured once and kept beside the checkpoints, so a
+        # Step 0 numbers of the reference policy are measured once and kept beside the checkpoints, so a
         # resumed run compares against the same baseline.
         baseline_file = self.work_dir / "baseline.json"
         if (latest := checkpoints.latest()) is not None:
             acc.load_state(str(latest))
-            log.info("ppo: resuming at step %d", self.progress.step)
+            log.info("%s: resuming at step %d", self.stage_name, self.progress.step)
         if baseline_file.exists():
             self.baseline = json.loads(baseline_file.read_text())
         else:
@@ -454,92 +590,94 @@ class PPOStage(LaunchMixin, Stage):
         last_good, good_step = None, self.progress.step
         from tqdm.auto import tqdm
 
-        bar = tqdm(range(self.progress.step, c.num_steps), desc="ppo", initial=self.progress.step, total=c.num_steps,
-                   disable=not self.accelerator.is_main_process)  # one bar for a launch, not one per rank
+        bar = tqdm(range(self.progress.step, c.num_steps), desc=self.stage_name, initial=self.progress.step,
+                   total=c.num_steps, disable=not acc.is_main_process)  # one bar for a launch, not one per rank
         for step in bar:
             step_start = time.perf_counter()
-            # 1-2. rollout and score
-            traj = self.make_trajectory(self.local_prompts(step))
-            # 3. rewards: per-token KL penalty plus the score at the episode's end (on the state after EOS)
+            # 1-2. rollout and score (this rank's share of the batch; groups stay whole)
+            traj = self.make_trajectory(launch.local_rows(self.prompts_for_step(step)))
+            # 3. rewards: per-token KL penalty (if in the reward) plus the score at the episode's end
             rewards, kl = self.compute_rewards(traj)
             # 4. advantages
             advantages, returns = self.compute_advantages(rewards, traj)
             # 6a. watchdogs look at the rollout of the policy the last update produced
             # (over every rank's rows: all ranks must take the same decision)
-            seq_kl = self.batch_mean(masked_sum(kl, traj.response_mask, dim=1))
-            length = self.batch_mean(traj.response_mask.sum(1).float())
-            unique = self.batch_unique_share(traj.response_ids, traj.response_mask)
+            seq_kl = launch.batch_mean(masked_sum(kl, traj.response_mask, dim=1))
+            length = launch.batch_mean(traj.response_mask.sum(1).float())
+            firsts = self.decode(traj.response_ids, traj.response_mask)[:: c.samples_per_prompt]
+            unique = launch.unique_share(firsts)  # one response per prompt: K samples of a prompt may agree
             reason = self.watchdog(seq_kl, length, unique)
             if reason:
                 self.stopped = f"step {step}: {reason}"
                 if last_good is None:  # the first rollout of this run: nothing earlier is in memory
-                    log.warning("ppo: stopping: %s; keeping the policy this run started from", self.stopped)
+                    log.warning("%s: stopping: %s; keeping the policy this run started from", self.stage_name,
+                                self.stopped)
                 else:
-                    log.warning("ppo: stopping: %s; keeping the policy of step %d", self.stopped, good_step)
-                    self.restore_policy(last_good)
+                    log.warning("%s: stopping: %s; keeping the policy of step %d", self.stage_name, self.stopped,
+                                good_step)
+                    launch.restore_policy(last_good)
                 break
             # This rollout passed, so its policy is the last good one (a CPU copy: cheap for the
             # models this runs on CPU, and the only way to go back one step without a checkpoint per step).
-            state = self.gathered_policy_state()
-            if state is None:  # not sharded: every rank holds the whole policy
-                state = self.accelerator.unwrap_model(self.policy).state_dict()
-            last_good = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-            good_step = step
+            last_good, good_step = launch.policy_state_copy(), step
             # 5. update
             with self.timer("update"):
                 stats = self.update(traj, advantages, returns)
             self.kl_ctl.update(seq_kl, c.rollout_batch_size)
             # 6. log
-            episode = self.episode_mask(traj.response_mask, traj.has_eos)
             stats.update({
                 "env/score": traj.scores.mean().item(), "env/raw_score": traj.raw_scores.mean().item(),
-                "env/reward_total": masked_sum(rewards, episode, dim=1).mean().item(), "env/kl": seq_kl,
+                "env/reward_total": masked_sum(rewards, traj.episode_mask, dim=1).mean().item(), "env/kl": seq_kl,
                 "env/kl_coef": self.kl_ctl.value, "env/response_length": length,
                 "env/eos_rate": traj.has_eos.float().mean().item(), "env/unique_share": unique,
-                "value/explained_variance": explained_variance(traj.values, returns, episode).item(),
+                **{f"env/reward/{s.name}": traj.source_scores[:, i].mean().item()
+                   for i, s in enumerate(self.rewards.sources)},
                 **self.timer.pop(), "time/step": time.perf_counter() - step_start,
             })
+            if returns is not None:
+                stats["value/explained_variance"] = explained_variance(traj.values, returns, traj.episode_mask).item()
             self.progress.step = step + 1
             if c.eval_every and self.progress.step % c.eval_every == 0:
                 results = self.judge_policy(greedy=False)
                 stats.update({f"eval/{k}": v for k, v in summarize(results, self.evaluation.roles).items()})
-            stats = self.reduce_stats(stats)
+            stats = launch.reduce_stats(stats)
             self.tracker.log(stats, step=self.progress.step)
             bar.set_postfix(score=f"{stats['env/score']:.2f}", kl=f"{seq_kl:.2f}")
             if c.save_every and self.progress.step % c.save_every == 0:
                 checkpoints.save(self.progress.step, lambda path: acc.save_state(str(path)))
-        self.final_state = self.gathered_policy_state()  # every rank gathers; the main one saves
+        self.final_state = launch.gathered_policy_state()  # every rank gathers; the main one saves
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}
 
     def watchdog(self, seq_kl: float, length: float, unique_share: float) -> str | None:
         """A reason to stop, or None. KL past the budget, collapsing responses or the same few answers to
-        every prompt mean the policy is gaming the reward model."""
-        c = self.config
+        every prompt mean the policy is gaming its rewards."""
+        c, key = self.config, f"stages.{self.stage_name}"
         if not math.isfinite(seq_kl) or seq_kl > c.kl_budget:
-            return f"KL to the reference {seq_kl:.2f} exceeds stages.ppo.kl_budget={c.kl_budget}"
+            return f"KL to the reference {seq_kl:.2f} exceeds {key}.kl_budget={c.kl_budget}"
         if length < c.min_response_length:
-            return f"mean response length {length:.1f} fell below stages.ppo.min_response_length={c.min_response_length}"
+            return f"mean response length {length:.1f} fell below {key}.min_response_length={c.min_response_length}"
         if c.min_unique_share is not None and unique_share < c.min_unique_share:
             return (f"only {unique_share:.0%} of the rollout's responses are distinct, below "
-                    f"stages.ppo.min_unique_share={c.min_unique_share}")
+                    f"{key}.min_unique_share={c.min_unique_share}")
         return None
 
     # ---- evaluation and saving -----------------------------------------------------------------
 
     def judge_policy(self, greedy: bool | None) -> dict:
-        """The experiment's evaluation of the current policy (per-prompt lists; KL to the reference).
-        `greedy` None: as the evaluation config says; False: sampled responses only (the curves)."""
-        with self.generation_model() as policy:
-            return self.evaluation.run(policy, self.tokenizer, reference=self.reference,
-                                       reference_context=self.reference_context, greedy=greedy)
+        """The experiment's evaluation of the current policy (per-prompt lists; KL to the reference where
+        the stage holds one). `greedy` None: as the evaluation config says; False: sampled responses only."""
+        reference = {"reference": self.reference} if self.reference is not None else \
+            {"reference_context": self.reference_context} if self.config.lora.enabled else {}
+        with self.launch.generation_model() as policy:
+            return self.evaluation.run(policy, self.tokenizer, greedy=greedy, **reference)
 
     def evaluate(self) -> dict:
         final = self.judge_policy(greedy=None)
         metrics = {"eval_prompts": len(self.evaluation.prompts),
                    **compare(self.baseline, final, self.evaluation.roles, self.seed),
                    "samples": self.evaluation.samples(final, before=self.baseline)}
-        log.info("ppo: %s", self.headline(metrics))
+        log.info("%s: %s", self.stage_name, self.headline(metrics))
         return metrics
 
     def save(self, out) -> None:

@@ -95,10 +95,10 @@ def test_plan_memory_prints_a_table_and_warns_when_it_cannot_fit(workdir, tiny_d
     launch = str(REPO / "configs" / "accelerate" / "cpu-ddp.yaml")
     assert main(["plan", str(path), "--memory", "--launch", launch]) == 0
     out = capsys.readouterr().out
-    assert "PPO memory per process (cpu-ddp.yaml: CPU DDP, 2 process(es)" in out and "KV cache (generation)" in out
+    assert "RL stage memory per process (cpu-ddp.yaml: CPU DDP, 2 process(es)" in out and "KV cache (generation)" in out
     # 2**24 rollout rows: the KV cache and logits alone are hundreds of gigabytes per process
     assert main(["plan", str(path), "--memory", "--launch", launch, "stages.ppo.rollout_batch_size=16777216"]) == 1
-    assert "warning: the PPO stage needs more memory per process than is available" in capsys.readouterr().err
+    assert "warning: the RL stage needs more memory per process than is available" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("launch", ["single", "ddp", "zero2", "zero3", "fsdp"])

@@ -46,10 +46,10 @@ def test_prompts_longer_than_the_bound_are_dropped(upstream):
 
 def test_value_model_starts_as_the_reward_model(upstream):
     stage = ppo_stage(upstream)
-    value, reward = stage.value_model.state_dict(), stage.reward_model.state_dict()
+    value, reward = stage.value_model.state_dict(), stage.rewards.models[0].model.state_dict()
     assert value.keys() == reward.keys()
     assert all(torch.equal(value[k], reward[k]) for k in value)
-    assert torch.equal(stage.value_model.score.weight, stage.reward_model.score.weight)
+    assert torch.equal(stage.value_model.score.weight, stage.rewards.models[0].model.score.weight)
 
 
 def test_first_minibatch_has_ratio_one_and_zero_kl(upstream):
@@ -219,7 +219,8 @@ def test_gradient_accumulation_equals_full_batch(upstream, after_eos):
     # than the policy loss except in rows that fill every column: its weights must be its own.
     lengths = torch.arange(traj.response_ids.shape[0]) % traj.response_ids.shape[1] + 1
     mask = torch.arange(traj.response_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-    traj = traj._replace(response_mask=mask, has_eos=torch.ones_like(traj.has_eos))
+    eos = torch.ones_like(traj.has_eos)
+    traj = traj._replace(response_mask=mask, has_eos=eos, episode_mask=full.episode_mask(mask, eos))
     rewards, _ = full.compute_rewards(traj)
     advantages, returns = full.compute_advantages(rewards, traj)
     g_full = _captured_gradients(full, traj, advantages, returns)
@@ -272,7 +273,7 @@ def test_every_trainable_parameter_changes(upstream):
     after = dict(list(stage.policy.named_parameters()) + [("v." + n, p) for n, p in stage.value_model.named_parameters()])
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
     assert unchanged == []
-    assert all(not p.requires_grad for p in stage.reward_model.parameters())
+    assert all(not p.requires_grad for p in stage.rewards.models[0].model.parameters())
     assert all(not p.requires_grad for p in stage.reference.parameters())
 
 
@@ -387,5 +388,5 @@ def test_ppo_manifest_compares_with_the_reference_on_the_shared_evaluation(upstr
     sft = pipe.store.manifest(results["sft"].key)["metrics"]
     assert metrics["greedy_task_ref"] == sft["greedy_task"] and metrics["gold_ref"] == sft["gold"]
     assert m["headline"].startswith("gold ") and "task success" in m["headline"]
-    assert m["inputs"]["policy"]["stage"] == "sft" and m["inputs"]["reward_model"]["stage"] == "reward"
+    assert m["inputs"]["policy"]["stage"] == "sft" and m["inputs"]["rewards.reward"]["stage"] == "reward"
     assert m["kind"] == "policy"

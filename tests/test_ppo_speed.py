@@ -71,20 +71,20 @@ def test_trimmed_micro_batch_gives_the_same_loss_and_gradients(stage, monkeypatc
     # short responses in the first rows, so the micro-batch of those rows has padding columns to drop
     b, r = traj.response_ids.shape
     lengths = torch.arange(b) % 3 + 1
-    traj = traj._replace(response_mask=torch.arange(r).unsqueeze(0) < lengths.unsqueeze(1),
-                         has_eos=torch.ones(b, dtype=torch.bool))
+    mask, eos = torch.arange(r).unsqueeze(0) < lengths.unsqueeze(1), torch.ones(b, dtype=torch.bool)
+    traj = traj._replace(response_mask=mask, has_eos=eos, episode_mask=stage.episode_mask(mask, eos))
     rewards, _ = stage.compute_rewards(traj)
     advantages, returns = stage.compute_advantages(rewards, traj)
     idx = torch.arange(4)
-    mb = Trajectory(*(t[idx] for t in traj))
-    episode = stage.episode_mask(mb.response_mask, mb.has_eos)
-    trimmed, adv, ret = trim_padding(mb, advantages[idx], returns[idx], response_columns=episode)
+    mb = traj.rows(idx)
+    trimmed, adv, ret = trim_padding(mb, advantages[idx], returns[idx])
+    counts = {"sequences": 4, "tokens": mb.response_mask.sum(), "value_tokens": mb.episode_mask.sum()}
     # the state after EOS needs the column after the longest response
     assert trimmed.response_ids.shape[1] == (4 if after_eos else 3) < r
     results = []
     for batch, a, g in ((mb, advantages[idx], returns[idx]), (trimmed, adv, ret)):
         stage.optimizer.zero_grad()
-        pg, vf, _ = stage.loss(batch, a, g)
+        pg, vf, _ = stage.loss(batch, a, g, counts)
         loss = pg + stage.config.vf_coef * vf
         loss.backward()
         grads = {n: p.grad.clone() for n, p in list(stage.policy.named_parameters())

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_data, ppo_config, write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
-from rlhf.ppo.launch import PhaseTimer
+from rlhf.launch import PhaseTimer
 
 PHASES = ["rollout", "policy_forward", "reference_forward", "value_forward", "score", "update"]
 

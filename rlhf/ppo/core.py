@@ -14,6 +14,8 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -81,7 +83,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise `x` to unit variance using statistics of the masked positions only.
 
@@ -89,10 +92,20 @@ def masked_whiten(
     `shift_mean=False` the mean is added back, so only the scale changes (used for rewards, where the
     sign of the reward carries meaning; advantages use `shift_mean=True`). Positions outside the mask
     are set to 0, so padding never holds a large value that a later unmasked op could pick up.
+
+    `all_reduce` (a sum over processes, e.g. `accelerator.reduce(t, "sum")`) makes the mean and variance
+    those of every process's positions together, when each holds part of a batch: the sums, the count
+    and the centred sum of squares are reduced, giving exactly the whole batch's statistics.
     """
     mask = mask.bool()
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if all_reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        totals = all_reduce(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+        n = totals[1]
+        mean = totals[0] / n.clamp_min(1)
+        var = all_reduce(masked_sum((x - mean) ** 2, mask)) / (n - 1).clamp_min(1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -325,14 +338,18 @@ def policy_loss(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
     clip_range: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss: masked mean over tokens of -min(r * A, clip(r, 1 - c, 1 + c) * A).
 
     logprobs (B, T) from the current policy (with grad), old_logprobs and advantages (B, T) from the
     rollout (treated as constants), r = exp(logprobs - old_logprobs). The mean is over all real tokens
-    of the batch, so long responses weigh more than short ones.
+    of the batch, so long responses weigh more than short ones. `reduce` replaces that mean: it takes
+    the per-token losses (B, T) (padding included, which it must mask) and returns the loss
+    (rlhf/ppo/aggregation.py); the `loss` statistic stays the token mean.
 
     Stats (detached 0-dim tensors):
+      loss        the token mean of the loss
       clipfrac    fraction of real tokens where the clipped term was selected (strictly larger loss)
       approx_kl   k3 estimate of KL(old || new) = mean((r - 1) - log r); samples come from the old
                   policy, non-negative per token
@@ -345,9 +362,12 @@ def policy_loss(
     unclipped = -advantages * ratio  # (B, T)
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)  # (B, T)
     # max of the negated terms == -min of the surrogate terms.
-    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    token_mean = masked_mean(per_token, response_mask)
+    loss = token_mean if reduce is None else reduce(per_token)
     with torch.no_grad():
         stats = {
+            "loss": token_mean.detach(),
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), response_mask),
             "approx_kl": masked_mean(kl_k3(old_logprobs, logprobs), response_mask),
             "ratio_mean": masked_mean(ratio, response_mask),

@@ -31,16 +31,30 @@ class Trajectory(NamedTuple):
     """(B, R) bool; True = a real response token (up to and including the first EOS)."""
     logprobs: torch.Tensor
     """(B, R) policy logprobs of the response tokens at the sampling temperature."""
-    ref_logprobs: torch.Tensor
-    """(B, R) reference-model logprobs of the same tokens and temperature."""
-    values: torch.Tensor
-    """(B, R) value estimates of the state before each response token."""
+    ref_logprobs: torch.Tensor | None
+    """(B, R) reference-model logprobs of the same tokens and temperature (None: no KL computed)."""
+    values: torch.Tensor | None
+    """(B, R) value estimates of the state before each response token (None: no value model)."""
     scores: torch.Tensor
     """(B,) reward-model score after the no-EOS penalty and normalisation."""
     raw_scores: torch.Tensor
-    """(B,) reward-model score as read at the last real token."""
+    """(B,) the weighted sum of the rewards' raw scores (a reward model's as read at the last real token)."""
     has_eos: torch.Tensor
     """(B,) bool; True when the response ended with EOS."""
+    episode_mask: torch.Tensor | None = None
+    """(B, R) bool; True = a position with a reward (and a value): the response tokens, and the state
+    after EOS where the stage places the score there (`with_state_after_eos`)."""
+    source_scores: torch.Tensor | None = None
+    """(B, S) each reward source's raw score, in the order of the stage's `rewards`."""
+
+    def rows(self, index: torch.Tensor) -> "Trajectory":
+        """The trajectory of rows `index` (fields that are None stay None)."""
+        return Trajectory(*(t[index] if t is not None else None for t in self))
+
+
+def _packed(packed: bool | Packed, query_ids, query_mask, response_ids, response_mask) -> Packed:
+    """The batch's packed layout: the one given, or made now."""
+    return packed if isinstance(packed, Packed) else pack(query_ids, query_mask, response_ids, response_mask)
 
 
 def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
@@ -52,16 +66,17 @@ def sequence_inputs(query_ids, query_mask, response_ids, response_mask):
 
 
 def policy_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
-                   with_entropy: bool = False, entropy_grad: bool = True, packed: bool = False):
+                   with_entropy: bool = False, entropy_grad: bool = True, packed: bool | Packed = False):
     """Logprobs (B, R) of the response tokens under `model` at `temperature` (and entropy if asked).
 
     With `entropy_grad=False` the entropy is a statistic only: computed without autograd, so none of
     its (B, R, V) intermediates are kept for a backward pass that would never use them.
     With `packed=True` the forward runs on the batch's real tokens only (rlhf/ppo/packing.py; the model
-    must have `use_packed_attention`); padding positions of the results are 0.
+    must have `use_packed_attention`); padding positions of the results are 0. `packed` may also be the
+    batch's `Packed` layout already made (one packing for every forward over a rollout batch).
     """
     if packed:
-        batch = pack(query_ids, query_mask, response_ids, response_mask)
+        batch = _packed(packed, query_ids, query_mask, response_ids, response_mask)
         with batch.active():  # logits only where a response token is predicted: (1, N, V)
             logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
                            logits_to_keep=batch.before_response).logits
@@ -128,7 +143,7 @@ def packed_heads(model, batch: Packed) -> torch.Tensor:
         return head_per_token(model, batch.input_ids, None, batch.position_ids)[0]
 
 
-def value_forward(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False,
+def value_forward(model, query_ids, query_mask, response_ids, response_mask, packed: bool | Packed = False,
                   value_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Values (B, R) of the states before each response token (0 at padding when `packed`).
 
@@ -137,7 +152,7 @@ def value_forward(model, query_ids, query_mask, response_ids, response_mask, pac
     each sequence's last token.
     """
     if packed:
-        batch = pack(query_ids, query_mask, response_ids, response_mask)
+        batch = _packed(packed, query_ids, query_mask, response_ids, response_mask)
         heads = packed_heads(model, batch)  # (L,)
         values = unpack(heads[batch.before_response], response_mask)  # (B, R)
         if value_mask is None:
@@ -149,10 +164,11 @@ def value_forward(model, query_ids, query_mask, response_ids, response_mask, pac
     return head_per_token(model, *seq)[:, p - 1 : -1]
 
 
-def score_at_eos(model, query_ids, query_mask, response_ids, response_mask, packed: bool = False) -> torch.Tensor:
+def score_at_eos(model, query_ids, query_mask, response_ids, response_mask,
+                 packed: bool | Packed = False) -> torch.Tensor:
     """Reward-model score (B,) read at the last real response token: the EOS when there is one."""
     if packed:
-        batch = pack(query_ids, query_mask, response_ids, response_mask)
+        batch = _packed(packed, query_ids, query_mask, response_ids, response_mask)
         return packed_heads(model, batch)[batch.last]
     seq = sequence_inputs(query_ids, query_mask, response_ids, response_mask)
     per_token = head_per_token(model, *seq)
@@ -160,24 +176,23 @@ def score_at_eos(model, query_ids, query_mask, response_ids, response_mask, pack
     return per_token.gather(1, index.unsqueeze(1)).squeeze(1)
 
 
-def trim_padding(traj: Trajectory, *per_token: torch.Tensor,
-                 response_columns: torch.Tensor | None = None) -> tuple[Trajectory, ...]:
+def trim_padding(traj: Trajectory, *per_token: torch.Tensor | None) -> tuple[Trajectory, ...]:
     """`traj` (a slice of a rollout batch) without the columns that are padding in every row.
 
     A minibatch holds fewer rows than the rollout it came from, so its longest prompt and response are
     often shorter than the batch's: the leading prompt columns and trailing response columns that no
-    row uses are dropped, from `traj` and from each (B, R) tensor in `per_token` (advantages, returns).
-    Nothing any loss reads changes: those columns are masked out everywhere, and positions come from
-    the mask. `response_columns` (B, R) says which response columns are used where that is more than
-    `traj.response_mask` (the state after EOS). Returns (trimmed traj, *trimmed per_token).
+    row uses are dropped, from `traj` and from each (B, R) tensor in `per_token` (advantages, returns;
+    None stays None). Nothing any loss reads changes: those columns are masked out everywhere, and
+    positions come from the mask. The response columns kept are those of `traj.episode_mask` (the state
+    after EOS included) where it is set. Returns (trimmed traj, *trimmed per_token).
     """
     used_p = traj.query_mask.any(dim=0).nonzero()
-    used = traj.response_mask if response_columns is None else response_columns
+    used = traj.response_mask if traj.episode_mask is None else traj.episode_mask
     used_r = used.any(dim=0).nonzero()
     start = int(used_p[0]) if len(used_p) else 0  # (P,) left padding: drop columns before the first used
     end = int(used_r[-1]) + 1 if len(used_r) else 1  # (R,) right padding: drop columns after the last used
     p_cols = {"query_ids", "query_mask"}
-    r_cols = {"response_ids", "response_mask", "logprobs", "ref_logprobs", "values"}
+    r_cols = {"response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "episode_mask"}
     trimmed = traj._replace(**{k: getattr(traj, k)[:, start:] for k in p_cols},
-                            **{k: getattr(traj, k)[:, :end] for k in r_cols})
-    return (trimmed, *(t[:, :end] for t in per_token))
+                            **{k: getattr(traj, k)[:, :end] for k in r_cols if getattr(traj, k) is not None})
+    return (trimmed, *(t[:, :end] if t is not None else None for t in per_token))

@@ -3,7 +3,7 @@
     python tests/helpers/ppo_update_step.py CONFIG OUT_DIR [overrides...]
 
 Every rank builds the same rollout batch of `rollout_batch_size` prompts (same seed, same weights),
-keeps its own rows (rank r: rows r*B/N .. (r+1)*B/N - 1, as the training loop's `local_prompts`),
+keeps its own rows (rank r: rows r*B/N .. (r+1)*B/N - 1, as the training loop's `RLLaunch.local_rows`),
 then computes rewards, advantages and the update exactly as `PPOStage.train` does. The main process
 writes the batch (`traj.pt`) and the weights after the update (`after.pt`), so a one-process run of
 the same update on the whole batch can be compared with it.
@@ -47,7 +47,7 @@ def fixed_batch(stage) -> Trajectory:
     traj = stage.make_trajectory(stage.prompts_for_step(0))
     lengths = torch.arange(traj.response_ids.shape[0]) % traj.response_ids.shape[1] + 1  # (B,)
     mask = torch.arange(traj.response_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)  # (B, R)
-    return traj._replace(response_mask=mask)
+    return traj._replace(response_mask=mask, episode_mask=stage.episode_mask(mask, traj.has_eos))
 
 
 def update(stage, traj: Trajectory) -> dict[str, torch.Tensor]:
@@ -55,7 +55,7 @@ def update(stage, traj: Trajectory) -> dict[str, torch.Tensor]:
     acc = stage.accelerator
     per_rank = traj.query_ids.shape[0] // acc.num_processes
     rows = slice(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
-    local = Trajectory(*(t[rows] for t in traj))
+    local = traj.rows(torch.arange(rows.start, rows.stop))
     rewards, _ = stage.compute_rewards(local)
     advantages, returns = stage.compute_advantages(rewards, local)
     torch.manual_seed(3)

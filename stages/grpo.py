@@ -1,0 +1,47 @@
+"""GRPO: the RL stage's loop with group-relative advantages and no value model (Shao et al. 2024).
+
+The same loop as `stages/ppo.py` (rollout, score, rewards, advantages, clipped update, watchdogs,
+evaluation), with GRPO's defaults: K responses per prompt, each response's advantage its return against
+its group's mean and std, the KL to the reference as a loss term (the clamped k3 estimate), sequence-mean
+loss aggregation, one update per rollout. Only the defaults differ, so `estimator:` switches this stage
+to Dr. GRPO, RLOO or REINFORCE++ (rlhf/ppo/estimators.py), and `stages.ppo` runs GRPO with the same
+settings.
+
+    stages:
+      grpo:
+        policy: sft
+        rewards: {reward: 1.0, uses_word: 0.5}    # reward models and functions, weighted
+        samples_per_prompt: 8
+        estimator: grpo                          # grpo | dr_grpo | rloo | reinforce_pp | gae
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stages.ppo import PPOConfig, PPOStage
+
+
+@dataclass
+class GRPOConfig(PPOConfig):
+    """PPOConfig with GRPO's defaults (see the fields' docstrings in stages/ppo.py)."""
+
+    estimator: str = "grpo"
+    samples_per_prompt: int = 8
+    loss_aggregation: str = "sequence_mean"
+    kl_penalty: str = "loss"
+    kl_coef: float = 0.04
+    rollout_batch_size: int = 64
+    num_minibatches: int = 2
+    ppo_epochs: int = 1
+    whiten_advantages: bool = False
+    score_after_eos: bool = False
+    learning_rate: float = 1e-4
+    min_unique_share: float | None = 0.25
+
+
+class GRPOStage(PPOStage):
+    """GRPO: group-relative advantages, KL in the loss, no value model."""
+
+    name = "grpo"
+    config_class = GRPOConfig

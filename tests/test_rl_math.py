@@ -1,0 +1,241 @@
+"""The critic-free estimators and the loss aggregation modes, against values computed by hand or by plain loops.
+
+Golden values carry their arithmetic. The aggregation tests split a minibatch the ways a run does
+(micro-batches, ranks whose gradients are averaged) and must fail on the mistakes peers made: a
+dropped 1/N, a mean per micro-batch, padding counted in a denominator.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from rlhf.ppo import masked_whiten
+from rlhf.ppo.aggregation import AGGREGATIONS, aggregate
+from rlhf.ppo.estimators import (ESTIMATORS, group_mean_baseline, group_std, leave_one_out_baseline, returns_to_go,
+                                 sequence_returns)
+
+# Two prompts, K = 4 responses each; scores only (no KL), responses of lengths 1..4, no state after EOS.
+SCORES = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 1.0, 1.0])
+LENGTHS = torch.tensor([1, 2, 3, 4, 4, 3, 2, 1])
+T = 5
+MASK = torch.arange(T).unsqueeze(0) < LENGTHS.unsqueeze(1)  # (8, 5)
+
+
+def score_rewards(scores=SCORES, mask=MASK):
+    """Per-token rewards with the score on each row's last real token (what compute_rewards gives at KL 0)."""
+    rewards = torch.zeros(mask.shape)
+    rewards[torch.arange(len(scores)), mask.sum(1) - 1] = scores
+    return rewards
+
+
+def run(name, rewards=None, scores=SCORES, mask=MASK, k=4, whiten=masked_whiten, gamma=1.0):
+    rewards = score_rewards(scores, mask) if rewards is None else rewards
+    adv, ret = ESTIMATORS[name](rewards, scores, mask, mask, None, k, whiten=whiten, gamma=gamma)
+    return adv, ret
+
+
+def per_sequence(adv, mask=MASK):
+    """The one advantage each sequence's tokens share (and check they do share it)."""
+    first = adv[:, 0]
+    assert torch.equal(torch.where(mask, adv, first.unsqueeze(1)), first.unsqueeze(1).expand_as(adv))
+    assert (adv[~mask] == 0).all()
+    return first
+
+
+def test_grpo_divides_by_the_groups_std():
+    # group 1: returns 1, 2, 3, 6 -> mean 3, deviations -2, -1, 0, 3; unbiased variance (4+1+0+9)/3 = 14/3
+    # group 2: returns 0, 0, 1, 1 -> mean 0.5, deviations -.5, -.5, .5, .5; variance (4 x .25)/3 = 1/3
+    adv, ret = run("grpo")
+    s1, s2 = math.sqrt(14 / 3), math.sqrt(1 / 3)
+    expected = torch.tensor([-2 / s1, -1 / s1, 0.0, 3 / s1, -0.5 / s2, -0.5 / s2, 0.5 / s2, 0.5 / s2])
+    assert torch.allclose(per_sequence(adv), expected, atol=1e-5) and ret is None
+
+
+def test_dr_grpo_keeps_the_scale():
+    adv, _ = run("dr_grpo")
+    assert torch.allclose(per_sequence(adv), torch.tensor([-2.0, -1, 0, 3, -0.5, -0.5, 0.5, 0.5]))
+
+
+def test_rloo_subtracts_the_mean_of_the_others():
+    # group 1: 1 - (2 + 3 + 6) / 3 = -8/3; 2 - (1 + 3 + 6) / 3 = -4/3; 3 - (1 + 2 + 6) / 3 = 0; 6 - 6/3 = 4
+    # group 2: 0 - (0 + 1 + 1) / 3 = -2/3 twice, 1 - (0 + 0 + 1) / 3 = 2/3 twice
+    adv, _ = run("rloo")
+    expected = torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, -2 / 3, -2 / 3, 2 / 3, 2 / 3])
+    assert torch.allclose(per_sequence(adv), expected, atol=1e-6)
+    assert torch.allclose(expected, 4 / 3 * torch.tensor([-2.0, -1, 0, 3, -0.5, -0.5, 0.5, 0.5]))  # K/(K-1) x dr_grpo
+
+
+def test_group_estimators_against_a_plain_loop_on_random_returns():
+    torch.manual_seed(0)
+    scores, k = torch.randn(12), 3
+    adv_grpo, _ = run("grpo", scores=scores, mask=torch.ones(12, 2, dtype=torch.bool), k=k)
+    adv_rloo, _ = run("rloo", scores=scores, mask=torch.ones(12, 2, dtype=torch.bool), k=k)
+    for g in range(4):
+        rs = [float(x) for x in scores[g * k:(g + 1) * k]]
+        mean = sum(rs) / k
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / (k - 1))
+        for i, r in enumerate(rs):
+            row = g * k + i
+            assert adv_grpo[row, 0].item() == pytest.approx((r - mean) / (std + 1e-6), abs=1e-5)
+            others = (sum(rs) - r) / (k - 1)
+            assert adv_rloo[row, 0].item() == pytest.approx(r - others, abs=1e-6)
+
+
+def test_kl_in_the_reward_is_part_of_the_group_return():
+    # with a per-token KL penalty in the rewards, a sequence's return is score + the penalties it got
+    rewards = score_rewards() - 0.1 * MASK.float()  # -0.1 per real token
+    adv, _ = run("dr_grpo", rewards=rewards)
+    returns = SCORES - 0.1 * LENGTHS  # 0.9, 1.8, 2.7, 5.6 | -0.4, -0.3, 0.8, 0.9
+    expected = torch.cat([returns[:4] - returns[:4].mean(), returns[4:] - returns[4:].mean()])
+    assert torch.allclose(per_sequence(adv), expected, atol=1e-6)
+
+
+def test_reinforce_pp_whitens_returns_to_go_over_the_batch():
+    # rewards: -0.1 KL penalty per token, the score on the last token; G_t = sum of the rewards from t on
+    rewards = score_rewards() - 0.1 * MASK.float()
+    adv, ret = run("reinforce_pp", rewards=rewards)
+    assert ret is None
+    expected = []
+    for row in range(8):
+        n = int(LENGTHS[row])
+        expected += [float(SCORES[row]) - 0.1 * (n - t) for t in range(n)]  # plain loop: G_t
+    mean = sum(expected) / len(expected)
+    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
+    assert torch.allclose(adv[MASK], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
+                          atol=1e-5)
+    assert (adv[~MASK] == 0).all()
+
+
+def test_reinforce_pp_baseline_takes_the_groups_mean_score_off_first():
+    rewards = score_rewards() - 0.1 * MASK.float()
+    adv, _ = run("reinforce_pp_baseline", rewards=rewards)
+    group_means = [3.0] * 4 + [0.5] * 4  # mean score of each group
+    expected = []
+    for row in range(8):
+        n = int(LENGTHS[row])
+        expected += [float(SCORES[row]) - group_means[row] - 0.1 * (n - t) for t in range(n)]
+    mean = sum(expected) / len(expected)
+    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
+    assert torch.allclose(adv[MASK], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
+                          atol=1e-5)
+
+
+def test_returns_to_go_discount_and_helpers():
+    rewards = torch.tensor([[1.0, 2.0, 4.0, 9.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    # gamma 0.5: G_2 = 4; G_1 = 2 + 0.5 * 4 = 4; G_0 = 1 + 0.5 * 4 = 3; the masked 9 never counts
+    assert torch.equal(returns_to_go(rewards, mask, 0.5), torch.tensor([[3.0, 4.0, 4.0, 0.0]]))
+    assert torch.equal(sequence_returns(rewards, mask), torch.tensor([7.0]))
+    r = torch.tensor([1.0, 3.0, 5.0, 5.0])
+    assert torch.equal(group_mean_baseline(r, 2), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    assert torch.allclose(group_std(r, 2), torch.tensor([math.sqrt(2)] * 2 + [0.0] * 2))
+    assert torch.equal(leave_one_out_baseline(r, 2), torch.tensor([-2.0, 2.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="does not split into groups of 3"):
+        group_mean_baseline(r, 3)
+    with pytest.raises(ValueError, match="at least 2 responses per prompt"):
+        leave_one_out_baseline(r, 1)
+
+
+def test_only_gae_needs_a_value_model():
+    assert [n for n, e in ESTIMATORS.items() if e.needs_values] == ["gae"]
+    assert {n: e.min_group_size for n, e in ESTIMATORS.items()} == {
+        "gae": 1, "grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp": 1, "reinforce_pp_baseline": 2}
+
+
+# ---- loss aggregation -------------------------------------------------------------------------------
+
+
+def plain_loss(loss, mask, mode, max_len):
+    """The minibatch loss written out with Python loops over the real tokens only."""
+    rows = [[float(loss[i, t]) for t in range(loss.shape[1]) if mask[i, t]] for i in range(loss.shape[0])]
+    if mode == "token_mean":
+        return sum(sum(r) for r in rows) / sum(len(r) for r in rows)
+    if mode == "sequence_mean":
+        return sum(sum(r) / len(r) for r in rows) / len(rows)
+    return sum(sum(r) for r in rows) / (len(rows) * max_len)
+
+
+@pytest.fixture
+def minibatch():
+    torch.manual_seed(1)
+    loss = torch.randn(8, 6)
+    mask = torch.arange(6).unsqueeze(0) < torch.tensor([1, 6, 2, 5, 3, 3, 4, 1]).unsqueeze(1)
+    return torch.where(mask, loss, torch.tensor(1e6)), mask  # padding holds garbage that must never count
+
+
+def split_sum(loss, mask, mode, parts, ranks, max_len=6):
+    """The loss as a run sees it: `ranks` ranks (gradients averaged) x `parts` micro-batches each,
+    every part with the whole minibatch's counts divided by the ranks."""
+    counts = {"num_sequences": mask.shape[0] / ranks, "num_tokens": mask.sum() / ranks}
+    per_rank = []
+    for rank_rows in torch.arange(mask.shape[0]).chunk(ranks):
+        per_rank.append(sum(aggregate(loss[idx], mask[idx], mode, max_len=max_len, **counts)
+                            for idx in rank_rows.chunk(parts)))
+    return sum(per_rank) / ranks  # what averaging the ranks' gradients amounts to
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATIONS))
+@pytest.mark.parametrize("parts,ranks", [(1, 1), (4, 1), (1, 2), (2, 2), (8, 1), (1, 4)])
+def test_every_split_gives_the_whole_minibatch_loss(minibatch, mode, parts, ranks):
+    loss, mask = minibatch
+    expected = plain_loss(loss, mask, mode, max_len=6)
+    assert split_sum(loss, mask, mode, parts, ranks) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATIONS))
+def test_the_mistakes_peers_made_do_not_pass(minibatch, mode):
+    loss, mask = minibatch
+    expected = plain_loss(loss, mask, mode, max_len=6)
+    # a dropped 1/N: every rank divides by the full counts, then gradients are averaged again
+    dropped = sum(aggregate(loss[rows], mask[rows], mode, num_sequences=8, num_tokens=mask.sum(), max_len=6)
+                  for rows in torch.arange(8).chunk(2)) / 2
+    assert dropped != pytest.approx(expected, rel=1e-3)
+    # a mean per micro-batch: each micro-batch normalised by its own counts, then averaged
+    per_micro = sum(aggregate(loss[rows], mask[rows], mode, num_sequences=len(rows), num_tokens=mask[rows].sum(),
+                              max_len=6) for rows in torch.arange(8).chunk(4)) / 4
+    if mode == "token_mean":  # the others count sequences, which equal-sized micro-batches share alike
+        assert per_micro != pytest.approx(expected, rel=1e-3)
+    # padding in a denominator: counting every column as a token
+    padded = aggregate(loss, torch.ones_like(mask), mode, num_sequences=8, num_tokens=mask.numel(), max_len=6)
+    assert padded != pytest.approx(expected, rel=1e-3)
+
+
+def test_sequence_sum_is_dr_grpos_constant_normaliser():
+    loss = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # (1 + 2 + 4) / (2 sequences x max_len 3) = 7/6, whatever the lengths; sequence_mean: (1.5 + 4) / 2
+    assert aggregate(loss, mask, "sequence_sum", num_sequences=2, num_tokens=3, max_len=3).item() == pytest.approx(7 / 6)
+    assert aggregate(loss, mask, "sequence_mean", num_sequences=2, num_tokens=3, max_len=3).item() == pytest.approx(2.75)
+    assert aggregate(loss, mask, "token_mean", num_sequences=2, num_tokens=3, max_len=3).item() == pytest.approx(7 / 3)
+
+
+def test_whitening_with_an_all_reduce_uses_every_ranks_positions():
+    """Two threads stand for two ranks; their all-reduce sums what both pass in. Each whitens its half
+    with the statistics of the whole batch."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 4)
+    mask = torch.rand(6, 4) > 0.3
+    whole = masked_whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def all_reduce(t):
+            slots[r] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        rows = slice(3 * r, 3 * r + 3)
+        out[r] = masked_whiten(x[rows], mask[rows], all_reduce=all_reduce)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(out), whole, atol=1e-6)
+    assert not torch.allclose(masked_whiten(x[:3], mask[:3]), whole[:3], atol=1e-3)  # local statistics differ
