@@ -21,13 +21,14 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows
-from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
+from rlhf.distributed import gathered_state_dict
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
 from rlhf.tracking import trainer_callback
+from rlhf.trainers import trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -219,29 +220,8 @@ class RewardStage(Stage):
         from trl import RewardTrainer
 
         c = self.config
-        args = TRLRewardConfig(
-            output_dir=str(self.work_dir / "checkpoints"),
-            max_steps=c.max_steps,
-            per_device_train_batch_size=c.batch_size,
-            per_device_eval_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.gradient_accumulation_steps,
-            learning_rate=c.learning_rate,
-            warmup_steps=c.warmup_steps,
-            lr_scheduler_type="cosine",
-            weight_decay=c.weight_decay,
-            max_grad_norm=c.max_grad_norm,
-            max_length=c.max_length,
-            center_rewards_coefficient=c.center_rewards_coefficient,
-            bf16=c.bf16,
-            logging_steps=c.logging_steps,
-            save_steps=c.save_steps,
-            save_total_limit=2,
-            report_to="none",
-            seed=self.seed,
-            data_seed=self.seed,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            accelerator_config=trainer_accelerator_config(),
-        )
+        args = trainer_arguments(TRLRewardConfig, self, lr_scheduler_type="cosine", max_length=c.max_length,
+                                 center_rewards_coefficient=c.center_rewards_coefficient)
         return RewardTrainer(
             model=self.model,
             args=args,

@@ -14,16 +14,15 @@ import math
 import shutil
 from dataclasses import dataclass, field
 
-import torch
-
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
-from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
+from rlhf.distributed import gathered_state_dict
 from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
+from rlhf.trainers import trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -109,30 +108,13 @@ class SFTStage(Stage):
         from trl import SFTTrainer
 
         c = self.config
-        args = TRLSFTConfig(
-            output_dir=str(self.work_dir / "checkpoints"),
-            max_steps=c.max_steps,
-            per_device_train_batch_size=c.batch_size,
-            per_device_eval_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.gradient_accumulation_steps,
-            learning_rate=c.learning_rate,
-            warmup_steps=c.warmup_steps,
+        args = trainer_arguments(
+            TRLSFTConfig, self,
             lr_scheduler_type=c.lr_scheduler_type,
-            weight_decay=c.weight_decay,
-            max_grad_norm=c.max_grad_norm,
             max_length=c.max_length,
             packing=c.packing,
             train_sampling_strategy="group_by_length" if c.group_by_length else "random",
             assistant_only_loss=True,
-            bf16=c.bf16,
-            logging_steps=c.logging_steps,
-            save_steps=c.save_steps,
-            save_total_limit=2,
-            report_to="none",
-            seed=self.seed,
-            data_seed=self.seed,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            accelerator_config=trainer_accelerator_config(),
         )
         return SFTTrainer(
             model=self.model,

@@ -1,0 +1,53 @@
+"""What the stages that wrap a Hugging Face Trainer share: the Trainer's arguments.
+
+A stage's config names the settings every Trainer takes alike (`max_steps`, `batch_size`, `learning_rate`,
+...), so `trainer_arguments` fills them from those names and the stage's `build_trainer` adds only what is
+its own. Nothing here knows a particular stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SAVE_TOTAL_LIMIT = 2
+"""Resumable checkpoints kept under a stage's work directory: a kill in the middle of writing the newest
+one still leaves a complete one to resume from."""
+
+
+def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
+    """`args_class` (`transformers.TrainingArguments` or a TRL config) for `stage`'s Trainer.
+
+    From `stage.config`, by field name: `max_steps`, `batch_size` (per device, for training and
+    evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
+    `max_grad_norm`, `bf16`, `logging_steps`, `save_steps`. From the stage: checkpoints go to
+    `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed` seeds both the
+    model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
+    `max_length`, ...) and wins over the shared ones.
+    """
+    from rlhf.distributed import trainer_accelerator_config
+
+    c = stage.config
+    shared = dict(
+        output_dir=str(stage.work_dir / "checkpoints"),
+        max_steps=c.max_steps,
+        per_device_train_batch_size=c.batch_size,
+        per_device_eval_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.gradient_accumulation_steps,
+        learning_rate=c.learning_rate,
+        warmup_steps=c.warmup_steps,
+        weight_decay=c.weight_decay,
+        max_grad_norm=c.max_grad_norm,
+        bf16=c.bf16,
+        logging_steps=c.logging_steps,
+        save_steps=c.save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        report_to="none",  # the stage's tracker callback logs (wandb and metrics.jsonl)
+        seed=stage.seed,
+        data_seed=stage.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        accelerator_config=trainer_accelerator_config(),
+    )
+    return args_class(**{**shared, **extra})
+
