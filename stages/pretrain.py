@@ -22,7 +22,7 @@ from rlhf.models import ModelConfig, build_causal_lm, count_parameters, verify_r
 from rlhf.stage import Stage
 from rlhf.tokenizer import TokenizerConfig, load_tokenizer, tokenizer_facts, train_tokenizer
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import trainer_arguments
+from rlhf.trainers import train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -141,18 +141,7 @@ class PretrainStage(Stage):
         else:
             before = {"perplexity_before": math.exp(self.trainer.evaluate()["eval_loss"])}
             write_atomic(before_file, json.dumps(before))
-        last = self.last_checkpoint()
-        resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
-        if last:
-            log.info("pretrain: resuming from %s (step %d)", last, resumed_from)
-        out = self.trainer.train(resume_from_checkpoint=last)
-        return {
-            **before,
-            "train_loss": out.training_loss,
-            "train_steps": out.global_step,
-            "resumed_from_step": resumed_from,
-            "parameters": count_parameters(self.model),
-        }
+        return {**before, **train_from_last_checkpoint(self), "parameters": count_parameters(self.model)}
 
     def evaluate(self) -> dict[str, float]:
         loss = self.trainer.evaluate()["eval_loss"]

@@ -21,14 +21,13 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows
-from rlhf.distributed import gathered_state_dict
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import trainer_arguments
+from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -258,17 +257,10 @@ class RewardStage(Stage):
                  count_parameters(self.model), len(self.train_ds))
 
     def train(self) -> dict[str, float]:
-        last = self.last_checkpoint()
-        out = self.trainer.train(resume_from_checkpoint=last)
-        # Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here; the main process saves them.
-        self.full_state = gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
-        if self.full_state is not None and self.config.lora.enabled:
-            raise StageError("reward: LoRA under ZeRO-3 or FSDP is not supported yet; launch with DDP or ZeRO-2")
-        if self.config.lora.enabled:
-            self.model.save_pretrained(str(self.work_dir / "adapter"))
-            self.model = self.model.merge_and_unload()
-        return {"train_loss": out.training_loss, "train_steps": out.global_step, "train_pairs": len(self.train_ds),
-                "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0}
+        metrics = train_from_last_checkpoint(self)
+        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged into the model.
+        self.full_state, self.model = finished_weights(self)
+        return {**metrics, "train_pairs": len(self.train_ds)}
 
     def evaluate(self) -> dict:
         c = self.config

@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
-from rlhf.distributed import gathered_state_dict
 from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import trainer_arguments
+from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -141,20 +140,10 @@ class SFTStage(Stage):
                  count_parameters(self.model), len(self.train_ds))
 
     def train(self) -> dict[str, float]:
-        last = self.last_checkpoint()
-        if last:
-            log.info("sft: resuming from %s", last)
-        out = self.trainer.train(resume_from_checkpoint=last)
-        # Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here; the main process saves them.
-        self.full_state = gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
-        if self.full_state is not None and self.config.lora.enabled:
-            raise StageError("sft: LoRA under ZeRO-3 or FSDP is not supported yet; launch with DDP or ZeRO-2")
-        if self.config.lora.enabled:
-            # Keep the adapter before merging: merging folds it into the base weights and removes it.
-            self.model.save_pretrained(str(self.work_dir / "adapter"))
-            self.model = self.model.merge_and_unload()  # PPO and users get a plain checkpoint
-        return {"train_loss": out.training_loss, "train_steps": out.global_step,
-                "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0}
+        metrics = train_from_last_checkpoint(self)
+        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so PPO and users get a plain checkpoint.
+        self.full_state, self.model = finished_weights(self)
+        return metrics
 
     def evaluate(self) -> dict:
         c = self.config
