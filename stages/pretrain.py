@@ -18,11 +18,11 @@ import torch
 from rlhf.checkpoints import write_aside, write_atomic
 from rlhf.config import logging_only
 from rlhf.data import load_rows, pack_texts
-from rlhf.distributed import trainer_accelerator_config
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, verify_reload
 from rlhf.stage import Stage
 from rlhf.tokenizer import TokenizerConfig, load_tokenizer, tokenizer_facts, train_tokenizer
 from rlhf.tracking import trainer_callback
+from rlhf.trainers import train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -106,29 +106,8 @@ class PretrainStage(Stage):
         """The `transformers.Trainer` that runs the loop (checkpoints under the work directory)."""
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-        cfg = self.config
-        args = TrainingArguments(
-            output_dir=str(self.work_dir / "checkpoints"),
-            max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            learning_rate=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=cfg.warmup_steps,
-            lr_scheduler_type="cosine",
-            max_grad_norm=cfg.max_grad_norm,
-            bf16=cfg.bf16,
-            logging_steps=cfg.logging_steps,
-            save_steps=cfg.save_steps,
-            save_total_limit=2,
-            report_to="none",
-            seed=self.seed,
-            data_seed=self.seed,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            accelerator_config=trainer_accelerator_config(),
-        )
+        args = trainer_arguments(TrainingArguments, self, lr_scheduler_type="cosine",
+                                 per_device_eval_batch_size=self.config.eval_batch_size)  # perplexity batches
         return Trainer(
             model=self.model,
             args=args,
@@ -162,18 +141,7 @@ class PretrainStage(Stage):
         else:
             before = {"perplexity_before": math.exp(self.trainer.evaluate()["eval_loss"])}
             write_atomic(before_file, json.dumps(before))
-        last = self.last_checkpoint()
-        resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
-        if last:
-            log.info("pretrain: resuming from %s (step %d)", last, resumed_from)
-        out = self.trainer.train(resume_from_checkpoint=last)
-        return {
-            **before,
-            "train_loss": out.training_loss,
-            "train_steps": out.global_step,
-            "resumed_from_step": resumed_from,
-            "parameters": count_parameters(self.model),
-        }
+        return {**before, **train_from_last_checkpoint(self), "parameters": count_parameters(self.model)}
 
     def evaluate(self) -> dict[str, float]:
         loss = self.trainer.evaluate()["eval_loss"]

@@ -21,13 +21,13 @@ import torch
 
 from rlhf.config import logging_only
 from rlhf.data import load_rows
-from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
 from rlhf.tracking import trainer_callback
+from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -219,29 +219,8 @@ class RewardStage(Stage):
         from trl import RewardTrainer
 
         c = self.config
-        args = TRLRewardConfig(
-            output_dir=str(self.work_dir / "checkpoints"),
-            max_steps=c.max_steps,
-            per_device_train_batch_size=c.batch_size,
-            per_device_eval_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.gradient_accumulation_steps,
-            learning_rate=c.learning_rate,
-            warmup_steps=c.warmup_steps,
-            lr_scheduler_type="cosine",
-            weight_decay=c.weight_decay,
-            max_grad_norm=c.max_grad_norm,
-            max_length=c.max_length,
-            center_rewards_coefficient=c.center_rewards_coefficient,
-            bf16=c.bf16,
-            logging_steps=c.logging_steps,
-            save_steps=c.save_steps,
-            save_total_limit=2,
-            report_to="none",
-            seed=self.seed,
-            data_seed=self.seed,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            accelerator_config=trainer_accelerator_config(),
-        )
+        args = trainer_arguments(TRLRewardConfig, self, lr_scheduler_type="cosine", max_length=c.max_length,
+                                 center_rewards_coefficient=c.center_rewards_coefficient)
         return RewardTrainer(
             model=self.model,
             args=args,
@@ -278,17 +257,10 @@ class RewardStage(Stage):
                  count_parameters(self.model), len(self.train_ds))
 
     def train(self) -> dict[str, float]:
-        last = self.last_checkpoint()
-        out = self.trainer.train(resume_from_checkpoint=last)
-        # Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here; the main process saves them.
-        self.full_state = gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
-        if self.full_state is not None and self.config.lora.enabled:
-            raise StageError("reward: LoRA under ZeRO-3 or FSDP is not supported yet; launch with DDP or ZeRO-2")
-        if self.config.lora.enabled:
-            self.model.save_pretrained(str(self.work_dir / "adapter"))
-            self.model = self.model.merge_and_unload()
-        return {"train_loss": out.training_loss, "train_steps": out.global_step, "train_pairs": len(self.train_ds),
-                "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0}
+        metrics = train_from_last_checkpoint(self)
+        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged into the model.
+        self.full_state, self.model = finished_weights(self)
+        return {**metrics, "train_pairs": len(self.train_ds)}
 
     def evaluate(self) -> dict:
         c = self.config

@@ -14,16 +14,14 @@ import math
 import shutil
 from dataclasses import dataclass, field
 
-import torch
-
 from rlhf.config import logging_only
 from rlhf.data import load_rows, to_messages
-from rlhf.distributed import gathered_state_dict, trainer_accelerator_config
 from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
+from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -109,30 +107,13 @@ class SFTStage(Stage):
         from trl import SFTTrainer
 
         c = self.config
-        args = TRLSFTConfig(
-            output_dir=str(self.work_dir / "checkpoints"),
-            max_steps=c.max_steps,
-            per_device_train_batch_size=c.batch_size,
-            per_device_eval_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.gradient_accumulation_steps,
-            learning_rate=c.learning_rate,
-            warmup_steps=c.warmup_steps,
+        args = trainer_arguments(
+            TRLSFTConfig, self,
             lr_scheduler_type=c.lr_scheduler_type,
-            weight_decay=c.weight_decay,
-            max_grad_norm=c.max_grad_norm,
             max_length=c.max_length,
             packing=c.packing,
             train_sampling_strategy="group_by_length" if c.group_by_length else "random",
             assistant_only_loss=True,
-            bf16=c.bf16,
-            logging_steps=c.logging_steps,
-            save_steps=c.save_steps,
-            save_total_limit=2,
-            report_to="none",
-            seed=self.seed,
-            data_seed=self.seed,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            accelerator_config=trainer_accelerator_config(),
         )
         return SFTTrainer(
             model=self.model,
@@ -159,20 +140,10 @@ class SFTStage(Stage):
                  count_parameters(self.model), len(self.train_ds))
 
     def train(self) -> dict[str, float]:
-        last = self.last_checkpoint()
-        if last:
-            log.info("sft: resuming from %s", last)
-        out = self.trainer.train(resume_from_checkpoint=last)
-        # Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here; the main process saves them.
-        self.full_state = gathered_state_dict(self.trainer.accelerator, self.trainer.model_wrapped)
-        if self.full_state is not None and self.config.lora.enabled:
-            raise StageError("sft: LoRA under ZeRO-3 or FSDP is not supported yet; launch with DDP or ZeRO-2")
-        if self.config.lora.enabled:
-            # Keep the adapter before merging: merging folds it into the base weights and removes it.
-            self.model.save_pretrained(str(self.work_dir / "adapter"))
-            self.model = self.model.merge_and_unload()  # PPO and users get a plain checkpoint
-        return {"train_loss": out.training_loss, "train_steps": out.global_step,
-                "resumed_from_step": int(last.rsplit("-", 1)[-1]) if last else 0}
+        metrics = train_from_last_checkpoint(self)
+        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so PPO and users get a plain checkpoint.
+        self.full_state, self.model = finished_weights(self)
+        return metrics
 
     def evaluate(self) -> dict:
         c = self.config

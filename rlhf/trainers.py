@@ -1,0 +1,91 @@
+"""What the stages that wrap a Hugging Face Trainer share: the Trainer's arguments and the end of `train()`.
+
+A stage's config names the settings every Trainer takes alike (`max_steps`, `batch_size`, `learning_rate`,
+...), so `trainer_arguments` fills them from those names and the stage's `build_trainer` adds only what is
+its own. Nothing here knows a particular stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger("rlhf")
+
+SAVE_TOTAL_LIMIT = 2
+"""Resumable checkpoints kept under a stage's work directory: a kill in the middle of writing the newest
+one still leaves a complete one to resume from."""
+
+
+def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
+    """`args_class` (`transformers.TrainingArguments` or a TRL config) for `stage`'s Trainer.
+
+    From `stage.config`, by field name: `max_steps`, `batch_size` (per device, for training and
+    evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
+    `max_grad_norm`, `bf16`, `logging_steps`, `save_steps`. From the stage: checkpoints go to
+    `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed` seeds both the
+    model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
+    `max_length`, ...) and wins over the shared ones.
+    """
+    from rlhf.distributed import trainer_accelerator_config
+
+    c = stage.config
+    shared = dict(
+        output_dir=str(stage.work_dir / "checkpoints"),
+        max_steps=c.max_steps,
+        per_device_train_batch_size=c.batch_size,
+        per_device_eval_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.gradient_accumulation_steps,
+        learning_rate=c.learning_rate,
+        warmup_steps=c.warmup_steps,
+        weight_decay=c.weight_decay,
+        max_grad_norm=c.max_grad_norm,
+        bf16=c.bf16,
+        logging_steps=c.logging_steps,
+        save_steps=c.save_steps,
+        save_total_limit=SAVE_TOTAL_LIMIT,
+        report_to="none",  # the stage's tracker callback logs (wandb and metrics.jsonl)
+        seed=stage.seed,
+        data_seed=stage.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        accelerator_config=trainer_accelerator_config(),
+    )
+    return args_class(**{**shared, **extra})
+
+
+def train_from_last_checkpoint(stage: Any) -> dict[str, float]:
+    """Run `stage.trainer`, resuming from the newest complete checkpoint in the work directory if any.
+
+    Returns `train_loss`, `train_steps` and `resumed_from_step` (0 when the run started afresh).
+    """
+    last = stage.last_checkpoint()
+    resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
+    if last:
+        log.info("%s: resuming from %s (step %d)", stage.stage_name, last, resumed_from)
+    out = stage.trainer.train(resume_from_checkpoint=last)
+    return {"train_loss": out.training_loss, "train_steps": out.global_step, "resumed_from_step": resumed_from}
+
+
+def finished_weights(stage: Any) -> tuple[dict | None, torch.nn.Module]:
+    """After training: (the gathered state dict or None, the model to save), as `stage.save` needs them.
+
+    Sharded runs (ZeRO-3, FSDP): every rank gathers the weights here, so every rank must call this; the
+    main process saves them. Otherwise the state dict is None and the model's own weights are saved.
+    With `stage.config.lora.enabled` the adapter is kept in `work_dir/adapter` and the model returned is
+    the merged one, so later stages and users get a plain checkpoint.
+    """
+    from rlhf.distributed import gathered_state_dict
+    from rlhf.stage import StageError
+
+    full_state = gathered_state_dict(stage.trainer.accelerator, stage.trainer.model_wrapped)
+    model = stage.model
+    if stage.config.lora.enabled:
+        if full_state is not None:
+            raise StageError(f"{stage.stage_name}: LoRA under ZeRO-3 or FSDP is not supported yet; "
+                             "launch with DDP or ZeRO-2")
+        # Keep the adapter before merging: merging folds it into the base weights and removes it.
+        model.save_pretrained(str(stage.work_dir / "adapter"))
+        model = model.merge_and_unload()
+    return full_state, model
