@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-stamp
 RLHF   := $(BIN)/rlhf
 RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 
-.PHONY: help setup test pretrain sft reward ppo pipeline report chat bench data status plan clean
+.PHONY: help setup test pretrain sft reward ppo grpo rlvr pipeline report chat bench data status plan clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,8 +43,16 @@ sft: $(STAMP)  ## supervised fine-tuning (runs pretrain first if needed)
 reward: $(STAMP)  ## reward model (runs pretrain and sft first if needed)
 	$(RUN) --until reward $(ARGS)
 
-ppo: $(STAMP)  ## PPO (runs every earlier stage first if needed)
+ppo: $(STAMP)  ## PPO (runs every earlier stage of CONFIG first if needed)
 	$(RUN) --until ppo $(ARGS)
+
+grpo: $(STAMP)  ## GRPO against the default experiment's reward model (configs/tiny-grpo.yaml), then its report
+	$(RLHF) run configs/tiny-grpo.yaml $(ARGS)
+	$(RLHF) report configs/tiny-grpo.yaml
+
+rlvr: $(STAMP)  ## GRPO on a verifiable reward, no reward model (configs/tiny-rlvr.yaml), then its report
+	$(RLHF) run configs/tiny-rlvr.yaml $(ARGS)
+	$(RLHF) report configs/tiny-rlvr.yaml
 
 pipeline: $(STAMP)  ## every stage of CONFIG, then the report
 	$(RUN) $(ARGS)

@@ -9,6 +9,7 @@ An experiment file names the experiment, its seed, the artifact store, tracking,
     stages:
       pretrain: {max_steps: 600}
       sft: {model: pretrain}     # `class: my_pkg.stages:MySFT` swaps in a subclass
+      ppo: false                 # drops a stage inherited from the base file
 
 Command-line overrides are dotted (`stages.pretrain.max_steps=50`). Loading and merging is OmegaConf's;
 this module adds the file and key to every error and checks each stage block against the config
@@ -273,6 +274,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
     specs: dict[str, StageSpec] = {}
     for name, block in stage_blocks.items():
+        if block is False:  # `ppo: false` drops a stage a `_base_` file brought in
+            continue
         block = dict(block or {})
         class_path = block.pop("class", None)
         try:

@@ -70,10 +70,11 @@ KL_PLACEMENTS = ("reward", "loss")
 class PPOConfig:
     policy: str = "sft"
     """Policy to optimise (and the reference): an upstream stage, a hub id or a local directory."""
-    rewards: dict[str, float] = field(default_factory=lambda: {"reward": 1.0})
+    rewards: dict[str, float] | None = None
     """Reward sources and their weights: reward models (an upstream stage, a hub id or a local directory)
     and functions (a built-in judge name or `package.module:function`, called as
-    `fn(prompts, responses, **columns)`); the reward is the weighted sum (rlhf/rewards.py)."""
+    `fn(prompts, responses, **columns)`); the reward is the weighted sum (rlhf/rewards.py). None: the
+    `reward` stage's model, {reward: 1.0} (a mapping given in YAML replaces this default, not merges with it)."""
     value_model: str | None = None
     """Where the value model starts (GAE only): None = the first reward model of `rewards` (its head then
     starts as the reward head), or the policy with a fresh head when every source is a function."""
@@ -175,6 +176,8 @@ class PPOConfig:
     """Write a resumable checkpoint every N steps."""
 
     def __post_init__(self) -> None:
+        if self.rewards is None:
+            self.rewards = {"reward": 1.0}
         for name, options in (("kl_estimator", KL_ESTIMATORS), ("estimator", ESTIMATORS),
                               ("loss_aggregation", AGGREGATIONS), ("kl_penalty", KL_PLACEMENTS)):
             if getattr(self, name) not in options:
