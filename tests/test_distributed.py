@@ -175,6 +175,39 @@ def test_ppo_update_in_two_processes_matches_one(two_processes, tmp_path):
                               f"weights by {moved:.3g}")
 
 
+# GRPO: groups of 2 (each rank holds two whole groups), no value model, the KL in the loss; the reward
+# model's own scores even without EOS (the tiny policy rarely stops within 8 tokens, and a group whose
+# responses all get the no-EOS score has no advantage at all)
+GRPO_UPDATE = ["stages.grpo.rewards={reward: 1.0}", "stages.grpo.no_eos_score=null", "stages.grpo.rollout_batch_size=8", "stages.grpo.samples_per_prompt=2",
+               "stages.grpo.num_minibatches=1", "stages.grpo.gradient_accumulation_steps=2", "stages.grpo.ppo_epochs=2",
+               "stages.grpo.max_new_tokens=8", "stages.grpo.kl_coef=0.1", "stages.grpo.eval_every=0"]
+MODES = ["token_mean", "sequence_mean", "sequence_sum"]
+
+
+def test_grpo_update_in_two_processes_matches_one_in_every_aggregation_mode(one_process, tmp_path):
+    """A dropped 1/N, a per-rank token or sequence count, or a group split across ranks moves the weights
+    by the order of the update itself, far past the tolerance."""
+    from ppo_update_step import build_stage, update
+
+    config = one_process.experiment.source
+    prompts = one_process.stages["ppo"].config.prompts
+    overrides = [f"stages.grpo.prompts={prompts}", *GRPO_UPDATE]
+    out = tmp_path / "grpo"
+    done = launch([str(REPO / "tests" / "helpers" / "ppo_update_step.py"), config, str(out), "--stage", "grpo",
+                   "--modes", ",".join(MODES), *overrides], cwd=Path(config).parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    traj = Trajectory(*torch.load(out / "traj.pt"))
+    assert traj.values is None  # no value model anywhere
+    for mode in MODES:
+        stage = build_stage(config, [*overrides, f"stages.grpo.loss_aggregation={mode}"], "grpo")
+        before = {f"policy.{k}": v.clone() for k, v in stage.policy.state_dict().items()}
+        one, two = update(stage, traj), torch.load(out / f"after-{mode}.pt")
+        moved = max((one[k] - before[k]).abs().max().item() for k in one)
+        diff = max((one[k] - two[k]).abs().max().item() for k in one)
+        assert moved > 30 * TOLERANCE, mode
+        assert diff < TOLERANCE, f"{mode}: max |w_2proc - w_1proc| = {diff:.3g} after an update that moved {moved:.3g}"
+
+
 def test_a_failing_rank_stops_the_others_with_its_error(experiment):
     done = rlhf_launch(experiment, "--until", "sft", "--force", "sft", "stages.sft.class=failing_stage:FailsOnRankOne",
                        "stages.sft.max_steps=3", timeout=300)

@@ -122,10 +122,10 @@ def test_run_with_launch_warns_before_launching_what_cannot_fit(workdir, tiny_da
     assert "PPO needs about" in caplog.text and "rlhf plan" in caplog.text
 
 
-def test_plan_memory_without_a_ppo_stage_names_the_file(tiny_yaml, capsys):
+def test_plan_memory_without_an_rl_stage_names_the_file(tiny_yaml, capsys):
     assert main(["plan", str(tiny_yaml), "--memory"]) == 2
     err = capsys.readouterr().err
-    assert f"error: memory plan: {tiny_yaml}: no PPO stage" in err and "without --memory" in err
+    assert f"error: memory plan: {tiny_yaml}: no RL stage" in err and "without --memory" in err
 
 
 def test_plan_memory_takes_the_prompt_bound_from_the_config(workdir, tiny_data, capsys):

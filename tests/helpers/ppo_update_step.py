@@ -1,6 +1,10 @@
-"""One PPO update on a fixed rollout batch, run in every process of a launch (tests/test_distributed.py).
+"""One RL update on a fixed rollout batch, run in every process of a launch (tests/test_distributed.py).
 
     python tests/helpers/ppo_update_step.py CONFIG OUT_DIR [overrides...]
+    python tests/helpers/ppo_update_step.py CONFIG OUT_DIR --stage grpo --modes token_mean,sequence_sum [overrides...]
+
+With `--modes`, the update runs once per loss aggregation mode (a fresh stage each time, the same batch)
+and the weights after each land in `after-<mode>.pt`.
 
 Every rank builds the same rollout batch of `rollout_batch_size` prompts (same seed, same weights),
 keeps its own rows (rank r: rows r*B/N .. (r+1)*B/N - 1, as the training loop's `RLLaunch.local_rows`),
@@ -24,16 +28,17 @@ from rlhf.ppo.rollout import PerTokenHead, Trajectory
 SGD_LR = 0.1
 
 
-def build_stage(config: str, overrides: list[str]):
-    """The PPO stage, set up, with plain SGD and no gradient clipping.
+def build_stage(config: str, overrides: list[str], name: str = "ppo"):
+    """The RL stage `name`, set up, with plain SGD and no gradient clipping.
 
     AdamW divides each step by the gradient's running magnitude and clipping rescales it, so both would
     hide a gradient off by a constant factor (a wrong 1/N across ranks, a wrong accumulation scale).
     With SGD the weights move by exactly lr x gradient, so any such factor shows in the comparison.
     """
-    stage = Pipeline(load_experiment(config, [*overrides, "stages.ppo.max_grad_norm=1e9"])).stages["ppo"]
+    stage = Pipeline(load_experiment(config, [*overrides, f"stages.{name}.max_grad_norm=1e9"])).stages[name]
     stage.build_optimizer = lambda: torch.optim.SGD(
-        [p for m in (stage.policy, stage.value_model) for p in m.parameters() if p.requires_grad], lr=SGD_LR)
+        [p for m in (stage.policy, stage.value_model) if m is not None for p in m.parameters() if p.requires_grad],
+        lr=SGD_LR)
     return stage.open(tracking=False)
 
 
@@ -60,10 +65,13 @@ def update(stage, traj: Trajectory) -> dict[str, torch.Tensor]:
     advantages, returns = stage.compute_advantages(rewards, local)
     torch.manual_seed(3)
     stage.update(local, advantages, returns)
-    value_model = acc.unwrap_model(stage.value_model)
     policy = whole_state(acc, acc.unwrap_model(stage.policy))
-    value = whole_state(acc, value_model.model if isinstance(value_model, PerTokenHead) else value_model)
-    return {**{f"policy.{k}": v for k, v in policy.items()}, **{f"value.{k}": v for k, v in value.items()}}
+    out = {f"policy.{k}": v for k, v in policy.items()}
+    if stage.value_model is not None:
+        value_model = acc.unwrap_model(stage.value_model)
+        value = whole_state(acc, value_model.model if isinstance(value_model, PerTokenHead) else value_model)
+        out.update({f"value.{k}": v for k, v in value.items()})
+    return out
 
 
 def whole_state(acc, module) -> dict[str, torch.Tensor]:
@@ -78,15 +86,27 @@ def whole_state(acc, module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def main(config: str, out: str, *overrides: str) -> None:
-    stage = build_stage(config, list(overrides))
-    traj = fixed_batch(stage)
-    weights = update(stage, traj)
-    if stage.accelerator.is_main_process:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save(tuple(traj), Path(out) / "traj.pt")
-        torch.save(weights, Path(out) / "after.pt")
-    stage.accelerator.wait_for_everyone()
+def main(config: str, out: str, *args: str) -> None:
+    args, name, modes = list(args), "ppo", [None]
+    if "--stage" in args:
+        i = args.index("--stage")
+        name = args.pop(i + 1)
+        args.pop(i)
+    if "--modes" in args:
+        i = args.index("--modes")
+        modes = args.pop(i + 1).split(",")
+        args.pop(i)
+    traj = None
+    for mode in modes:
+        overrides = args + ([f"stages.{name}.loss_aggregation={mode}"] if mode else [])
+        stage = build_stage(config, overrides, name)
+        traj = fixed_batch(stage) if traj is None else traj  # one batch for every mode
+        weights = update(stage, traj)
+        if stage.accelerator.is_main_process:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            torch.save(tuple(traj), Path(out) / "traj.pt")
+            torch.save(weights, Path(out) / (f"after-{mode}.pt" if mode else "after.pt"))
+        stage.accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
