@@ -123,6 +123,23 @@ def test_ppo_killed_inside_a_checkpoint_write_resumes_to_the_same_weights(ppo_up
     assert not work.exists()  # training state is dropped once the artifact is published
 
 
+def test_grpo_killed_inside_a_checkpoint_write_resumes_to_the_same_weights(ppo_upstream):
+    """The critic-free path of the same loop (groups, no value model, the KL in the loss, a reward
+    function beside the reward model): a kill in the step-3 save resumes from step 2 to the same weights."""
+    prompts = load_experiment(ppo_upstream).stages["ppo"].config.prompts
+    run = [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=4", "stages.grpo.save_every=1",
+           "stages.grpo.rollout_batch_size=8", "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2",
+           "stages.grpo.max_new_tokens=8", "stages.grpo.eval_every=0", "stages.grpo.min_unique_share=null",
+           "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}"]
+    _, result, uninterrupted = run_stage(ppo_upstream, "grpo", *run)
+    forget(ppo_upstream, result.key)
+    killed_in = run_killed(ppo_upstream, 3, "written", "--until", "grpo", *run)
+    assert ppo_upstream.parent / "store" / "work" / result.key in killed_in.parents
+    _, resumed, weights = run_stage(ppo_upstream, "grpo", *run)
+    assert resumed.key == result.key and resumed.metrics["resumed_from_step"] == 2
+    assert_same_weights(weights, uninterrupted)
+
+
 # ---- a Trainer-based stage: SFT through trl.SFTTrainer --------------------------------------------
 
 SFT_RUN = ["stages.sft.max_steps=9", "stages.sft.save_steps=3"]
