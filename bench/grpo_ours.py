@@ -1,6 +1,6 @@
 """Our GRPO stage (stages/grpo.py, run through the pipeline's config loading) on a given SFT policy and
-prompts file, rewarded by the default task's check `uses_word` (rlhf/judges.py; it reads the prompts'
-"word" column); prints and writes one JSON result.
+prompts file, rewarded by a function of rlhf/judges.py (`--reward`, by default the task's check
+`uses_word`, which reads the prompts' "word" column); prints and writes one JSON result.
 
 Only the training loop is timed (`train()`, without the stage's baseline evaluation, which is the same work
 for every framework and is done afterwards by bench/eval_task.py). The loop logs where each step's time
@@ -19,14 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Recorder, add_grpo_args, peak_gpu_mib, peak_rss_mib, write_result  # noqa: E402
 
-REWARD = "uses_word"
-"""The reward function, a built-in judge of rlhf/judges.py."""
-
-
 def stage_config(a) -> dict:
     """stages.grpo of the benchmark's experiment, from the shared settings `a` (bench/common.py)."""
     return {
-        "policy": str(Path(a.policy).resolve()), "rewards": {REWARD: 1.0}, "prompts": a.prompts,
+        "policy": str(Path(a.policy).resolve()), "rewards": {a.reward: 1.0}, "prompts": a.prompts,
         "estimator": a.estimator, "samples_per_prompt": a.group_size, "loss_aggregation": a.loss,
         "num_steps": a.steps, "rollout_batch_size": a.prompts_per_step * a.group_size,
         "num_minibatches": a.minibatches, "gradient_accumulation_steps": a.grad_accum, "ppo_epochs": a.epochs,
@@ -83,7 +79,8 @@ def main() -> None:
         "setup_s": setup_s, "completions_per_s": completions / train_s, "peak_rss_mib": peak_rss_mib(),
         "peak_gpu_mib": peak_gpu_mib(),
         "time": {k: sum(r[k] for r in rows) for k in sorted({k for r in rows for k in r if k.startswith("time/")})},
-        "train_reward_first": rows[0][f"env/reward/{REWARD}"], "train_reward_last": rows[-1][f"env/reward/{REWARD}"],
+        "train_reward_first": rows[0][f"env/reward/{a.reward}"],
+        "train_reward_last": rows[-1][f"env/reward/{a.reward}"],
         "train_kl_per_sequence_last": rows[-1]["env/kl"], "train_length_last": rows[-1]["env/response_length"],
         "policy_dir": str(out / "policy"), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
     })

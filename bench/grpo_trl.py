@@ -8,7 +8,7 @@ Setting by setting (ours: stages.grpo, built by bench/grpo_ours.py; TRL: GRPOCon
 |---|---|---|
 | SFT policy | `policy` (also the reference) | `model` (loaded here), reference built from its path |
 | prompts, chat template | `prompts`, our tokenizer's chat template | conversational `prompt` column, the same tokenizer as `processing_class` |
-| reward | `rewards: {uses_word: 1.0}` | `reward_funcs=[uses_word]` wrapped to `(prompts, completions, word, **kw)` |
+| --reward (uses_word) | `rewards: {uses_word: 1.0}` | `reward_funcs=[reward_function("uses_word")]`: the same function in TRL's signature |
 | --group-size K | `samples_per_prompt` | `num_generations` |
 | --prompts-per-step P | `rollout_batch_size` = P x K | `generation_batch_size` = P x K |
 | --minibatches M, --grad-accum g | `num_minibatches`, `gradient_accumulation_steps` | `per_device_train_batch_size` = P K / (M g), `gradient_accumulation_steps` = g, `steps_per_generation` = M g |
@@ -96,12 +96,21 @@ def trl_config(a) -> dict:
     }
 
 
-def uses_word(prompts, completions, word, **_):
-    """The default task's check (rlhf.judges.uses_word) in TRL's reward-function signature: conversational
-    prompts and completions are lists of messages, the dataset's columns arrive as keyword arguments."""
-    from rlhf.judges import uses_word as check
+def reward_function(name: str, columns: list[str]):
+    """The judge `name` of rlhf/judges.py in TRL's reward-function signature, under its own name (TRL logs
+    rewards/<name>/mean). TRL passes conversational prompts and completions as lists of messages, and the
+    dataset's columns with its own extras (trainer_state, log_metric, ...) as keyword arguments; the judge
+    gets the texts and the dataset `columns`, as our stage gives them."""
+    from rlhf.judges import load_judge
 
-    return check([p[-1]["content"] for p in prompts], [c[-1]["content"] for c in completions], word=word)
+    judge = load_judge(name, "--reward")
+
+    def reward(prompts, completions, **kwargs):
+        return judge([p[-1]["content"] for p in prompts], [c[-1]["content"] for c in completions],
+                     **{k: kwargs[k] for k in columns})
+
+    reward.__name__ = name
+    return reward
 
 
 def main() -> None:
@@ -119,8 +128,9 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.policy)
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id, "pad and EOS must differ"
     rows = read_rows(a.prompts)
+    columns = [k for k in rows[0] if k != "prompt"]  # what the reward function may read ("word")
     train = Dataset.from_dict({"prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
-                               "word": [r["word"] for r in rows]})
+                               **{k: [r[k] for r in rows] for k in columns}})
     policy = AutoModelForCausalLM.from_pretrained(a.policy)
     cfg = GRPOConfig(output_dir=str(Path(a.out) / "trainer"), use_cpu=not torch.cuda.is_available(),
                      save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
@@ -140,14 +150,14 @@ def main() -> None:
             if logs:
                 logged.append(dict(logs))
 
-    trainer = GRPOTrainer(model=policy, reward_funcs=[uses_word], args=cfg, train_dataset=train,
-                          processing_class=tok, callbacks=[Keep()])
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward_function(a.reward, columns)], args=cfg,
+                          train_dataset=train, processing_class=tok, callbacks=[Keep()])
     trainer.train()
     train_s = clock["end"] - clock["start"]
     out = Path(a.out) / "policy"
     trainer.model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    rewards = [r["rewards/uses_word/mean"] for r in logged if r.get("rewards/uses_word/mean") is not None]
+    rewards = [r[f"rewards/{a.reward}/mean"] for r in logged if r.get(f"rewards/{a.reward}/mean") is not None]
     steps = trainer.state.global_step // (a.minibatches * a.epochs)
     completions = steps * a.prompts_per_step * a.group_size
     kls = [r["kl"] for r in logged if r.get("kl") is not None]
