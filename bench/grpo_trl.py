@@ -35,8 +35,9 @@ Setting by setting (ours: stages.grpo, built by bench/grpo_ours.py; TRL: GRPOCon
 Differences the mapping cannot remove: TRL's group std has eps 1e-4 (ours 1e-6); its k3 is not clamped
 (ours clamps log r to +-20 and the estimate to [0, 10]); the Trainer exempts biases and norm weights from
 weight decay (ours decays every parameter); TRL draws its prompts with its own sampler and walks the
-rollout's shuffled minibatches in the same order in every epoch (ours reshuffles per epoch). With M = E = 1 TRL skips the no-grad policy forward
-(the logprobs of the update's own forward stand in for it), which ours always runs.
+rollout's shuffled minibatches in the same order in every epoch (ours reshuffles per epoch). With M = E = 1
+TRL skips the no-grad policy forward (the logprobs of the update's own forward stand in for it), which ours
+always runs; ours copies the policy to CPU every step for its watchdogs, which TRL does not have.
 """
 
 from __future__ import annotations
