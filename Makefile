@@ -86,7 +86,7 @@ $(BENCH_STAMP):
 		accelerate==1.15.0 datasets==5.2.0
 	@touch $(BENCH_STAMP)
 
-bench: $(STAMP) $(BENCH_STAMP)  ## ours vs TRL (PPO, SFT) and pipeline wall time -> bench/RESULTS.md (BENCH_ARGS=--quick: minutes)
+bench: $(STAMP) $(BENCH_STAMP)  ## ours vs TRL (PPO, SFT, GRPO) and pipeline wall time -> bench/RESULTS.md (BENCH_ARGS=--quick: minutes)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:  ## remove the artifact store, reports and runs (keeps .venv)

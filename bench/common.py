@@ -5,22 +5,64 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import resource
+import statistics
 import sys
 from pathlib import Path
 
 
-def read_prompts(path: str, limit: int | None = None) -> list[str]:
-    """The "prompt" field of a (gzipped) JSON-lines file, in file order."""
+def read_rows(path: str, limit: int | None = None) -> list[dict]:
+    """The rows of a (gzipped) JSON-lines file, in file order."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
-        rows = [json.loads(line)["prompt"] for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
     return rows[:limit] if limit else rows
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[str]:
+    """The "prompt" field of a (gzipped) JSON-lines file, in file order."""
+    return [row["prompt"] for row in read_rows(path, limit)]
 
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_gpu_mib() -> float | None:
+    """Peak memory torch allocated on the GPU in this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
+
+
+def difference(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """mean(xs) - mean(ys) and a 95% interval (Welch's standard error, normal quantile 1.96)."""
+    (mx, sx), (my, sy) = mean_se(xs), mean_se(ys)
+    se = math.sqrt(sx**2 + sy**2)
+    return mx - my, mx - my - 1.96 * se, mx - my + 1.96 * se
+
+
+class Recorder:
+    """Stands in for our stages' tracker: keeps every logged step in memory."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log(self, stats, step):
+        self.rows.append({"step": step, **{k: float(v) for k, v in stats.items()}})
+
+    def summary(self, metrics):
+        pass
+
+    def close(self):
+        pass
 
 
 def write_result(path: str | None, result: dict) -> None:
@@ -48,5 +90,34 @@ def add_ppo_args(p) -> None:
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-4, help="policy and value learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def add_grpo_args(p) -> None:
+    """The GRPO settings both implementations receive, under one name each (bench/grpo_ours.py maps them
+    to our stage's config, bench/grpo_trl.py to TRL's GRPOConfig)."""
+    p.add_argument("--policy", required=True, help="SFT policy directory (also the reference)")
+    p.add_argument("--prompts", required=True, help='training prompts (.jsonl.gz of {"prompt", "word"} rows)')
+    p.add_argument("--out", required=True, help="directory for the final policy")
+    p.add_argument("--json", help="where to write the result")
+    p.add_argument("--reward", default="uses_word",
+                   help="the reward function: a built-in judge of rlhf/judges.py, given the prompt rows' columns")
+    p.add_argument("--steps", type=int, default=60, help="rollouts (each: sample, score, then the updates)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per rollout")
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt")
+    p.add_argument("--minibatches", type=int, default=2, help="optimizer steps per pass over a rollout")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=int, default=1, help="passes over each rollout")
+    p.add_argument("--response-length", type=int, default=32, help="max new tokens")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (constant)")
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (k3 to the reference, in the loss)")
+    p.add_argument("--clip", type=float, default=0.2, help="ratio clip (both sides)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--loss", default="sequence_mean", choices=["sequence_mean", "sequence_sum", "token_mean"],
+                   help="loss aggregation (our names; bench/grpo_trl.py maps them to TRL's loss_type)")
+    p.add_argument("--estimator", default="grpo", choices=["grpo", "dr_grpo"],
+                   help="grpo: (r - group mean) / group std; dr_grpo: r - group mean")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -13,23 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ppo_args, peak_rss_mib, write_result  # noqa: E402
-
-
-class _Recorder:
-    """Stands in for the tracker: keeps every logged step in memory."""
-
-    def __init__(self):
-        self.rows = []
-
-    def log(self, stats, step):
-        self.rows.append({"step": step, **{k: float(v) for k, v in stats.items()}})
-
-    def summary(self, metrics):
-        pass
-
-    def close(self):
-        pass
+from common import Recorder, add_ppo_args, peak_rss_mib, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -73,7 +57,7 @@ def main() -> None:
     stage = Pipeline(load_experiment(cfg_path, a.set)).stages["ppo"]
     set_seed(a.seed)
     stage.work_dir = stage.store.work_dir(stage.key)
-    stage.tracker = _Recorder()
+    stage.tracker = Recorder()
     t0 = time.perf_counter()
     stage.setup()
     setup_s = time.perf_counter() - t0

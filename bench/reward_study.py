@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (bench/run.py: the settings, environment and artifact lookup)
+from common import difference, mean_se  # noqa: E402
 
 ROOT = bench.ROOT
 
@@ -50,18 +49,6 @@ def one_run(arm: str, overrides: list[str], seed: int, a, sft: Path, reward: Pat
         f.unlink()
     bench.log(f"{arm} seed {seed}: reward {r['eval']['reward']:.3f}, gold {r['eval']['gold']:.3f}")
     return r
-
-
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n))."""
-    return statistics.fmean(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else float("nan"))
-
-
-def difference(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
-    """mean(xs) - mean(ys) and a 95% interval (Welch's standard error, normal quantile 1.96)."""
-    (mx, sx), (my, sy) = mean_se(xs), mean_se(ys)
-    se = math.sqrt(sx**2 + sy**2)
-    return mx - my, mx - my - 1.96 * se, mx - my + 1.96 * se
 
 
 def report(results: dict[str, list[dict]], arms: dict[str, list[str]]) -> str:

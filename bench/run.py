@@ -5,6 +5,9 @@
    pipeline built, with the same prompts and hyperparameters, interleaved; every final policy scored by
    one script (bench/eval_policy.py) on the same held-out prompts.
 3. SFT: our SFT stage vs a plain trl.SFTTrainer script on the pretrain model, interleaved.
+4. GRPO: our GRPO stage vs TRL's GRPOTrainer (the project's own TRL) on the SFT policy pipeline built,
+   rewarded by the task's check (uses_word), with the same prompts and settings, interleaved over seeds;
+   every final policy scored by one script (bench/eval_task.py) on the same held-out prompts.
 
 Each run is its own process, so peak resident memory is per run. Benchmarks, never tests: nothing here
 asserts a speed. `--quick` runs the same steps at a size that finishes in minutes (bench/quick.yaml).
@@ -21,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,17 +32,28 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS_PY = ROOT / ".venv" / "bin" / "python"
 TRL_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 DEV_NOTES = "## Measured during development"
+sys.path.insert(0, str(ROOT / "bench"))
+from common import difference, mean_se  # noqa: E402
 
 SETTINGS = {
     # PPO: the hyperparameters of configs/tiny.yaml's ppo block, for fewer steps than its 120
     "full": {"config": "bench/tiny.yaml", "runs": 3, "eval_prompts": 256,
              "ppo": {"steps": 30, "batch": 64, "minibatches": 4, "epochs": 4, "response-length": 32,
                      "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
-             "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20}},
+             "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
+             # GRPO: configs/tiny-rlvr.yaml's grpo block (GRPO's defaults, 8 x 8 responses, 60 steps)
+             "grpo_runs": 5,
+             "grpo": {"reward": "uses_word", "steps": 60, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
+                      "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 1e-4, "beta": 0.04,
+                      "loss": "sequence_mean", "estimator": "grpo"}},
     "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
               "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
                       "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
-              "sft": {"steps": 10, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 2}},
+              "sft": {"steps": 10, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 2},
+              "grpo_runs": 2,
+              "grpo": {"reward": "uses_word", "steps": 3, "prompts-per-step": 4, "group-size": 8, "minibatches": 2,
+                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 1e-4, "beta": 0.04,
+                       "loss": "sequence_mean", "estimator": "grpo"}},
 }
 
 
@@ -161,6 +176,120 @@ def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict
     return {"sft_eval": sft_eval, **results}
 
 
+def grpo_eval(s: dict, policy: Path, json_out: Path, threads: int, logfile: Path) -> dict:
+    """bench/eval_task.py on `policy`: the held-out prompts, length and temperature of `s`."""
+    run([OURS_PY, "bench/eval_task.py", "--policy", policy, "--prompts", "data/prompts/eval.jsonl.gz",
+         "--num-prompts", s["eval_prompts"], "--response-length", s["grpo"]["response-length"],
+         "--temperature", s["grpo"]["temperature"], "--reward", s["grpo"]["reward"], "--json", json_out],
+        threads, logfile)
+    return json.loads(json_out.read_text())
+
+
+def grpo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, threads: int, logs: tuple[Path, Path]) -> dict:
+    """Train one GRPO run (`fw`: ours or trl, both in the project's virtualenv) with the settings `s` into
+    `d`, then score its final policy; the run's result.json with bench/eval_task.py's result under "eval"."""
+    if d.exists():
+        shutil.rmtree(d)  # a fresh run: nothing resumed, no stale policy scored
+    run([OURS_PY, f"bench/grpo_{fw}.py", "--policy", sft, "--prompts", "data/prompts/train.jsonl.gz",
+         *flags(s["grpo"]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json"],
+        threads, logs[0])
+    r = json.loads((d / "result.json").read_text())
+    r["eval"] = grpo_eval(s, Path(r["policy_dir"]), d / "eval.json", threads, logs[1])
+    return r
+
+
+def bench_grpo(s: dict, sft: Path, threads: int, out: Path) -> dict:
+    results = {"ours": [], "trl": []}
+    sft_eval = grpo_eval(s, sft, out / "grpo" / "sft-eval.json", threads, out / "logs" / "grpo-eval-sft.log")
+    for i in range(s["grpo_runs"]):
+        for fw in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
+            r = grpo_run(fw, i, out / "grpo" / f"{fw}-{i}", s, sft, threads,
+                         (out / "logs" / f"grpo-{fw}-{i}.log", out / "logs" / f"grpo-eval-{fw}-{i}.log"))
+            results[fw].append(r)
+            log(f"grpo {fw} run {i}: {r['completions_per_s']:.2f} completions/s, peak {r['peak_rss_mib']:.0f} MiB, "
+                f"reward {r['eval']['reward']:.3f}")
+    return {"sft_eval": sft_eval, **results}
+
+
+def phase_table(runs: list[dict]) -> list[str]:
+    """Markdown rows: seconds per step of each logged phase of our loop (median over runs of the mean step)."""
+    phases = [k for k in runs[0]["time"] if k != "time/step"]
+    per_step = {k: statistics.median(r["time"][k] / r["steps"] for r in runs) for k in phases + ["time/step"]}
+    rows = ["| phase | s/step | share |", "|---|---|---|"]
+    for k in sorted(phases, key=lambda k: -per_step[k]):
+        rows.append(f"| {k[5:]} | {per_step[k]:.3f} | {per_step[k] / per_step['time/step']:.0%} |")
+    rows.append(f"| whole step | {per_step['time/step']:.3f} | |\n")
+    return rows
+
+
+def grpo_report(res: dict, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
+    """The GRPO section of RESULTS.md."""
+    s, p, hp = res["settings"], res["grpo"], res["settings"]["grpo"]
+    trl = res["versions"]["ours"].get("trl", "?")
+    add(f"## GRPO: our stage vs TRL {trl} `trl.GRPOTrainer`\n")
+    measured("grpo")
+    advantages = "(r - group mean) / group std" if hp["estimator"] == "grpo" else "r - group mean"
+    reward = f"`{hp['reward']}` (rlhf/judges.py" + (", 1 when the response uses the word its prompt asks for"
+                                                    if hp["reward"] == "uses_word" else "") + ")"
+    add(f"Same SFT policy ({s['config']}), prompts data/prompts/train.jsonl.gz, reward the function {reward}, no "
+        f"reward model; {hp['steps']} steps of {hp['prompts-per-step']} prompts x {hp['group-size']} responses, "
+        f"{hp['minibatches']} minibatches (optimizer steps) per rollout, {hp['epochs']} epoch(s), "
+        f"{hp['response-length']} response tokens, temperature {hp['temperature']} (no top-k, top-p), learning "
+        f"rate {hp['lr']} (constant), KL coefficient {hp['beta']} (k3, in the loss), clip {hp.get('clip', 0.2)}, "
+        f"gradient clipping at {hp.get('max-grad-norm', 1.0)}, advantages {advantages}, "
+        f"loss aggregation {hp['loss']} (TRL `loss_type` {p.get('trl_loss_type', '?')}), fp32, no vLLM; "
+        f"{s['grpo_runs']} runs each (seeds 0 to {s['grpo_runs'] - 1}), interleaved, one process per run. "
+        "The mapping, setting by setting, and what it cannot make equal: bench/grpo_trl.py. Completions/s counts "
+        f"the training loop only. Reward: mean `{hp['reward']}` of the final policy on the first {s['eval_prompts']} "
+        "prompts of data/prompts/eval.jsonl.gz (words not in the training prompts; one sample each, seeded, "
+        "bench/eval_task.py).\n")
+    gpu = any(r.get("peak_gpu_mib") for r in p["ours"] + p["trl"])
+    add("| | completions/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") + " reward | EOS rate | length |")
+    add("|---|---|---|" + ("---|" if gpu else "") + "---|---|---|")
+    e = p["sft_eval"]
+    add(f"| SFT policy (before GRPO) | | |" + (" |" if gpu else "") +
+        f" {e['reward']:.3f} | {e['eos_rate']:.2f} | {e['length']:.1f} |")
+    for fw, name in (("ours", "ours"), ("trl", f"TRL {trl}")):
+        rs = p[fw]
+        add(f"| {name} | {fmt(stats([r['completions_per_s'] for r in rs]))} | "
+            f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} |" +
+            (f" {fmt(stats([r['peak_gpu_mib'] for r in rs]), 0)} |" if gpu else "") +
+            f" {fmt(stats([r['eval']['reward'] for r in rs]), 3)} | "
+            f"{fmt(stats([r['eval']['eos_rate'] for r in rs]))} | "
+            f"{fmt(stats([r['eval']['length'] for r in rs]), 1)} |")
+
+    def median(fw: str, key: str) -> float:
+        return statistics.median(r[key] for r in p[fw])
+    speed = median("ours", "completions_per_s") / median("trl", "completions_per_s")
+    memory = "GPU" if gpu else "RSS"
+    mem = median("ours", f"peak_{memory.lower()}_mib") - median("trl", f"peak_{memory.lower()}_mib")
+    ours, theirs = ([r["eval"]["reward"] for r in p[fw]] for fw in ("ours", "trl"))
+    d, lo, hi = difference(ours, theirs)
+    (mo, so), (mt, st) = mean_se(ours), mean_se(theirs)
+    add(f"\nOurs / TRL completions per second (medians): **{speed:.2f}x** (goal: at least 1.5x). Peak {memory}, "
+        f"ours - TRL (medians): **{mem:+.0f} MiB** (goal: at most 0). Reward reached, ours - TRL (means over "
+        f"seeds): **{d:+.3f} [{lo:+.3f}, {hi:+.3f}]** (95%, Welch; goal: an interval around 0), from ours "
+        f"{mo:.3f} +- {so:.3f} and TRL {mt:.3f} +- {st:.3f} (mean +- s.e.).\n")
+    seen = {e["reward"], *ours, *theirs, *(r[k] for fw in ("ours", "trl") for r in p[fw]
+                                          for k in ("train_reward_first", "train_reward_last"))}
+    if len(seen) == 1:
+        add(f"**No reward signal**: the first and last rollouts and every evaluation scored {seen.pop():.3f}. With "
+            "equal rewards in every group, GRPO's advantages are 0 and neither side learned anything, so the reward "
+            "comparison says nothing; pick a reward the SFT policy sometimes earns (`reward` in bench/run.py's "
+            "SETTINGS).\n")
+    first_last = {fw: (statistics.median(r["train_reward_first"] for r in p[fw]),
+                       statistics.median(r["train_reward_last"] for r in p[fw])) for fw in ("ours", "trl")}
+    add(f"Training reward (the rollouts' mean `{hp['reward']}`, first and last step, medians): ours "
+        f"{first_last['ours'][0]:.3f} -> {first_last['ours'][1]:.3f}, TRL {first_last['trl'][0]:.3f} -> "
+        f"{first_last['trl'][1]:.3f}.\n")
+    add("Time per step of ours (seconds, median over runs of the mean step):\n")
+    for row in phase_table(p["ours"]):
+        add(row)
+    add("rollout = sampling the responses; policy and reference forwards = the no-grad passes over the rollout "
+        "batch; score = decoding and the reward function; update = the minibatch steps (forward and backward "
+        "of the policy, optimizer steps). The rest of a step: advantages, the watchdogs' policy copy, logging.\n")
+
+
 def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:
     results = {"ours": [], "plain": []}
     for i in range(s["runs"]):
@@ -197,7 +326,10 @@ def report(res: dict) -> str:
     if m.get("gpu"):
         add(f"- GPU: {m['gpu']} (every run below used it)")
     add(f"- ours ({res.get('pythons', {}).get('ours', '.venv/bin/python')}): {', '.join(f'{k} {v}' for k, v in res['versions']['ours'].items())}")
-    add(f"- TRL ({res.get('pythons', {}).get('trl', 'bench/.venv/bin/python')}): {', '.join(f'{k} {v}' for k, v in res['versions']['trl'].items())}\n")
+    if "trl" in res["versions"]:
+        add(f"- TRL for PPO ({res.get('pythons', {}).get('trl', 'bench/.venv/bin/python')}): "
+            f"{', '.join(f'{k} {v}' for k, v in res['versions']['trl'].items())}")
+    add("")
     add("Each cell: median [min, max] over the runs.\n")
     if "pipeline" in res:
         p = res["pipeline"]
@@ -238,12 +370,8 @@ def report(res: dict) -> str:
         add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 1.5x); peak memory "
             f"{mem:+.0f} MiB; reward {rew:+.3f}.\n")
         add("Time per step of ours (seconds, median over runs of the mean step):\n")
-        add("| phase | s/step | share |\n|---|---|---|")
-        phases = [k for k in p["ours"][0]["time"] if k != "time/step"]
-        per_step = {k: statistics.median(r["time"][k] / r["steps"] for r in p["ours"]) for k in phases + ["time/step"]}
-        for k in sorted(phases, key=lambda k: -per_step[k]):
-            add(f"| {k[5:]} | {per_step[k]:.3f} | {per_step[k] / per_step['time/step']:.0%} |")
-        add(f"| whole step | {per_step['time/step']:.3f} | |\n")
+        for row in phase_table(p["ours"]):
+            add(row)
         add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
             "rollout batch; score = the reward model; update = the PPO epochs (forward and backward of policy "
             "and value, optimizer steps). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
@@ -262,14 +390,17 @@ def report(res: dict) -> str:
         ratio = statistics.median(r["tokens_per_s"] for r in p["ours"]) / statistics.median(
             r["tokens_per_s"] for r in p["plain"])
         add(f"\nOurs / plain tokens per second (medians): **{ratio:.3f}**.\n")
+    if "grpo" in res:
+        grpo_report(res, add, measured)
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs on small settings (checks the benchmark)")
-    ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft"], default=["pipeline", "ppo", "sft"])
-    ap.add_argument("--runs", type=int, help="runs per framework (default 3)")
+    ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft", "grpo"],
+                    default=["pipeline", "ppo", "sft", "grpo"])
+    ap.add_argument("--runs", type=int, help="runs per framework (default 3; GRPO: 5, quick 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
     ap.add_argument("--results", default="bench/RESULTS.md")
@@ -282,7 +413,7 @@ def main() -> None:
     OURS_PY, TRL_PY = Path(a.ours_python), Path(a.trl_python)
     s = dict(SETTINGS["quick" if a.quick else "full"])
     if a.runs:
-        s["runs"] = a.runs
+        s["runs"] = s["grpo_runs"] = a.runs
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     from omegaconf import OmegaConf
@@ -293,21 +424,32 @@ def main() -> None:
     res = {"quick": a.quick, "argv": sys.argv[1:], "settings": s, "threads": a.threads, "machine": {**machine(), "gpu": gpu(OURS_PY)},
            "pythons": {"ours": shown(OURS_PY), "trl": shown(TRL_PY)}, "commit": commit,
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"]),
-                        "trl": versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])}}
+           "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"])}}
+    if "ppo" in a.only or TRL_PY.exists():  # the TRL 1.12.0 venv serves PPO only
+        res["versions"]["trl"] = versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])
     if "pipeline" in a.only:
         res["pipeline"] = {**bench_pipeline(s["config"], store, a.threads, out), "date": res["date"]}
-    elif not (store / "aliases" / experiment / "reward").exists():
-        run(["make", "-s", "reward", f"CONFIG={s['config']}"], a.threads, out / "logs" / "upstream.log")
+    else:  # the furthest stage the sections need: PPO the reward model, GRPO the SFT policy, SFT the pretrain model
+        needed = "reward" if "ppo" in a.only else "sft" if "grpo" in a.only else "pretrain"
+        if not (store / "aliases" / experiment / needed).exists():
+            run(["make", "-s", needed, f"CONFIG={s['config']}"], a.threads, out / "logs" / "upstream.log")
     if "ppo" in a.only:
         res["ppo"] = {**bench_ppo(s, artifact(store, experiment, "sft"), artifact(store, experiment, "reward"),
                                   a.threads, out), "date": res["date"]}
     if "sft" in a.only:
         res["sft"] = {**bench_sft(s, artifact(store, experiment, "pretrain"), a.threads, out), "date": res["date"]}
+    if "grpo" in a.only:
+        from grpo_trl import trl_loss_type
+
+        hp = s["grpo"]
+        res["grpo"] = {**bench_grpo(s, artifact(store, experiment, "sft"), a.threads, out), "date": res["date"],
+                       "trl_loss_type": trl_loss_type(hp["loss"], hp["minibatches"], hp.get("grad-accum", 1))}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    for section in ("pipeline", "ppo", "sft"):  # keep what this run did not redo, saying when it ran
+    for section in ("pipeline", "ppo", "sft", "grpo"):  # keep what this run did not redo, saying when it ran
         if section not in res and section in previous and previous.get("quick") == a.quick:
             res[section] = {**previous[section], "date": previous[section].get("date", previous["date"])}
+            if section == "ppo" and "trl" not in res["versions"] and "trl" in previous.get("versions", {}):
+                res["versions"]["trl"] = previous["versions"]["trl"]
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     path = ROOT / a.results

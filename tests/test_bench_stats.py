@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from reward_study import difference, mean_se, parse_arm  # noqa: E402
+from common import difference, mean_se  # noqa: E402
+from reward_study import parse_arm  # noqa: E402
 
 
 def test_mean_and_standard_error_golden():

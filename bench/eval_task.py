@@ -1,0 +1,53 @@
+"""The one measure of "reward reached" for GRPO, for every framework: sample one response per held-out
+prompt from a saved policy (the first N rows of the prompts file, seeded, the training temperature and
+length, through our chat template and sampling) and score it with the training's reward function, by
+default the task's check `uses_word` (rlhf/judges.py; the rows' "word" column names the word). Also
+reports the EOS rate and the mean length. Runs in the project's virtualenv."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import read_rows, write_result  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--policy", required=True)
+    p.add_argument("--prompts", required=True, help='held-out prompts (.jsonl.gz of {"prompt", "word"} rows)')
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--reward", default="uses_word", help="a built-in judge of rlhf/judges.py")
+    p.add_argument("--json")
+    a = p.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.judges import load_judge
+    from rlhf.sampling import sample
+    from rlhf.tokenizer import load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(a.policy)
+    policy = AutoModelForCausalLM.from_pretrained(a.policy).to(device).eval()
+    rows = read_rows(a.prompts, a.num_prompts)
+    prompts = [r["prompt"] for r in rows]
+    torch.manual_seed(a.seed)
+    samples = sample(policy, tok, prompts, max_new_tokens=a.response_length, temperature=a.temperature)
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    scores = load_judge(a.reward, "--reward")(prompts, [s.response for s in samples], **columns)
+    n = len(rows)
+    write_result(a.json, {
+        "policy": a.policy, "reward_function": a.reward, "prompts": n, "reward": sum(scores) / n,
+        "eos_rate": sum(s.ended for s in samples) / n,
+        "length": sum(s.num_tokens for s in samples) / n, "samples": [s.response for s in samples[:3]],
+    })
+
+
+if __name__ == "__main__":
+    main()
