@@ -297,14 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
-    from rlhf.config import ConfigError
-    from rlhf.data import DataError
-    from rlhf.distributed import LaunchError, rank_prefix
-    from rlhf.stage import StageError
+    from rlhf.errors import ERRORS, rank_prefix
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, StageError, LaunchError) as e:
+    except ERRORS as e:
         # Under a launch the failing rank exits non-zero and the launcher stops the others.
         print(f"error: {rank_prefix()}{e}", file=sys.stderr)
         return 2

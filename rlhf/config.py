@@ -12,7 +12,7 @@ An experiment file names the experiment, its seed, the artifact store, tracking,
 
 Command-line overrides are dotted (`stages.pretrain.max_steps=50`). Loading and merging is OmegaConf's;
 this module adds the file and key to every error and checks each stage block against the config
-dataclass of the stage class that will run it.
+dataclass of the stage class that will run it (found through the stage registry, also here).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from rlhf.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the file and the key and says what to do."""
+ENTRY_POINT_GROUP = "rlhf.stages"
 
 
 def logging_only(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
@@ -247,14 +248,42 @@ def import_object(path: str, what: str = "object") -> Any:
         raise ConfigError(f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
+# --------------------------------------------------------------------------------------------------
+# The stage registry: stage names -> classes (entry points of the `rlhf.stages` group), or a `class:` path
+
+
+def registered_stages() -> dict[str, str]:
+    """Stage names registered through the `rlhf.stages` entry points, with their class paths."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def stage_class(name: str, class_path: str | None = None) -> type:
+    """The class that runs stage `name`: `class_path` if given, else the registered one (an
+    `rlhf.stage.Stage` subclass)."""
+    # Imported here, not at the top: rlhf.stage builds on this module (and every stage class imports it anyway).
+    from rlhf.stage import Stage
+
+    if class_path:
+        cls = import_object(class_path, "class")
+    else:
+        known = registered_stages()
+        if name not in known:
+            raise ConfigError(
+                f"no stage named {name!r} (registered: {', '.join(sorted(known)) or 'none'}); "
+                f"name a class with `class: package.module:StageClass`"
+            )
+        cls = import_object(known[name], "class")
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        raise ConfigError(f"class {class_path or name!r} is not a subclass of rlhf.stage.Stage")
+    return cls
+
+
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Load an experiment YAML (with `_base_` files and dotted overrides) into typed configs.
 
     Each stage block is checked against the config dataclass of its stage class: the registered class
     for that name, or the class its `class:` key names.
     """
-    from rlhf.stage import stage_class  # the registry lives with the Stage base class
-
     layers = _read_yaml(Path(path))
     if overrides:
         for item in overrides:

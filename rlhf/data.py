@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlhf.errors import DataError
+
 log = logging.getLogger("rlhf")
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -44,10 +46,6 @@ SCHEMAS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preferences": (("prompt", "chosen", "rejected"),),
     "prompts": (("prompt",),),
 }
-
-
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file and line or row."""
 
 
 def is_local(spec: str) -> bool:

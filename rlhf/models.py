@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.stage import StageError
+from rlhf.errors import StageError
 
 
 @dataclass

@@ -19,20 +19,15 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
 from rlhf.artifacts import ArtifactStore, code_version, content_key, library_versions
-from rlhf.config import ConfigError, ExperimentConfig, as_dict, import_object, result_config
+from rlhf.config import (  # noqa: F401  (the registry used to live here; still importable from here)
+    ENTRY_POINT_GROUP, ExperimentConfig, as_dict, registered_stages, result_config, stage_class)
+from rlhf.errors import StageError
 
 log = logging.getLogger("rlhf")
-
-ENTRY_POINT_GROUP = "rlhf.stages"
-
-
-class StageError(RuntimeError):
-    """A stage cannot run or produced something unusable; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -50,28 +45,6 @@ class InputRef:
 
     def describe(self) -> str:
         return f"{self.stage} ({self.key})" if self.stage else f"{self.external} ({self.key})"
-
-
-def registered_stages() -> dict[str, str]:
-    """Stage names registered through the `rlhf.stages` entry points, with their class paths."""
-    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def stage_class(name: str, class_path: str | None = None) -> type[Stage]:
-    """The class that runs stage `name`: `class_path` if given, else the registered one."""
-    if class_path:
-        cls = import_object(class_path, "class")
-    else:
-        known = registered_stages()
-        if name not in known:
-            raise ConfigError(
-                f"no stage named {name!r} (registered: {', '.join(sorted(known)) or 'none'}); "
-                f"name a class with `class: package.module:StageClass`"
-            )
-        cls = import_object(known[name], "class")
-    if not (isinstance(cls, type) and issubclass(cls, Stage)):
-        raise ConfigError(f"class {class_path or name!r} is not a subclass of rlhf.stage.Stage")
-    return cls
 
 
 class Stage:

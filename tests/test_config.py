@@ -127,3 +127,49 @@ def test_result_config_leaves_out_logging_fields():
     rc = result_config(cfg)
     assert "max_steps" in rc and "tokenizer" in rc and "vocab_size" in rc["tokenizer"]
     assert "logging_steps" not in rc and "save_steps" not in rc
+
+
+# ---- the modules' imports ----------------------------------------------------------------------------------
+
+
+def test_no_module_level_import_cycle_in_rlhf():
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for f in (REPO / "rlhf").rglob("*.py"):
+        mod = ".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(f.read_text()).body:  # module level only: imports inside functions are lazy
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module)
+        graph[mod] = {d for d in deps if d.startswith("rlhf")}
+
+    def visit(mod: str, path: list[str]) -> None:
+        for dep in graph.get(mod, ()):
+            assert dep not in path, f"import cycle: {' -> '.join([*path, dep])}"
+            visit(dep, [*path, dep])
+
+    for mod in graph:
+        visit(mod, [mod])
+
+
+@pytest.mark.parametrize("module", ["rlhf.errors", "rlhf.config", "rlhf.stage", "rlhf.tracking", "rlhf.distributed"])
+def test_each_module_imports_alone(module):
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if module != "rlhf.distributed":
+        assert out.stdout.strip() == "False", f"{module} imports torch"
+
+
+def test_old_import_paths_still_work():
+    from rlhf import config, data, distributed, errors, stage
+
+    assert stage.StageError is errors.StageError and config.ConfigError is errors.ConfigError
+    assert data.DataError is errors.DataError and distributed.LaunchError is errors.LaunchError
+    assert stage.stage_class is config.stage_class and stage.registered_stages is config.registered_stages
