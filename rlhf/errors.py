@@ -32,3 +32,9 @@ def rank_prefix() -> str:
 ERRORS = (ConfigError, DataError, StageError, LaunchError)
 """What `rlhf` reports as `error: ...` (exit 2) instead of a traceback."""
 
+
+def one_message(problems: list[str]) -> str:
+    """Several problems as one error message: a single one as itself, more as a list, one per line."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)

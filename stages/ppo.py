@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.checkpoints import CheckpointDir, write_atomic
-from rlhf.config import logging_only
+from rlhf.config import checked, logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import PolicyEvaluation, compare, summarize
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
@@ -66,43 +66,44 @@ class PPOConfig:
     """Reward model (the value model starts from it): an upstream stage, a hub id or a local directory."""
     prompts: str = "data/prompts/train.jsonl.gz"
     """Training prompts ({"prompt"} rows; the held-out ones are the experiment's `evaluation.prompts`)."""
-    num_steps: int = 120
+    num_steps: int = checked(120, ge=1)
     """PPO iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = checked(64, ge=1)
     """Prompts per rollout."""
-    num_minibatches: int = 4
+    num_minibatches: int = checked(4, ge=1)
     """Minibatches per PPO epoch (one optimizer step each)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = checked(1, ge=1)
     """Micro-batches per minibatch; the update equals the full-minibatch one."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = checked(4, ge=1)
     """Passes over each rollout batch."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = checked(32, ge=1)
     """Response length limit."""
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = checked(None, ge=1)
     """Drop training and held-out prompts longer than this many tokens, chat template included (long
     dialogues would crowd out the response within the context and swell every batch); None keeps all."""
-    temperature: float = 1.0
+    temperature: float = checked(1.0, gt=0, hint="PPO samples its rollouts; a value below 1 (e.g. 0.7) makes "
+                                                  "them less random")
     """Sampling temperature; logprobs are computed at the same temperature."""
-    top_p: float = 1.0
+    top_p: float = checked(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1.0 = off, which keeps sampling logprobs exact)."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
     Needs attention through transformers' attention interface (Llama, GPT-NeoX, GPT-2 are tested); the
     stage stops with an error otherwise. False: padded batches."""
-    no_eos_score: float | None = -1.0
+    no_eos_score: float | None = checked(-1.0, finite=True)
     """Score given to responses without EOS instead of the reward model's (None: keep the model's)."""
     normalize_score: bool = True
     """Standardise scores with the reward mean/std of the reward model's manifest."""
-    kl_estimator: str = "k1"
+    kl_estimator: str = checked("k1", choices=tuple(KL_ESTIMATORS))
     """Per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r-1) - log r)."""
-    kl_coef: float = 0.05
+    kl_coef: float = checked(0.05, ge=0)
     """KL penalty coefficient (initial value when adaptive)."""
     adaptive_kl: bool = False
     """Adapt the coefficient towards `kl_target` (Ziegler et al.)."""
-    kl_target: float = 6.0
+    kl_target: float = checked(6.0, gt=0)
     """Target per-sequence KL for the adaptive controller (nats)."""
-    kl_horizon: int = 10000
+    kl_horizon: int = checked(10000, ge=1)
     """Horizon of the adaptive controller (episodes)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards over the batch (scale only)."""
@@ -112,41 +113,40 @@ class PPOConfig:
     it and the value model learns it, as in TRL's PPO. False makes the score the EOS token's reward and
     ends the episode there. Over 47 and 62 seeds the two reached the same reward within the noise (True
     +0.026, 95% interval -0.007 to +0.059: bench/RESULTS.md, "Reward over many seeds")."""
-    gamma: float = 1.0
+    gamma: float = checked(1.0, ge=0, le=1)
     """Discount."""
-    lam: float = 0.95
+    lam: float = checked(0.95, ge=0, le=1)
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch."""
-    learning_rate: float = 3e-4
+    learning_rate: float = checked(3e-4, gt=0)
     """Policy learning rate."""
-    value_learning_rate: float = 3e-4
+    value_learning_rate: float = checked(3e-4, gt=0)
     """Value-model learning rate."""
-    clip_range: float = 0.2
+    clip_range: float = checked(0.2, gt=0)
     """PPO ratio clip."""
-    clip_range_value: float = 0.2
+    clip_range_value: float = checked(0.2, gt=0)
     """Value clip around the rollout's values."""
-    vf_coef: float = 0.5
+    vf_coef: float = checked(0.5, ge=0)
     """Weight of the value loss."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = checked(1.0, gt=0)
     """Gradient clipping norm (policy and value together)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA on the policy; the reference is then the same weights with adapters disabled."""
-    kl_budget: float = 15.0
+    kl_budget: float = checked(15.0, gt=0)
     """Watchdog: stop when the rollout's mean per-sequence KL exceeds this (nats), keeping the last good policy."""
-    min_response_length: float = 2.0
+    min_response_length: float = checked(2.0, ge=0)
     """Watchdog: stop when the mean response length falls below this many tokens."""
-    min_unique_share: float | None = 0.25
+    min_unique_share: float | None = checked(0.25, ge=0, le=1)
     """Watchdog: stop when fewer than this share of a rollout's responses (one per prompt) are distinct:
     the policy is collapsing onto a few answers whatever the prompt asks (None: off)."""
-    eval_every: int = logging_only(20)
-    """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report."""
-    save_every: int = logging_only(10)
-    """Write a resumable checkpoint every N steps."""
+    eval_every: int = logging_only(20, ge=0)
+    """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report
+    (0: only at the end)."""
+    save_every: int = logging_only(10, ge=0)
+    """Write a resumable checkpoint every N steps (0: never)."""
 
     def __post_init__(self) -> None:
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator: {self.kl_estimator!r}; one of {sorted(KL_ESTIMATORS)}")
         if self.lora.enabled and self.lora.dropout:
             # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
             raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
