@@ -174,6 +174,7 @@ class PPOStage(LaunchMixin, Stage):
     config_class = PPOConfig
     kind = "policy"
     inputs = {"policy": "sft", "reward_model": "reward"}
+    data_schemas = {"prompts": "prompts"}
 
     def data_files(self):
         return {"prompts": self.config.prompts}

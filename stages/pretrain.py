@@ -74,6 +74,7 @@ class PretrainStage(Stage):
     config_class = PretrainConfig
     kind = "causal-lm"
     inputs: dict[str, str] = {}
+    data_schemas = {"train_data": "text", "eval_data": "text"}
 
     def data_files(self):
         return {"train": self.config.train_data, "eval": self.config.eval_data}

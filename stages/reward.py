@@ -110,6 +110,8 @@ class RewardStage(Stage):
     config_class = RewardConfig
     kind = "reward-model"
     inputs = {"model": "sft", "policy": "sft"}
+    # on-policy prompts are read even without on-policy pairs: the reward statistics are taken on them
+    data_schemas = {"train_data": "preferences", "eval_data": "preferences", "onpolicy.prompts": "prompts"}
 
     def data_files(self):
         c = self.config
@@ -118,10 +120,22 @@ class RewardStage(Stage):
         files["onpolicy_prompts"] = c.onpolicy.prompts
         return files
 
+    def check(self) -> None:
+        """The base checks, preferences from somewhere, and the on-policy judge on two of its prompts."""
+        super().check()
+        self.require_preferences()
+        c = self.config.onpolicy
+        if c.enabled:
+            self.check_judge(c.judge, "onpolicy.judge", c.prompts)
+
+    def require_preferences(self) -> None:
+        if self.config.train_data is None and not self.config.onpolicy.enabled:
+            raise StageError(f"{self.where('train_data')}: no preferences: set stages.{self.stage_name}.train_data "
+                             f"or enable stages.{self.stage_name}.onpolicy")
+
     def validate_inputs(self) -> None:
         super().validate_inputs()
-        if self.config.train_data is None and not self.config.onpolicy.enabled:
-            raise StageError("reward: no preferences: set stages.reward.train_data or enable stages.reward.onpolicy")
+        self.require_preferences()
         if "policy" in self.input_refs:
             self.require_same_tokenizer("model", "policy")
 

@@ -84,6 +84,7 @@ class SFTStage(Stage):
     config_class = SFTConfig
     kind = "policy"
     inputs = {"model": "pretrain"}
+    data_schemas = {"train_data": "sft", "eval_data": "sft"}
 
     def data_files(self):
         c = self.config
