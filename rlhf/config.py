@@ -227,7 +227,8 @@ class ExperimentConfig:
     store: str = "artifacts"
     """Artifact store root: a local path (relative to the working directory) or an fsspec URL (s3://, gs://, memory://)."""
     cache_dir: str | None = None
-    """Local cache for artifacts of a remote store; default ~/.cache/rlhf-pipeline."""
+    """Local cache for artifacts of a remote store and for the names of data files that passed their checks;
+    default $RLHF_CACHE, else ~/.cache/rlhf-pipeline."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """Experiment tracking (wandb + metrics.jsonl)."""
     evaluation: EvalConfig = field(default_factory=EvalConfig)
