@@ -19,19 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.config import checked
 from rlhf.ppo import masked_sum
 from stages.ppo import PPOConfig, PPOStage
 
 
 @dataclass
 class ReinforceBaselineConfig(PPOConfig):
-    baseline: str = "batch_mean"
+    baseline: str = checked("batch_mean", choices=("batch_mean", "value"))
     """What is subtracted from each sequence's return: batch_mean or value."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.baseline not in ("batch_mean", "value"):
-            raise ValueError(f"baseline: {self.baseline!r}; one of batch_mean, value")
 
 
 def sequence_advantages(rewards: torch.Tensor, episode_mask: torch.Tensor, response_mask: torch.Tensor,

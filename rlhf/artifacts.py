@@ -71,6 +71,11 @@ def code_version() -> str:
         return "unknown"
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The local cache: `cache_dir` (the experiment's), else $RLHF_CACHE, else ~/.cache/rlhf-pipeline."""
+    return Path(cache_dir or os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf-pipeline")
+
+
 class ArtifactStore:
     """Content-keyed artifacts under a local path or fsspec URL, with atomic writes and aliases."""
 
@@ -79,15 +84,38 @@ class ArtifactStore:
         self.fs, path = fsspec.core.url_to_fs(self.url)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = path.rstrip("/") if not self.is_local else str(Path(path).resolve())
-        cache = cache_dir or os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf-pipeline"
         # Remote artifacts are copied here before from_pretrained reads them.
-        self.cache = Path(cache) / content_key({"root": self.url})
+        self.cache = cache_root(cache_dir) / content_key({"root": self.url})
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
 
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
+
+    def unusable_reason(self) -> str | None:
+        """Why a local root cannot hold the store (a file, a file inside it where a directory belongs, no
+        permission to create or write it), or None. Creates nothing. Remote roots are not checked here."""
+        if not self.is_local:
+            return None
+        root = Path(self.root)
+        if root.exists():
+            if not root.is_dir():
+                return f"{self.url} is a file, not a directory"
+            for sub in ("artifacts", "aliases", "work", "tmp"):
+                if (root / sub).exists() and not (root / sub).is_dir():
+                    return f"{root / sub} is a file where the store keeps a directory"
+            if not os.access(root, os.W_OK | os.X_OK):
+                return f"{self.url} is not writable"
+            return None
+        parent = root.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"{self.url} cannot be created: {parent} is a file"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{self.url} cannot be created: {parent} is not writable"
+        return None
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -186,6 +214,13 @@ class ArtifactStore:
         """Drop the training state of finished work."""
         base = Path(self._path("work")) if self.is_local else self.cache / "work"
         shutil.rmtree(base / key, ignore_errors=True)
+
+    def clear_work_if_empty(self, key: str) -> None:
+        """Remove the work directory of `key` (and `work/` itself) when a stage failed before saving anything."""
+        base = Path(self._path("work")) if self.is_local else self.cache / "work"
+        for path in (base / key, base):
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                path.rmdir()
 
     # ---- aliases -------------------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from rlhf.distributed import launch_command
 
     cmd, env = launch_command(args.launch, ["-m", "rlhf.cli", *_without_launch(args.argv)])
+    # every precondition once here, so a bad setting ends before any process starts
+    _load(args.config, args.overrides).check(until=args.until, force=tuple(args.force))
     _warn_if_ppo_cannot_fit(args)
     log.info("launching: %s", " ".join(cmd))
     return subprocess.run(cmd, env=env).returncode
@@ -101,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     pipeline = _load(args.config, args.overrides)
-    for step in pipeline.plan(until=args.until, force=tuple(args.force)):
+    for step in pipeline.check(until=args.until, force=tuple(args.force)):
         state = "will run" if step.will_run else "up to date"
         print(f"{step.name:<10} {step.key}  {state:<10}  {step.reason if step.will_run else ''}".rstrip())
     if args.memory:
@@ -297,14 +299,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
-    from rlhf.config import ConfigError
-    from rlhf.data import DataError
-    from rlhf.distributed import LaunchError, rank_prefix
-    from rlhf.stage import StageError
+    from rlhf.errors import ERRORS, rank_prefix
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, StageError, LaunchError) as e:
+    except ERRORS as e:
         # Under a launch the failing rank exits non-zero and the launcher stops the others.
         print(f"error: {rank_prefix()}{e}", file=sys.stderr)
         return 2

@@ -29,10 +29,14 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from rlhf.errors import DataError
 
 log = logging.getLogger("rlhf")
 
@@ -44,10 +48,6 @@ SCHEMAS: dict[str, tuple[tuple[str, ...], ...]] = {
     "preferences": (("prompt", "chosen", "rejected"),),
     "prompts": (("prompt",),),
 }
-
-
-class DataError(ValueError):
-    """A data file or row is unusable; the message names the file and line or row."""
 
 
 def is_local(spec: str) -> bool:
@@ -256,6 +256,60 @@ def load_rows(spec: str, schema: str, limit: int | None = None):
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return ds
+
+
+CHECKS_VERSION = 1
+"""Part of the name under which a file that passed `check_data` is remembered: bump it when the row
+checks change, so files checked by the old rules are checked again."""
+
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(#[\w.\[\]:%+-]+)?$")
+
+
+def check_data(spec: str, schema: str, cache_dir: Path | None = None) -> None:
+    """Check every row of the data `spec` names against `schema`, without building a dataset.
+
+    What `Stage.check` runs before anything trains. A local file is parsed whole; once it passed, a marker
+    named by its content fingerprint and schema under `cache_dir/checked-data/` lets later checks skip
+    the parse (the default pretraining corpus takes about 2 s), until its content changes. A directory
+    (a hub dataset on disk) must exist; a hub dataset id must look like `owner/name[#split]`: the hub
+    is not asked, so plans run offline.
+    """
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; one of {sorted(SCHEMAS)}")
+    if not is_local(spec):
+        if Path(spec.partition("#")[0]).is_dir():
+            return
+        if spec.startswith(("/", ".", "~")) or not _HUB_DATASET.match(spec):
+            raise DataError(f"{spec}: no such file or directory, and not a hub dataset id (owner/name, "
+                            "optionally #split); check the path")
+        return
+    marker = None
+    if cache_dir is not None:
+        marker = Path(cache_dir) / "checked-data" / f"{schema}-{fingerprint(spec).replace(':', '-')}-v{CHECKS_VERSION}"
+        if marker.is_file():
+            return
+    if Path(spec.removesuffix(".gz")).suffix == ".parquet":
+        load_rows(spec, schema)
+    else:
+        read_local(Path(spec), schema)
+    if marker is not None:
+        try:  # best effort: an unwritable cache only means the next check parses again
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(f"{marker.name}.{uuid.uuid4().hex[:8]}")
+            tmp.write_text(spec + "\n")
+            os.replace(tmp, marker)
+        except OSError:
+            pass
+
+
+def sample_rows(spec: str, schema: str, n: int) -> list[dict[str, Any]] | None:
+    """The first `n` rows of a local data file (other fields included), None for a hub dataset or a
+    directory, which are not read before training."""
+    if not is_local(spec):
+        return None
+    if Path(spec.removesuffix(".gz")).suffix == ".parquet":
+        return load_rows(spec, schema, limit=n).to_list()
+    return read_local(Path(spec), schema)[:n]
 
 
 def _validate_dataset(ds, schema: str, spec: str) -> None:

@@ -20,12 +20,10 @@ from typing import Any
 
 import torch
 
+from rlhf.errors import LaunchError, StageError, rank_prefix  # noqa: F401  (rank_prefix: used to live here)
+
 LAUNCHED_ENV = "RLHF_LAUNCHED"
 """Set in the processes `rlhf run --launch` starts, so they never launch again."""
-
-
-class LaunchError(ValueError):
-    """A launch config that cannot be used; the message names the file and the field."""
 
 
 def read_launch_config(path: str | Path) -> dict[str, Any]:
@@ -148,12 +146,6 @@ def barrier() -> None:
     process_state().wait_for_everyone()
 
 
-def rank_prefix() -> str:
-    """'rank 1: ' in a multi-process run (for error messages), '' otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
-
-
 def broadcast_object(obj: Any) -> Any:
     """The main process's `obj` on every rank (work done once, e.g. sampling on-policy pairs)."""
     state = process_state()
@@ -180,8 +172,6 @@ def shards_parameters() -> bool:
 def refuse_sharded_lora(stage: str, lora_enabled: bool) -> None:
     """LoRA's merge needs whole weights, which ZeRO-3 and FSDP never hold on one process."""
     if lora_enabled and shards_parameters():
-        from rlhf.stage import StageError
-
         raise StageError(f"{stage}: stages.{stage}.lora.enabled=true is not supported under ZeRO-3 or FSDP yet; "
                          f"launch with configs/accelerate/ddp.yaml or zero2.yaml, or turn LoRA off")
 

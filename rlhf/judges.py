@@ -179,7 +179,7 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
     The returned judge takes `(prompts, responses, **columns)` and hands the function only the columns
     its signature names (all of them if it takes `**kwargs`). A judge that raises, returns a non-number,
     the wrong count or a non-finite score stops with an error naming `field`, the judge and the row.
-    Raises `ValueError` (a `rlhf.config.ConfigError` for import failures) saying what to change.
+    Raises `ValueError` (a `rlhf.errors.ConfigError` for import failures) saying what to change.
     """
     if callable(spec) and not isinstance(spec, str):
         return _checked(spec, getattr(spec, "__name__", type(spec).__name__), field)
@@ -200,7 +200,8 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
         )
 
     # Shared with stage classes: same syntax, and it resolves modules from the working directory.
-    from rlhf.config import ConfigError, import_object
+    from rlhf.config import import_object
+    from rlhf.errors import ConfigError
 
     obj = import_object(spec, what=f"{field}: judge")
     if isinstance(obj, type):

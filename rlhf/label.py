@@ -18,7 +18,7 @@ KEYS = "1 = first is better, 2 = second is better, s = skip (tie or both bad), q
 
 def load_candidates(path: str) -> list[dict]:
     """Candidate rows with at least two different responses; errors name the file and line."""
-    from rlhf.data import DataError
+    from rlhf.errors import DataError
 
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):

@@ -16,7 +16,7 @@ import torch
 
 from rlhf.ppo.core import masked_whiten
 from rlhf.ppo.rollout import PerTokenHead
-from rlhf.stage import StageError
+from rlhf.errors import StageError
 
 
 class StepCounter:

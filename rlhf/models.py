@@ -9,24 +9,25 @@ from pathlib import Path
 
 import torch
 
-from rlhf.stage import StageError
+from rlhf.config import checked
+from rlhf.errors import StageError
 
 
 @dataclass
 class ModelConfig:
     """A Llama-architecture decoder built from scratch (pretraining only; later stages load checkpoints)."""
 
-    hidden_size: int = 128
+    hidden_size: int = checked(128, ge=1)
     """Width of the residual stream."""
-    num_layers: int = 4
+    num_layers: int = checked(4, ge=1)
     """Number of transformer blocks."""
-    num_heads: int = 4
+    num_heads: int = checked(4, ge=1)
     """Attention heads per block."""
-    num_kv_heads: int | None = None
+    num_kv_heads: int | None = checked(None, ge=1)
     """Key/value heads (grouped-query attention); None = num_heads."""
-    intermediate_size: int = 512
+    intermediate_size: int = checked(512, ge=1)
     """Width of the SwiGLU feed-forward layer."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = checked(512, ge=1)
     """Longest sequence the rotary embeddings are set up for."""
     tie_word_embeddings: bool = True
     """Share input embeddings and output projection (halves embedding parameters in a tiny model)."""
@@ -34,6 +35,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+                             f"({self.num_kv_heads}): each key/value head serves a whole group of query heads")
 
 
 @dataclass
@@ -42,11 +46,11 @@ class LoraSettings:
 
     enabled: bool = False
     """Train low-rank adapters instead of all weights."""
-    r: int = 8
+    r: int = checked(8, ge=1)
     """Adapter rank."""
-    alpha: int = 16
+    alpha: int = checked(16, ge=1)
     """Scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = checked(0.0, ge=0, lt=1)
     """Dropout on the adapter input (PPO refuses anything but 0: its update would run another policy)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Names of the linear layers that get adapters."""

@@ -1,4 +1,5 @@
-"""The stage graph: order stages by their inputs, compute every key up front, run what is out of date."""
+"""The stage graph: order stages by their inputs, compute every key up front, check every stage that will
+run, then run what is out of date."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlhf.artifacts import ArtifactStore
-from rlhf.config import ConfigError, Experiment
+from rlhf.config import Experiment, registered_stages
+from rlhf.errors import ERRORS, ConfigError, one_message
 from rlhf.models import external_fingerprint
-from rlhf.stage import InputRef, Stage, registered_stages
+from rlhf.stage import InputRef, Stage
 
 log = logging.getLogger("rlhf")
 
@@ -64,6 +66,7 @@ class Pipeline:
                 else:
                     refs[fname] = InputRef(fname, external_fingerprint(value), external=value)
             stages[name] = spec.cls(spec.config, self.experiment.config, self.store, refs, stage_name=name)
+            stages[name].config_origin = self.experiment.origin
         return stages
 
     def selected(self, until: str | None = None) -> list[str]:
@@ -110,6 +113,32 @@ class Pipeline:
             plan.append(PlannedStage(name, stage, stage.key, will, why))
         return plan
 
+    def check(self, until: str | None = None, force: tuple[str, ...] | list[str] = ()) -> list[PlannedStage]:
+        """Every cheap precondition of a run, before anything trains or is written; returns the plan.
+
+        The store root must be a usable directory; then `Stage.check()` runs for every stage that will run
+        (data rows, judges, input paths, and whatever a stage class adds). All problems are collected: one
+        is raised as itself (a `ConfigError`, `DataError` or `StageError` naming the file and the key), several
+        as one `ConfigError` listing them. Takes seconds; the store and runs/ are left as they were.
+        """
+        reason = self.store.unusable_reason()
+        if reason:
+            raise ConfigError(f"{self.experiment.where('store')}: {reason}; point store: at a directory "
+                              "(it is created if missing) or an fsspec URL")
+        plan = self.plan(until, force)
+        problems: dict[str, Exception] = {}  # by message: a policy's evaluation judges are checked per stage
+        for step in plan:
+            if step.will_run:
+                try:
+                    step.stage.check()
+                except ERRORS as e:
+                    problems.setdefault(str(e), e)
+        if len(problems) == 1:
+            raise next(iter(problems.values()))
+        if problems:
+            raise ConfigError(one_message(list(problems)))
+        return plan
+
     def _why_new(self, name: str, stage: Stage) -> str:
         """Explain a missing key by comparing with the artifact the experiment's alias points at."""
         old_key = self.store.alias(self.experiment.name, name)
@@ -131,13 +160,14 @@ class Pipeline:
         return f"changed since {old_key[:8]}: " + "; ".join(changes[:6])
 
     def run(self, until: str | None = None, force: tuple[str, ...] | list[str] = ()) -> list[StageResult]:
-        """Run every out-of-date stage up to `until`, in order; skip the up-to-date ones.
+        """Check, then run every out-of-date stage up to `until`, in order; skip the up-to-date ones.
 
         Under `accelerate launch` every rank runs this; they plan from the same store state (a barrier
         first), only the main process writes aliases and artifacts, and each stage ends at a barrier.
         """
         from rlhf.distributed import barrier, is_main_process
 
+        self.check(until, force)  # nothing trains, and nothing is written, unless every check passes
         barrier()
         results = []
         for step in self.plan(until, force):

@@ -9,6 +9,10 @@
     5. evaluate          held-out metrics, into the manifest
     6. save              into a staging directory; reloaded and compared; published atomically
 
+Before any stage of a run trains, the pipeline calls `check()` of every stage that will run: cheap
+preconditions (data rows, judges, input paths) that fail in seconds rather than after earlier stages have
+trained.
+
 Subclasses declare `name`, `config_class`, `kind`, `inputs` and implement `setup`, `train`,
 `evaluate` and `save`. Researchers subclass a stage and point the YAML at it with `class:`.
 """
@@ -17,22 +21,25 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
-from rlhf.artifacts import ArtifactStore, code_version, content_key, library_versions
-from rlhf.config import ConfigError, ExperimentConfig, as_dict, import_object, result_config
+from rlhf.artifacts import ArtifactStore, cache_root, code_version, content_key, library_versions
+from rlhf.config import (  # noqa: F401  (the registry used to live here; still importable from here)
+    ENTRY_POINT_GROUP, ExperimentConfig, as_dict, registered_stages, result_config, stage_class)
+from rlhf.errors import ConfigError, DataError, StageError
 
 log = logging.getLogger("rlhf")
 
-ENTRY_POINT_GROUP = "rlhf.stages"
+# Plausible hub ids: `name` or `owner/name`, optionally `@revision`; anything else names a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?$")
 
-
-class StageError(RuntimeError):
-    """A stage cannot run or produced something unusable; the message says why and what to do."""
+SAMPLE_RESPONSES = ("A short answer.", "A longer answer, with a few more words in it than the first one.")
+"""What `check` asks judges to score: two responses to the first two prompts of their prompts file."""
 
 
 @dataclass(frozen=True)
@@ -52,28 +59,6 @@ class InputRef:
         return f"{self.stage} ({self.key})" if self.stage else f"{self.external} ({self.key})"
 
 
-def registered_stages() -> dict[str, str]:
-    """Stage names registered through the `rlhf.stages` entry points, with their class paths."""
-    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def stage_class(name: str, class_path: str | None = None) -> type[Stage]:
-    """The class that runs stage `name`: `class_path` if given, else the registered one."""
-    if class_path:
-        cls = import_object(class_path, "class")
-    else:
-        known = registered_stages()
-        if name not in known:
-            raise ConfigError(
-                f"no stage named {name!r} (registered: {', '.join(sorted(known)) or 'none'}); "
-                f"name a class with `class: package.module:StageClass`"
-            )
-        cls = import_object(known[name], "class")
-    if not (isinstance(cls, type) and issubclass(cls, Stage)):
-        raise ConfigError(f"class {class_path or name!r} is not a subclass of rlhf.stage.Stage")
-    return cls
-
-
 class Stage:
     """Base class of every stage. See the module docstring for the lifecycle."""
 
@@ -85,6 +70,14 @@ class Stage:
     """What the artifact is: causal-lm, reward-model or policy."""
     inputs: ClassVar[dict[str, str]] = {}
     """Config fields that name an input model, with the upstream stage each defaults to."""
+    data_schemas: ClassVar[dict[str, str]] = {}
+    """Config fields (dotted, e.g. `onpolicy.prompts`) that name data, with the schema of their rows
+    (`rlhf.data.SCHEMAS`): `check` parses every row of each before anything trains."""
+    forced: bool = False
+    """Set by the pipeline for `--force`: the new artifact replaces the one with the same key."""
+
+    config_origin: Callable[[str], str] | None = None
+    """Set by the pipeline: the file (or override) that set a dotted key, for messages (`where`)."""
 
     @classmethod
     def input_values(cls, config: Any) -> dict[str, str | None]:
@@ -92,8 +85,6 @@ class Stage:
         None for an optional input left unset. By default the config fields named in `inputs`; a stage
         whose inputs depend on its config (the reward models of an RL stage's `rewards:`) overrides it."""
         return {name: getattr(config, name) for name in cls.inputs}
-    forced: bool = False
-    """Set by the pipeline for `--force`: the new artifact replaces the one with the same key."""
 
     def __init__(
         self,
@@ -123,7 +114,20 @@ class Stage:
         files = dict(self.data_files())
         if self.kind == "policy":
             files["evaluation_prompts"] = self.experiment.evaluation.prompts
-        return {role: fingerprint(spec) for role, spec in files.items() if spec}
+        out = {}
+        for role, spec in files.items():
+            if spec:
+                try:
+                    out[role] = fingerprint(spec)
+                except DataError as e:  # name the setting as well as the file
+                    raise DataError(f"{self._data_where(role, spec)}: {e}") from None
+        return out
+
+    def _data_where(self, role: str, spec: str) -> str:
+        if role == "evaluation_prompts":
+            return self.where("evaluation.prompts", top=True)
+        field = next((f for f in self.data_schemas if _dotted(self.config, f) == spec), None)
+        return self.where(field) if field else f"stages.{self.stage_name} ({role} data)"
 
     def key_payload(self) -> dict[str, Any]:
         """Everything that decides what this stage produces; its hash is the artifact key.
@@ -159,6 +163,98 @@ class Stage:
     def input_manifest(self, field: str) -> dict[str, Any] | None:
         ref = self.input_refs[field]
         return self.store.manifest(ref.key) if ref.stage is not None else None
+
+    # ---- cheap preconditions, before anything trains (override `check` to add yours) -------------
+
+    def where(self, key: str, top: bool = False) -> str:
+        """How a message names a setting: `'<file>: stages.<stage>.<key>'` (`top`: `key` is the
+        experiment's own, e.g. `evaluation.prompts`)."""
+        key = key if top else f"stages.{self.stage_name}.{key}"
+        return f"{self.config_origin(key)}: {key}" if self.config_origin else key
+
+    def check(self) -> None:
+        """Verify this stage's cheap preconditions; called for every stage that will run, before the
+        first stage of the run trains (`rlhf plan` and `rlhf run` call it through `Pipeline.check`).
+
+        The base class checks what every stage has: each data file in `data_schemas` parses against its
+        schema (every row; a file that passed once is remembered by its content, so later plans skip
+        it), each outside model input is an existing Hugging Face directory or looks like a hub id, and
+        a policy stage's evaluation prompts parse and its judges load and score two of them.
+
+        Add your own by overriding it; call `super().check()` and raise `ConfigError` (from
+        `rlhf.errors`) naming the setting with `self.where(field)` and saying what to do:
+
+            def check(self):
+                super().check()
+                if self.config.baseline == "value" and not self.config.whiten_advantages:
+                    raise ConfigError(f"{self.where('baseline')}: 'value' needs whiten_advantages: true")
+
+        It runs within seconds on every plan: no training, no model loading, no writes to the store.
+        """
+        self.check_inputs()
+        self.check_data()
+        if self.kind == "policy":
+            ev = self.experiment.evaluation
+            self.check_data_file(ev.prompts, "prompts", self.where("evaluation.prompts", top=True))
+            for role, spec in ev.judges.items():
+                if spec:
+                    self.check_judge(spec, f"evaluation.judges.{role}", ev.prompts, top=True)
+
+    def check_inputs(self) -> None:
+        """Outside model inputs: an existing Hugging Face directory, or a plausible hub id (not fetched)."""
+        for field, ref in self.input_refs.items():
+            if ref.stage is not None:
+                continue
+            where, value = self.where(field), str(ref.external)
+            path = Path(value).expanduser()
+            fix = ("name an upstream stage, a local Hugging Face model directory or a hub id such as "
+                   "EleutherAI/pythia-160m")
+            if path.is_dir():
+                if not (path / "config.json").is_file():
+                    raise ConfigError(f"{where}: {value} has no config.json, so it is not a Hugging Face model "
+                                      f"directory; {fix}")
+            elif path.exists():
+                raise ConfigError(f"{where}: {value} is a file; {fix}")
+            elif value.startswith(("/", ".", "~")) or "\\" in value or not _HUB_ID.match(value):
+                raise ConfigError(f"{where}: {value} does not exist (and is not a hub id); {fix}")
+
+    def check_data(self) -> None:
+        """Every data file in `data_schemas` parses against its schema (see `rlhf.data.check_data`)."""
+        for field, schema in self.data_schemas.items():
+            spec = _dotted(self.config, field)
+            if spec:
+                self.check_data_file(spec, schema, self.where(field))
+
+    def check_data_file(self, spec: str, schema: str, where: str) -> None:
+        from rlhf.data import check_data
+
+        try:
+            check_data(spec, schema, cache_root(self.experiment.cache_dir))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+
+    def check_judge(self, spec: str, key: str, prompts: str, top: bool = False) -> None:
+        """The judge `spec` (set at `key`) loads and returns two finite scores for two responses to the first
+        two rows of `prompts` (with their columns). Prompts that are not a local file only load the judge."""
+        from rlhf.data import sample_rows
+        from rlhf.judges import load_judge
+
+        full_key = key if top else f"stages.{self.stage_name}.{key}"
+        origin = self.config_origin(full_key) if self.config_origin else None
+        prefix = f"{origin}: " if origin else ""
+        try:
+            judge = load_judge(spec, full_key)  # its messages start with the key
+        except ValueError as e:
+            raise ConfigError(f"{prefix}{e}") from None
+        rows = sample_rows(prompts, "prompts", len(SAMPLE_RESPONSES))
+        if not rows:
+            return
+        columns = {name: [r.get(name) for r in rows] for name in rows[0] if name != "prompt"}
+        try:
+            judge([r["prompt"] for r in rows], list(SAMPLE_RESPONSES[: len(rows)]), **columns)
+        except ValueError as e:  # the loaded judge's own checks: it raised, a wrong count, NaN
+            raise ConfigError(f"{prefix}{e} (checked on the first {len(rows)} prompts of {prompts} before "
+                              "anything ran)") from None
 
     # ---- lifecycle (override these) ------------------------------------------------------------
 
@@ -253,6 +349,7 @@ class Stage:
         state = process_state()
         # 1-2. validate inputs; seed every RNG, open tracking, build models and data
         self.open(tracking=state.is_main_process)
+        finished = False
         try:
             # 3-4. train (resuming from self.work_dir when a checkpoint is there)
             train_metrics = self.train()
@@ -271,8 +368,12 @@ class Stage:
                 self.store.set_alias(self.experiment.name, self.stage_name, self.key)
                 self.store.clear_work(self.key)
             state.wait_for_everyone()
+            finished = True
         finally:
-            self.tracker.close()
+            # a run that failed before logging anything leaves no run directory and no empty work directory
+            self.tracker.close(discard_if_empty=not finished)
+            if not finished:
+                self.store.clear_work_if_empty(self.key)
         return self.store.manifest(self.key)
 
     def open(self, tracking: bool = True) -> "Stage":
@@ -292,7 +393,8 @@ class Stage:
         try:
             self.setup()
         except BaseException:
-            self.tracker.close()
+            self.tracker.close(discard_if_empty=True)
+            self.store.clear_work_if_empty(self.key)
             raise
         return self
 
@@ -314,3 +416,10 @@ class Stage:
             "seconds": round(seconds, 1),
             **self.manifest_extra(),
         }
+
+
+def _dotted(obj: Any, key: str) -> Any:
+    """`obj.a.b` for key "a.b"."""
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj

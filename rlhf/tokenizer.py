@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rlhf.artifacts import digest
+from rlhf.config import checked
 
 log = logging.getLogger("rlhf")
 
@@ -34,16 +35,13 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 4096
+    vocab_size: int = checked(4096, ge=256 + len(ROLE_TOKENS) + 3,
+                              hint="the 256 byte symbols and the special tokens come first")
     """BPE vocabulary size, special tokens included."""
-    min_frequency: int = 2
+    min_frequency: int = checked(2, ge=1)
     """A pair must occur this often in the corpus to be merged."""
-    max_documents: int | None = None
+    max_documents: int | None = checked(None, ge=1)
     """Train the tokenizer on at most this many documents (None: the whole pretraining corpus)."""
-
-    def __post_init__(self) -> None:
-        if self.vocab_size < 256 + len(ROLE_TOKENS) + 3:
-            raise ValueError(f"tokenizer.vocab_size: {self.vocab_size} is below the 256 byte symbols plus special tokens")
 
 
 def train_tokenizer(texts: Iterable[str], config: TokenizerConfig):

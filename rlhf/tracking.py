@@ -37,6 +37,8 @@ class Tracker:
         self._wandb = None
         if not enabled:
             return
+        # the outermost directory this run creates, so a run that logged nothing can leave none behind
+        self._created = next((p for p in reversed([self.dir, *self.dir.parents]) if not p.exists()), None)
         self.dir.mkdir(parents=True, exist_ok=True)
         mode = experiment.tracking.wandb
         if mode != "disabled":
@@ -77,10 +79,22 @@ class Tracker:
         if self.path.exists():
             shutil.copyfile(self.path, out / "metrics.jsonl")
 
-    def close(self) -> None:
+    def close(self, discard_if_empty: bool = False) -> None:
+        """Finish the wandb run. With `discard_if_empty` (the stage failed), a run that logged no metrics
+        leaves nothing behind: its directory (wandb's offline run included) and the parents it created
+        are removed."""
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=1 if discard_if_empty else None)
             self._wandb = None
+        if discard_if_empty and self.enabled and not self.path.exists() and self._created is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            for parent in self.dir.parents:
+                if parent == self._created.parent:
+                    break
+                try:
+                    parent.rmdir()  # only while empty: another stage's run may live beside it
+                except OSError:
+                    break
 
 
 def trainer_callback(tracker: Tracker):

@@ -19,25 +19,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stages.ppo import PPOConfig, PPOStage
+from rlhf.config import checked
+from rlhf.ppo.aggregation import AGGREGATIONS
+from rlhf.ppo.estimators import ESTIMATORS
+from stages.ppo import KL_PLACEMENTS, PPOConfig, PPOStage
 
 
 @dataclass
 class GRPOConfig(PPOConfig):
     """PPOConfig with GRPO's defaults (see the fields' docstrings in stages/ppo.py)."""
 
-    estimator: str = "grpo"
-    samples_per_prompt: int = 8
-    loss_aggregation: str = "sequence_mean"
-    kl_penalty: str = "loss"
-    kl_coef: float = 0.04
-    rollout_batch_size: int = 64
-    num_minibatches: int = 2
-    ppo_epochs: int = 1
+    estimator: str = checked("grpo", choices=tuple(ESTIMATORS))
+    samples_per_prompt: int = checked(8, ge=1)
+    loss_aggregation: str = checked("sequence_mean", choices=tuple(AGGREGATIONS))
+    kl_penalty: str = checked("loss", choices=KL_PLACEMENTS)
+    kl_coef: float = checked(0.04, ge=0)
+    rollout_batch_size: int = checked(64, ge=1)
+    num_minibatches: int = checked(2, ge=1)
+    ppo_epochs: int = checked(1, ge=1)
     whiten_advantages: bool = False
     score_after_eos: bool = False
-    learning_rate: float = 1e-4
-    min_unique_share: float | None = 0.25
+    learning_rate: float = checked(1e-4, gt=0)
+    min_unique_share: float | None = checked(0.25, ge=0, le=1)
 
 
 class GRPOStage(PPOStage):

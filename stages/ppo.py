@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.checkpoints import CheckpointDir, write_atomic
-from rlhf.config import logging_only
+from rlhf.config import checked, logging_only
 from rlhf.data import load_rows
 from rlhf.evaluation import PolicyEvaluation, compare, summarize
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
@@ -78,60 +78,61 @@ class PPOConfig:
     value_model: str | None = None
     """Where the value model starts (GAE only): None = the first reward model of `rewards` (its head then
     starts as the reward head), or the policy with a fresh head when every source is a function."""
-    estimator: str = "gae"
+    estimator: str = checked("gae", choices=tuple(ESTIMATORS))
     """Advantage estimator: gae (value model), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
     (rlhf/ppo/estimators.py). Only gae builds a value model."""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = checked(1, ge=1)
     """Responses per prompt in a rollout (a group; GRPO, Dr. GRPO, RLOO and REINFORCE++-baseline use the
     group's other responses as the baseline, so they need 2 or more)."""
-    loss_aggregation: str = "token_mean"
+    loss_aggregation: str = checked("token_mean", choices=tuple(AGGREGATIONS))
     """How per-token losses make the minibatch loss: token_mean (over all the minibatch's tokens),
     sequence_mean (each sequence's token mean, averaged: GRPO's) or sequence_sum (each sequence's token
     sum over `max_new_tokens`, averaged: Dr. GRPO's); exact under accumulation and N processes."""
     prompts: str = "data/prompts/train.jsonl.gz"
     """Training prompts ({"prompt"} rows, with any other columns the reward functions read; the held-out
     ones are the experiment's `evaluation.prompts`)."""
-    num_steps: int = 120
+    num_steps: int = checked(120, ge=1)
     """Iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
-    rollout_batch_size: int = 64
+    rollout_batch_size: int = checked(64, ge=1)
     """Responses per rollout (rollout_batch_size / samples_per_prompt prompts)."""
-    num_minibatches: int = 4
+    num_minibatches: int = checked(4, ge=1)
     """Minibatches per epoch (one optimizer step each)."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = checked(1, ge=1)
     """Micro-batches per minibatch; the update equals the full-minibatch one."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = checked(4, ge=1)
     """Passes over each rollout batch."""
-    max_new_tokens: int = 32
+    max_new_tokens: int = checked(32, ge=1)
     """Response length limit."""
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = checked(None, ge=1)
     """Drop training and held-out prompts longer than this many tokens, chat template included (long
     dialogues would crowd out the response within the context and swell every batch); None keeps all."""
-    temperature: float = 1.0
+    temperature: float = checked(1.0, gt=0, hint="PPO samples its rollouts; a value below 1 (e.g. 0.7) makes "
+                                                  "them less random")
     """Sampling temperature; logprobs are computed at the same temperature."""
-    top_p: float = 1.0
+    top_p: float = checked(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1.0 = off, which keeps sampling logprobs exact)."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
     Needs attention through transformers' attention interface (Llama, GPT-NeoX, GPT-2 are tested); the
     stage stops with an error otherwise. False: padded batches."""
-    no_eos_score: float | None = -1.0
+    no_eos_score: float | None = checked(-1.0, finite=True)
     """Score given to responses without EOS instead of the rewards' (None: keep the rewards')."""
     normalize_score: bool = True
     """Standardise each reward model's score with the reward mean/std of its manifest (functions are
     taken as they are)."""
-    kl_penalty: str = "reward"
+    kl_penalty: str = checked("reward", choices=KL_PLACEMENTS)
     """Where the KL to the reference goes: `reward` (a per-token penalty -coef * KL in the reward, with
     `kl_estimator`) or `loss` (coef * the clamped k3 estimate added to the policy loss, as GRPO does)."""
-    kl_estimator: str = "k1"
+    kl_estimator: str = checked("k1", choices=tuple(KL_ESTIMATORS))
     """Per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r-1) - log r)."""
-    kl_coef: float = 0.05
+    kl_coef: float = checked(0.05, ge=0)
     """KL coefficient (initial value when adaptive). 0 without `adaptive_kl` loads no reference model."""
     adaptive_kl: bool = False
     """Adapt the coefficient towards `kl_target` (Ziegler et al.)."""
-    kl_target: float = 6.0
+    kl_target: float = checked(6.0, gt=0)
     """Target per-sequence KL for the adaptive controller (nats)."""
-    kl_horizon: int = 10000
+    kl_horizon: int = checked(10000, ge=1)
     """Horizon of the adaptive controller (episodes)."""
     whiten_rewards: bool = False
     """Whiten per-token rewards over the batch (scale only)."""
@@ -142,48 +143,49 @@ class PPOConfig:
     ends the episode there. Over 47 and 62 seeds the two reached the same reward within the noise (True
     +0.026, 95% interval -0.007 to +0.059: bench/RESULTS.md, "Reward over many seeds"). The critic-free
     estimators give the same advantages either way."""
-    gamma: float = 1.0
+    gamma: float = checked(1.0, ge=0, le=1)
     """Discount (GAE and REINFORCE++)."""
-    lam: float = 0.95
+    lam: float = checked(0.95, ge=0, le=1)
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch (after the estimator; REINFORCE++ always does)."""
-    learning_rate: float = 3e-4
+    learning_rate: float = checked(3e-4, gt=0)
     """Policy learning rate."""
-    value_learning_rate: float = 3e-4
+    value_learning_rate: float = checked(3e-4, gt=0)
     """Value-model learning rate."""
-    clip_range: float = 0.2
+    clip_range: float = checked(0.2, gt=0)
     """PPO ratio clip."""
-    clip_range_value: float = 0.2
+    clip_range_value: float = checked(0.2, gt=0)
     """Value clip around the rollout's values."""
-    vf_coef: float = 0.5
+    vf_coef: float = checked(0.5, ge=0)
     """Weight of the value loss."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = checked(1.0, gt=0)
     """Gradient clipping norm (policy and value together)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA on the policy; the reference is then the same weights with adapters disabled."""
-    kl_budget: float = 15.0
+    kl_budget: float = checked(15.0, gt=0)
     """Watchdog: stop when the rollout's mean per-sequence KL exceeds this (nats), keeping the last good policy."""
-    min_response_length: float = 2.0
+    min_response_length: float = checked(2.0, ge=0)
     """Watchdog: stop when the mean response length falls below this many tokens."""
-    min_unique_share: float | None = 0.25
+    min_unique_share: float | None = checked(0.25, ge=0, le=1)
     """Watchdog: stop when fewer than this share of a rollout's prompts get a response no other prompt
     got (one response per prompt): the policy is collapsing onto a few answers whatever the prompt
     asks (None: off)."""
-    eval_every: int = logging_only(20)
-    """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report."""
-    save_every: int = logging_only(10)
-    """Write a resumable checkpoint every N steps."""
+    eval_every: int = logging_only(20, ge=0)
+    """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report
+    (0: only at the end)."""
+    save_every: int = logging_only(10, ge=0)
+    """Write a resumable checkpoint every N steps (0: never)."""
 
     def __post_init__(self) -> None:
         if self.rewards is None:
             self.rewards = {"reward": 1.0}
-        for name, options in (("kl_estimator", KL_ESTIMATORS), ("estimator", ESTIMATORS),
-                              ("loss_aggregation", AGGREGATIONS), ("kl_penalty", KL_PLACEMENTS)):
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name}: {getattr(self, name)!r}; one of {', '.join(sorted(options))}")
         if not self.rewards:
             raise ValueError("rewards: empty; name at least one reward model or function, e.g. {reward: 1.0}")
+        bad = {k: w for k, w in self.rewards.items() if not math.isfinite(float(w))}
+        if bad:
+            raise ValueError(f"rewards: the weight of {next(iter(bad))!r} is {next(iter(bad.values()))}; weights must "
+                             "be finite numbers")
         if self.lora.enabled and self.lora.dropout:
             # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
             raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
@@ -223,6 +225,7 @@ class PPOStage(Stage):
     config_class = PPOConfig
     kind = "policy"
     inputs = {"policy": "sft"}
+    data_schemas = {"prompts": "prompts"}
 
     @classmethod
     def input_values(cls, config) -> dict[str, str | None]:
@@ -234,6 +237,13 @@ class PPOStage(Stage):
 
     def data_files(self):
         return {"prompts": self.config.prompts}
+
+    def check(self) -> None:
+        """Also before anything trains: every reward function loads and scores two rows of the prompts."""
+        super().check()
+        for name in self.config.rewards:
+            if is_function(name):
+                self.check_judge(name, "rewards", self.config.prompts)
 
     def validate_inputs(self) -> None:
         super().validate_inputs()

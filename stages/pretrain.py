@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.checkpoints import write_aside, write_atomic
-from rlhf.config import logging_only
+from rlhf.config import checked, logging_only
 from rlhf.data import load_rows, pack_texts
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, verify_reload
 from rlhf.stage import Stage
@@ -33,37 +33,37 @@ class PretrainConfig:
     """Training corpus: a local text/jsonl file ({"text"} rows) or a hub dataset id."""
     eval_data: str = "data/pretrain/valid.jsonl.gz"
     """Held-out corpus for perplexity."""
-    max_documents: int | None = None
+    max_documents: int | None = checked(None, ge=1)
     """Use at most this many training documents (None: all)."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Byte-level BPE trained on the training corpus."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture of the model trained from scratch."""
-    block_size: int = 128
+    block_size: int = checked(128, ge=2)
     """Tokens per packed training sequence."""
-    max_steps: int = 600
+    max_steps: int = checked(600, ge=1)
     """Optimizer steps."""
-    batch_size: int = 32
+    batch_size: int = checked(32, ge=1)
     """Sequences per device per forward pass."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = checked(1, ge=1)
     """Forward passes per optimizer step."""
-    learning_rate: float = 3e-3
+    learning_rate: float = checked(3e-3, gt=0)
     """Peak learning rate (tiny models tolerate a high one)."""
-    weight_decay: float = 0.1
+    weight_decay: float = checked(0.1, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = 30
+    warmup_steps: int = checked(30, ge=0)
     """Linear warmup steps before the cosine decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    max_grad_norm: float = checked(1.0, ge=0)
+    """Gradient clipping norm (0: no clipping)."""
     bf16: bool = False
     """bf16 mixed precision (GPUs that support it)."""
-    eval_blocks: int = 256
+    eval_blocks: int = checked(256, ge=1)
     """Held-out blocks used for perplexity (and the unigram baseline)."""
-    eval_batch_size: int = 64
+    eval_batch_size: int = checked(64, ge=1)
     """Sequences per evaluation forward pass."""
-    logging_steps: int = logging_only(10)
+    logging_steps: int = logging_only(10, ge=1)
     """Log training loss every N steps."""
-    save_steps: int = logging_only(100)
+    save_steps: int = logging_only(100, ge=1)
     """Write a resumable checkpoint every N steps."""
 
 
@@ -74,6 +74,7 @@ class PretrainStage(Stage):
     config_class = PretrainConfig
     kind = "causal-lm"
     inputs: dict[str, str] = {}
+    data_schemas = {"train_data": "text", "eval_data": "text"}
 
     def data_files(self):
         return {"train": self.config.train_data, "eval": self.config.eval_data}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.config import logging_only
+from rlhf.config import checked, logging_only
 from rlhf.data import load_rows
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
@@ -40,29 +40,23 @@ class OnPolicyConfig:
     """Collect on-policy pairs."""
     prompts: str = "data/prompts/train.jsonl.gz"
     """Prompts to sample responses for ({"prompt"} rows)."""
-    num_prompts: int = 1024
+    num_prompts: int = checked(1024, ge=1)
     """How many prompts to use."""
-    k: int = 4
+    k: int = checked(4, ge=2, hint="ranking needs at least 2 responses per prompt")
     """Responses sampled per prompt."""
     judge: str = "word_vader"
     """The simulated annotator: a built-in judge name or a dotted path to `fn(prompts, responses, **columns)
     -> scores` (columns: the prompt rows' other fields)."""
-    margin: float = 0.1
+    margin: float = checked(0.1, ge=0)
     """Drop pairs whose judge scores differ by less than this."""
-    label_noise: float = 0.0
+    label_noise: float = checked(0.0, ge=0, le=1)
     """Probability of swapping chosen and rejected (annotator noise experiments)."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = checked(0.1, ge=0, lt=1)
     """Share of prompts whose pairs are held out for evaluation."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = checked(48, ge=1)
     """Response length limit when sampling."""
-    temperature: float = 1.0
+    temperature: float = checked(1.0, gt=0)
     """Sampling temperature."""
-
-    def __post_init__(self) -> None:
-        if self.k < 2:
-            raise ValueError(f"onpolicy.k: {self.k}; ranking needs at least 2 responses per prompt")
-        if not 0.0 <= self.label_noise <= 1.0:
-            raise ValueError(f"onpolicy.label_noise: {self.label_noise} is not a probability")
 
 
 @dataclass
@@ -77,35 +71,35 @@ class RewardConfig:
     """Held-out preference pairs."""
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     """On-policy pairs ranked by a judge."""
-    max_length: int = 128
+    max_length: int = checked(128, ge=2)
     """Pairs with a side longer than this many tokens are dropped."""
-    max_steps: int = 400
+    max_steps: int = checked(400, ge=1)
     """Optimizer steps."""
-    batch_size: int = 32
+    batch_size: int = checked(32, ge=1)
     """Pairs per device per forward pass."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = checked(1, ge=1)
     """Forward passes per optimizer step."""
-    learning_rate: float = 5e-4
+    learning_rate: float = checked(5e-4, gt=0)
     """Peak learning rate."""
-    warmup_steps: int = 20
+    warmup_steps: int = checked(20, ge=0)
     """Linear warmup steps before the cosine decay."""
-    weight_decay: float = 0.0
+    weight_decay: float = checked(0.0, ge=0)
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    center_rewards_coefficient: float | None = 0.01
+    max_grad_norm: float = checked(1.0, ge=0)
+    """Gradient clipping norm (0: no clipping)."""
+    center_rewards_coefficient: float | None = checked(0.01, ge=0)
     """Penalty on (r_chosen + r_rejected)^2 that keeps scores centred near 0 (None: off)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Train LoRA adapters instead of all weights (merged into the artifact)."""
     bf16: bool = False
     """bf16 mixed precision (GPUs that support it)."""
-    min_accuracy: float = 0.7
+    min_accuracy: float = checked(0.7, ge=0, le=1)
     """Promotion gate: fail when held-out pairwise accuracy is below this."""
-    stats_samples: int = 256
+    stats_samples: int = checked(256, ge=2)
     """Policy samples scored to get the reward mean and std PPO normalises with."""
-    logging_steps: int = logging_only(10)
+    logging_steps: int = logging_only(10, ge=1)
     """Log training loss every N steps."""
-    save_steps: int = logging_only(100)
+    save_steps: int = logging_only(100, ge=1)
     """Write a resumable checkpoint every N steps."""
 
 
@@ -116,6 +110,8 @@ class RewardStage(Stage):
     config_class = RewardConfig
     kind = "reward-model"
     inputs = {"model": "sft", "policy": "sft"}
+    # on-policy prompts are read even without on-policy pairs: the reward statistics are taken on them
+    data_schemas = {"train_data": "preferences", "eval_data": "preferences", "onpolicy.prompts": "prompts"}
 
     def data_files(self):
         c = self.config
@@ -124,10 +120,22 @@ class RewardStage(Stage):
         files["onpolicy_prompts"] = c.onpolicy.prompts
         return files
 
+    def check(self) -> None:
+        """The base checks, preferences from somewhere, and the on-policy judge on two of its prompts."""
+        super().check()
+        self.require_preferences()
+        c = self.config.onpolicy
+        if c.enabled:
+            self.check_judge(c.judge, "onpolicy.judge", c.prompts)
+
+    def require_preferences(self) -> None:
+        if self.config.train_data is None and not self.config.onpolicy.enabled:
+            raise StageError(f"{self.where('train_data')}: no preferences: set stages.{self.stage_name}.train_data "
+                             f"or enable stages.{self.stage_name}.onpolicy")
+
     def validate_inputs(self) -> None:
         super().validate_inputs()
-        if self.config.train_data is None and not self.config.onpolicy.enabled:
-            raise StageError("reward: no preferences: set stages.reward.train_data or enable stages.reward.onpolicy")
+        self.require_preferences()
         if "policy" in self.input_refs:
             self.require_same_tokenizer("model", "policy")
 

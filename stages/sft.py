@@ -14,7 +14,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 
-from rlhf.config import logging_only
+from rlhf.config import checked, logging_only
 from rlhf.data import load_rows, to_messages
 from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
@@ -35,43 +35,45 @@ class SFTConfig:
     eval_data: str = "data/sft/valid.jsonl.gz"
     """Held-out pairs for loss and perplexity (samples, task success and the EOS rate come from the
     experiment's `evaluation:` prompts)."""
-    max_examples: int | None = None
+    max_examples: int | None = checked(None, ge=1)
     """Train on at most this many pairs (None: all)."""
-    max_length: int = 128
+    max_length: int = checked(128, ge=2)
     """Longest tokenized example; longer ones are truncated."""
     packing: bool = False
     """Pack several examples into one sequence (TRL's best-fit packing)."""
     group_by_length: bool = False
     """Batch examples of similar length together (`train_sampling_strategy="group_by_length"`): less
     padding, so faster steps on short, uneven examples; batches are then less random."""
-    max_steps: int = 400
+    max_steps: int = checked(400, ge=1)
     """Optimizer steps."""
-    batch_size: int = 32
+    batch_size: int = checked(32, ge=1)
     """Sequences per device per forward pass."""
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = checked(1, ge=1)
     """Forward passes per optimizer step."""
-    learning_rate: float = 1e-3
+    learning_rate: float = checked(1e-3, gt=0)
     """Peak learning rate."""
-    warmup_steps: int = 20
+    warmup_steps: int = checked(20, ge=0)
     """Linear warmup steps before the learning-rate schedule."""
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = checked("cosine", choices=(
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+        "cosine_with_min_lr", "warmup_stable_decay"))
     """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
-    weight_decay: float = 0.0
+    weight_decay: float = checked(0.0, ge=0)
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    max_grad_norm: float = checked(1.0, ge=0)
+    """Gradient clipping norm (0: no clipping)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Train LoRA adapters instead of all weights (merged into the artifact afterwards)."""
     bf16: bool = False
     """bf16 mixed precision (GPUs that support it)."""
-    eval_examples: int = 512
+    eval_examples: int = checked(512, ge=1)
     """Held-out pairs used for loss and perplexity."""
-    min_eos_rate: float = 0.8
+    min_eos_rate: float = checked(0.8, ge=0, le=1)
     """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS (lower it
     only on purpose)."""
-    logging_steps: int = logging_only(10)
+    logging_steps: int = logging_only(10, ge=1)
     """Log training loss every N steps."""
-    save_steps: int = logging_only(100)
+    save_steps: int = logging_only(100, ge=1)
     """Write a resumable checkpoint every N steps."""
 
 
@@ -82,6 +84,7 @@ class SFTStage(Stage):
     config_class = SFTConfig
     kind = "policy"
     inputs = {"model": "pretrain"}
+    data_schemas = {"train_data": "sft", "eval_data": "sft"}
 
     def data_files(self):
         c = self.config

@@ -38,6 +38,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_cache(tmp_path_factory):
+    """The pipeline's local cache (checked data files, remote artifacts) in a temporary directory, not ~/.cache."""
+    if "RLHF_CACHE" not in os.environ:
+        os.environ["RLHF_CACHE"] = str(tmp_path_factory.mktemp("rlhf-cache"))
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A fresh working directory (runs/ and relative stores land here)."""

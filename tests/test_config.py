@@ -127,3 +127,172 @@ def test_result_config_leaves_out_logging_fields():
     rc = result_config(cfg)
     assert "max_steps" in rc and "tokenizer" in rc and "vocab_size" in rc["tokenizer"]
     assert "logging_steps" not in rc and "save_steps" not in rc
+
+
+# ---- the modules' imports ----------------------------------------------------------------------------------
+
+
+def test_no_module_level_import_cycle_in_rlhf():
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for f in (REPO / "rlhf").rglob("*.py"):
+        mod = ".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(f.read_text()).body:  # module level only: imports inside functions are lazy
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                deps.add(node.module)
+        graph[mod] = {d for d in deps if d.startswith("rlhf")}
+
+    def visit(mod: str, path: list[str]) -> None:
+        for dep in graph.get(mod, ()):
+            assert dep not in path, f"import cycle: {' -> '.join([*path, dep])}"
+            visit(dep, [*path, dep])
+
+    for mod in graph:
+        visit(mod, [mod])
+
+
+@pytest.mark.parametrize("module", ["rlhf.errors", "rlhf.config", "rlhf.stage", "rlhf.tracking", "rlhf.distributed"])
+def test_each_module_imports_alone(module):
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if module != "rlhf.distributed":
+        assert out.stdout.strip() == "False", f"{module} imports torch"
+
+
+def test_old_import_paths_still_work():
+    from rlhf import config, data, distributed, errors, stage
+
+    assert stage.StageError is errors.StageError and config.ConfigError is errors.ConfigError
+    assert data.DataError is errors.DataError and distributed.LaunchError is errors.LaunchError
+    assert stage.stage_class is config.stage_class and stage.registered_stages is config.registered_stages
+
+
+# ---- declared ranges -------------------------------------------------------------------------------------
+
+
+def _config_classes() -> set[type]:
+    """Every config dataclass of this checkout: the experiment's, each stage's (as pyproject.toml registers
+    them; the installed entry points may belong to another checkout) and the example's, nested ones too."""
+    import dataclasses
+    import tomllib
+
+    from examples.reinforce_baseline import ReinforceBaselineConfig
+    from rlhf.config import ExperimentConfig, nested_config_class, stage_class
+
+    registered = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["rlhf.stages"]
+    roots = {ExperimentConfig, ReinforceBaselineConfig}
+    roots |= {stage_class(name, path).config_class for name, path in registered.items()}
+    found: set[type] = set()
+
+    def walk(cls):
+        if cls not in found:
+            found.add(cls)
+            for f in dataclasses.fields(cls):
+                sub = nested_config_class(cls, f)
+                if sub is not None:
+                    walk(sub)
+
+    for cls in roots:
+        walk(cls)
+    return found
+
+
+def _is_numeric(hint) -> bool:
+    import types
+    import typing
+
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return any(t in (int, float) for t in options)  # bool is neither
+
+
+def test_every_numeric_config_field_declares_its_range():
+    import dataclasses
+    import typing
+
+    from rlhf.config import field_bounds
+
+    classes = _config_classes()
+    assert {"PretrainConfig", "SFTConfig", "RewardConfig", "OnPolicyConfig", "PPOConfig", "ModelConfig",
+            "LoraSettings", "TokenizerConfig", "EvalConfig", "TrackingConfig", "ExperimentConfig"} <= {
+        c.__name__ for c in classes}
+    missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
+               if _is_numeric(typing.get_type_hints(cls)[f.name]) and field_bounds(f) is None]
+    assert missing == [], f"declare a range with rlhf.config.checked(...) for: {', '.join(sorted(missing))}"
+
+
+def test_defaults_are_within_their_declared_ranges():
+    import dataclasses
+
+    from rlhf.config import field_bounds
+
+    for cls in _config_classes():
+        for f in dataclasses.fields(cls):
+            bounds, default = field_bounds(f), f.default
+            if bounds is not None and default is not dataclasses.MISSING and default is not None:
+                assert bounds.allows(default), f"{cls.__name__}.{f.name} = {default!r} is outside {bounds.describe()}"
+
+
+def test_bounds_describe_and_allow():
+    from rlhf.config import Bounds
+
+    assert Bounds(gt=0).describe() == "> 0" and not Bounds(gt=0).allows(0) and Bounds(gt=0).allows(1e-9)
+    assert Bounds(ge=0, le=1).describe() == "in [0, 1]" and Bounds(ge=0, le=1).allows(1)
+    assert Bounds(ge=0, lt=1).describe() == "in [0, 1)" and not Bounds(ge=0, lt=1).allows(1.0)
+    assert not Bounds(gt=0).allows(float("nan")) and not Bounds(gt=0).allows(float("inf"))
+    assert Bounds(finite=True).describe() == "a finite number" and Bounds(finite=True).allows(-3.5)
+    assert Bounds(choices=("k1", "k3")).describe() == "one of 'k1', 'k3'" and not Bounds(choices=("k1",)).allows("k2")
+
+
+def test_out_of_range_value_names_file_key_value_and_range(workdir):
+    path = write_config(workdir / "e.yaml", {"_base_": str(REPO / "configs" / "tiny.yaml"),
+                                             "stages": {"sft": {"learning_rate": -1}}})
+    with pytest.raises(ConfigError) as e:
+        load_experiment(path)
+    assert str(e.value) == f"{path.resolve()}: stages.sft.learning_rate: -1.0 must be > 0"
+    with pytest.raises(ConfigError, match=r"^command-line override: stages\.ppo\.temperature: 0\.0 must be > 0; "):
+        load_experiment(REPO / "configs" / "tiny.yaml", ["stages.ppo.temperature=0"])
+
+
+def test_every_out_of_range_value_is_listed_at_once():
+    overrides = ["stages.sft.learning_rate=-1", "stages.ppo.gamma=1.5", "stages.ppo.kl_estimator=k2",
+                 "stages.pretrain.model.num_heads=0", "tracking.wandb=offlin"]
+    with pytest.raises(ConfigError) as e:
+        load_experiment(REPO / "configs" / "tiny.yaml", overrides)
+    msg = str(e.value)
+    assert msg.startswith("5 problems:\n")
+    for line in ("stages.sft.learning_rate: -1.0 must be > 0", "stages.ppo.gamma: 1.5 must be in [0, 1]",
+                 "stages.ppo.kl_estimator: 'k2' must be one of 'k1', 'k3'",
+                 "stages.pretrain.model.num_heads: 0 must be >= 1",
+                 "tracking.wandb: 'offlin' must be one of 'offline', 'online', 'disabled'"):
+        assert f"  - command-line override: {line}" in msg.splitlines()
+
+
+def test_none_skips_the_check_and_logging_only_fields_keep_out_of_the_key(workdir):
+    path = write_config(workdir / "e.yaml", {"stages": {"ppo": {"min_unique_share": None, "save_every": 0}}})
+    cfg = load_experiment(path).stages["ppo"].config
+    assert cfg.min_unique_share is None
+    assert "save_every" not in result_config(cfg) and "gamma" in result_config(cfg)
+    write_config(path, {"stages": {"ppo": {"save_every": -1}}})
+    with pytest.raises(ConfigError, match=r"stages\.ppo\.save_every: -1 must be >= 0"):
+        load_experiment(path)
+
+
+def test_ranges_are_checked_before_the_cross_field_checks(workdir):
+    # num_minibatches=0 would divide by zero in PPOConfig.__post_init__ if ranges came second
+    path = write_config(workdir / "e.yaml", {"stages": {"ppo": {"num_minibatches": 0}}})
+    with pytest.raises(ConfigError, match=r"stages\.ppo\.num_minibatches: 0 must be >= 1"):
+        load_experiment(path)
+    write_config(path, {"stages": {"ppo": {"rollout_batch_size": 10, "num_minibatches": 4}}})
+    with pytest.raises(ConfigError, match="must divide evenly"):
+        load_experiment(path)
+    write_config(path, {"stages": {"pretrain": {"model": {"num_heads": 4, "num_kv_heads": 3}}}})
+    with pytest.raises(ConfigError, match=r"num_heads \(4\) must be divisible by model\.num_kv_heads \(3\)"):
+        load_experiment(path)

@@ -99,8 +99,9 @@ def test_training_changes_every_parameter_and_artifact_scores_as_in_memory(rewar
 
 
 def test_accuracy_gate_fails_the_stage(reward_yaml):
-    with pytest.raises(StageError, match=r"below stages\.reward\.min_accuracy=1\.01"):
-        _pipe(reward_yaml, "stages.reward.min_accuracy=1.01").run()
+    # six steps of a 2-layer model do not rank every held-out pair right
+    with pytest.raises(StageError, match=r"below stages\.reward\.min_accuracy=1\.0"):
+        _pipe(reward_yaml, "stages.reward.min_accuracy=1.0").run()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -29,3 +29,22 @@ def test_disabled_wandb_still_writes_metrics(tmp_path):
     t.close()
     run_dir = tmp_path / "runs" / "exp" / "sft-k"
     assert (run_dir / "metrics.jsonl").exists() and not (run_dir / "wandb").exists()
+
+
+def test_a_failed_run_that_logged_nothing_leaves_no_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    (tmp_path / "runs" / "exp" / "sft-other").mkdir(parents=True)  # another stage's run: kept
+    cfg = ExperimentConfig(name="exp", tracking=TrackingConfig(wandb="offline", dir=str(tmp_path / "runs")))
+    t = Tracker(cfg, "pretrain", "abc123")
+    assert (tmp_path / "runs" / "exp" / "pretrain-abc123" / "wandb").exists()
+    t.close(discard_if_empty=True)
+    assert [p.name for p in (tmp_path / "runs" / "exp").iterdir()] == ["sft-other"]
+
+    cfg = ExperimentConfig(name="new", tracking=TrackingConfig(wandb="disabled", dir=str(tmp_path / "fresh" / "runs")))
+    Tracker(cfg, "sft", "k").close(discard_if_empty=True)
+    assert not (tmp_path / "fresh").exists()  # every directory it created is gone
+
+    t = Tracker(cfg, "sft", "k")
+    t.log({"loss": 1.0}, step=1)
+    t.close(discard_if_empty=True)  # failed after logging: the metrics are kept for a look
+    assert (tmp_path / "fresh" / "runs" / "new" / "sft-k" / "metrics.jsonl").exists()
