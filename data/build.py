@@ -50,9 +50,9 @@ def read_fortunes() -> list[str]:
     return docs
 
 
-def read_wordnet() -> tuple[list[tuple[list[str], str, list[str]]], dict[str, list[str]]]:
-    """([(lemmas, definition, example sentences)] per synset, {lemma: [example sentences that contain it]})."""
-    entries, examples = [], defaultdict(list)
+def read_wordnet() -> tuple[list[str], dict[str, list[str]]]:
+    """(gloss lines "word: definition.", {lemma: [example sentences that contain it]})."""
+    glosses, examples = [], defaultdict(list)
     for pos in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET / f"data.{pos}").read_text(encoding="latin-1").splitlines():
             if line.startswith("  "):  # license header
@@ -61,33 +61,18 @@ def read_wordnet() -> tuple[list[tuple[list[str], str, list[str]]], dict[str, li
             parts = fields.split()
             n_words = int(parts[3], 16)
             lemmas = [re.sub(r"\(.*\)$", "", parts[4 + 2 * i]).replace("_", " ") for i in range(n_words)]
-            quoted = [q.strip() for q in re.findall(r'"([^"]+)"', gloss)]
-            quoted = [q for q in quoted if q and len(q) <= MAX_EXAMPLE_CHARS]
+            quoted = re.findall(r'"([^"]+)"', gloss)
             definition = gloss.split('; "')[0].split(';"')[0].strip().rstrip(";").strip()
-            entries.append((lemmas, definition, quoted))
+            if definition:
+                glosses.append(f"{lemmas[0]}: {definition}.")
             for sentence in quoted:
+                sentence = sentence.strip()
+                if not sentence or len(sentence) > MAX_EXAMPLE_CHARS:
+                    continue
                 for lemma in lemmas:
                     if re.search(rf"\b{re.escape(lemma)}\b", sentence, flags=re.IGNORECASE):
                         examples[lemma].append(sentence)
-    return entries, examples
-
-
-def pretraining_docs(fortunes: list[str], entries, held_out: set[str]) -> list[str]:
-    """Fortunes, and one document per WordNet synset as the dictionary prints it: `word: definition;
-    "example"; "example"`. A synset with a held-out word (evaluation or RL) keeps its definition but not
-    its examples beside it: those appear as documents of their own, so pretraining never shows the
-    pairing of a held-out word with sentences that use it."""
-    docs, alone = set(fortunes), set()
-    for lemmas, definition, quoted in entries:
-        if not definition:
-            alone.update(quoted)
-            continue
-        if held_out.intersection(lemmas) or not quoted:
-            docs.add(f"{lemmas[0]}: {definition}.")
-            alone.update(quoted)
-        else:
-            docs.add(f"{lemmas[0]}: {definition}; " + "; ".join(f'"{q}"' for q in quoted))
-    return sorted(docs | alone)
+    return glosses, examples
 
 
 def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
@@ -114,21 +99,22 @@ def build(out: Path, seed: int) -> None:
     rng = random.Random(seed)
     print("reading fortunes and WordNet ...")
     fortunes = read_fortunes()
-    entries, examples = read_wordnet()
+    glosses, examples = read_wordnet()
+    sentences = sorted({s for ss in examples.values() for s in ss})
 
-    # 1. words: a random split of the words that have example sentences into evaluation, RL and SFT words
+    # 1. pretraining corpus: everything, documents shuffled, 2% held out
+    docs = sorted(set(fortunes) | set(glosses) | set(sentences))
+    rng.shuffle(docs)
+    n_valid = len(docs) // 50
+    write_jsonl_gz(out / "pretrain/valid.jsonl.gz", [{"text": d} for d in docs[:n_valid]])
+    write_jsonl_gz(out / "pretrain/train.jsonl.gz", [{"text": d} for d in docs[n_valid:]])
+
+    # 2. words: a random split of the words that have example sentences into evaluation, RL and SFT words
     usable = sorted(w for w in examples if re.fullmatch(r"[a-z]{3,14}", w))
     shuffled = sorted(usable)
     rng.shuffle(shuffled)
     eval_words, rl_words, rest = shuffled[:EVAL_WORDS], shuffled[EVAL_WORDS:EVAL_WORDS + RL_WORDS], shuffled[EVAL_WORDS + RL_WORDS:]
     sft_train_words, sft_valid_words = split_words(rest, 0.03, rng)
-
-    # 2. pretraining corpus: fortunes and the dictionary, documents shuffled, 2% held out
-    docs = pretraining_docs(fortunes, entries, set(eval_words) | set(rl_words))
-    rng.shuffle(docs)
-    n_valid = len(docs) // 50
-    write_jsonl_gz(out / "pretrain/valid.jsonl.gz", [{"text": d} for d in docs[:n_valid]])
-    write_jsonl_gz(out / "pretrain/train.jsonl.gz", [{"text": d} for d in docs[n_valid:]])
 
     # 3. SFT pairs: every example sentence of a word, for the SFT words
     sft = {name: [{"prompt": PROMPT.format(w), "response": s} for w in sorted(ws) for s in sorted(set(examples[w]))]
@@ -168,7 +154,7 @@ def build(out: Path, seed: int) -> None:
         rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs if p["word"] in ws]
         rng.shuffle(rows)
         write_jsonl_gz(out / f"preferences/{name}.jsonl.gz", rows)
-    print(f"done: {len(fortunes)} fortunes, {len(entries)} synsets, {len(docs)} pretraining documents, "
+    print(f"done: {len(fortunes)} fortunes, {len(glosses)} glosses, {len(sentences)} example sentences, "
           f"{len(usable)} words with examples: {len(sft_train_words)} SFT, {len(sft_valid_words)} SFT held out, "
           f"{len(rl_words)} RL, {len(eval_words)} evaluation")
 

@@ -100,15 +100,56 @@ def write_report(store, experiment, out_dir: Path) -> tuple[Path, list[str], lis
         lines_plot(out_dir / "losses.png", loss_panels, "Training loss per stage")
         md += ["## Training losses", "", "![losses](losses.png)", ""]
 
+    sections = {}
     for stage, info in found.items():
         cls = experiment.stages[stage].cls
-        section = StageReport(stage, info["key"], info["manifest"], info["rows"], out_dir)
+        section = sections[stage] = StageReport(stage, info["key"], info["manifest"], info["rows"], out_dir)
         lines = cls.report_section(section)
         plots += section.plots
         if lines:
             md += [f"## {stage}", "", *lines, ""]
+    compared = [s for s in sections.values() if "gold_gain" in s.metrics]
+    if len(compared) > 1:
+        md += ["## Comparison of the alignment methods", "", *comparison(compared, out_dir), ""]
+        plots.append("frontier.png")
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     return out_dir / "report.md", plots, missing
+
+
+def comparison(sections: list[StageReport], out_dir: Path) -> list[str]:
+    """Every policy stage against its reference in one table, and gold against KL with each one's
+    trajectory over training (Gao et al.'s over-optimisation frontier, one line per method)."""
+    roles = [r for r in ("gold", "heldout", "task") if all(f"{r}_gain" in s.metrics for s in sections)]
+    lines = ["Each method against the reference it started from, on the same held-out prompts and seed "
+             "(sampled responses; gain with its paired-bootstrap 95% interval). A gain counts only with task "
+             "success kept and no collapse.", "",
+             "| method | " + " | ".join(f"{JUDGE_LABELS.get(r, r)} gain" for r in roles)
+             + " | KL | unique responses | distinct-2 |", "|---" * (len(roles) + 4) + "|"]
+    for s in sections:
+        m = s.metrics
+        gains = [f"{m[f'{r}_gain']:+.3f} ({m[f'{r}_gain_ci'][0]:+.3f}, {m[f'{r}_gain_ci'][1]:+.3f})" for r in roles]
+        lines.append(f"| {s.name} | " + " | ".join(gains) + f" | {_fmt(m.get('kl'))} | "
+                     f"{_fmt(m.get('unique_share_ref'))} -> {_fmt(m.get('unique_share'))} | "
+                     f"{_fmt(m.get('distinct_2_ref'))} -> {_fmt(m.get('distinct_2'))} |")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for s in sections:
+        steps, kls = s.series("eval/kl")
+        _, golds = s.series("eval/gold")
+        xs, ys = [0.0, *kls[: len(golds)]], [s.metrics["gold_ref"], *golds[: len(kls)]]
+        if s.metrics.get("kl") is not None:
+            xs.append(s.metrics["kl"])
+            ys.append(s.metrics["gold"])
+        ax.plot(xs, ys, "-o", alpha=0.85, label=s.name)
+    ax.set_xlabel("KL to the reference policy (nats per response)")
+    ax.set_ylabel("gold judge (held-out prompts)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Gold judge against KL over training, per method", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "frontier.png", dpi=110)
+    plt.close(fig)
+    return lines + ["", "![gold against KL per method](frontier.png)"]
 
 
 # ---- building blocks for the stages' sections --------------------------------------------------------

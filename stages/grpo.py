@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from rlhf.config import checked
 from rlhf.ppo.aggregation import AGGREGATIONS
 from rlhf.ppo.estimators import ESTIMATORS
-from stages.ppo import KL_PLACEMENTS, PPOConfig, PPOStage
+from stages.ppo import PPOStage
+from stages.ppo_config import KL_PLACEMENTS, PPOConfig
 
 
 @dataclass

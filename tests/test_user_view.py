@@ -36,12 +36,15 @@ def test_report_writes_every_plot_it_names(finished, capsys):
     md = (out / "report.md").read_text()
     named = [line.split("(")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     assert set(named) == {"losses.png", "reward_accuracy.png", "ppo_training.png", "ppo_overoptimisation.png",
-                          "ppo_short_training.png", "ppo_short_overoptimisation.png"}
+                          "ppo_short_training.png", "ppo_short_overoptimisation.png", "frontier.png"}
     for name in named:
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
-    for heading in ("## Stages", "## Training losses", "## sft", "## reward", "## ppo", "## ppo_short"):
+    for heading in ("## Stages", "## Training losses", "## sft", "## reward", "## ppo", "## ppo_short",
+                    "## Comparison of the alignment methods"):
         assert heading in md
+    # the comparison: one row per policy stage against its reference
+    assert md.count("| ppo | ") == 1 and md.count("| ppo_short | ") == 1
     # every policy's shared evaluation: task success and diversity beside the judges, sampled and greedy
     for row in ("| task success | sampled |", "| task success | greedy |", "| unique responses (share) | greedy |",
                 "| gold judge | sampled |", "| KL to reference"):

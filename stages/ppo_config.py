@@ -1,0 +1,171 @@
+"""The settings of the RL stages (`stages.ppo`, `stages.grpo`): one dataclass for the one loop.
+
+Every field has a docstring and a declared range; `__post_init__` checks what spans fields (batch sizes
+that divide, a group large enough for the estimator).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from rlhf.config import checked, logging_only
+from rlhf.models import LoraSettings
+from rlhf.ppo import kl_k1, kl_k3
+from rlhf.ppo.aggregation import AGGREGATIONS
+from rlhf.ppo.estimators import ESTIMATORS
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+KL_PLACEMENTS = ("reward", "loss")
+
+
+@dataclass
+class PPOConfig:
+    policy: str = "sft"
+    """Policy to optimise (and the reference): an upstream stage, a hub id or a local directory."""
+    rewards: dict[str, float] | None = None
+    """Reward sources and their weights: reward models (an upstream stage, a hub id or a local directory)
+    and functions (a built-in judge name or `package.module:function`, called as
+    `fn(prompts, responses, **columns)`); the reward is the weighted sum (rlhf/rewards.py). None: the
+    `reward` stage's model, {reward: 1.0} (a mapping given in YAML replaces this default, not merges with it)."""
+    value_model: str | None = None
+    """Where the value model starts (GAE only): None = the first reward model of `rewards` (its head then
+    starts as the reward head), or the policy with a fresh head when every source is a function."""
+    estimator: str = checked("gae", choices=tuple(ESTIMATORS))
+    """Advantage estimator: gae (value model), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
+    (rlhf/ppo/estimators.py). Only gae builds a value model."""
+    samples_per_prompt: int = checked(1, ge=1)
+    """Responses per prompt in a rollout (a group; GRPO, Dr. GRPO, RLOO and REINFORCE++-baseline use the
+    group's other responses as the baseline, so they need 2 or more)."""
+    loss_aggregation: str = checked("token_mean", choices=tuple(AGGREGATIONS))
+    """How per-token losses make the minibatch loss: token_mean (over all the minibatch's tokens),
+    sequence_mean (each sequence's token mean, averaged: GRPO's) or sequence_sum (each sequence's token
+    sum over `max_new_tokens`, averaged: Dr. GRPO's); exact under accumulation and N processes."""
+    prompts: str = "data/prompts/train.jsonl.gz"
+    """Training prompts ({"prompt"} rows, with any other columns the reward functions read; the held-out
+    ones are the experiment's `evaluation.prompts`)."""
+    num_steps: int = checked(120, ge=1)
+    """Iterations (each: one rollout batch, then `ppo_epochs` passes over it)."""
+    rollout_batch_size: int = checked(64, ge=1)
+    """Responses per rollout (rollout_batch_size / samples_per_prompt prompts)."""
+    num_minibatches: int = checked(4, ge=1)
+    """Minibatches per epoch (one optimizer step each)."""
+    gradient_accumulation_steps: int = checked(1, ge=1)
+    """Micro-batches per minibatch; the update equals the full-minibatch one."""
+    ppo_epochs: int = checked(4, ge=1)
+    """Passes over each rollout batch."""
+    max_new_tokens: int = checked(32, ge=1)
+    """Response length limit."""
+    max_prompt_tokens: int | None = checked(None, ge=1)
+    """Drop training and held-out prompts longer than this many tokens, chat template included (long
+    dialogues would crowd out the response within the context and swell every batch); None keeps all."""
+    temperature: float = checked(1.0, gt=0, hint="PPO samples its rollouts; a value below 1 (e.g. 0.7) makes "
+                                                  "them less random")
+    """Sampling temperature; logprobs are computed at the same temperature."""
+    top_p: float = checked(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1.0 = off, which keeps sampling logprobs exact)."""
+    pack_sequences: bool = True
+    """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
+    attention kept within each sequence): no compute on padding, the same numbers to float rounding.
+    Needs attention through transformers' attention interface (Llama, GPT-NeoX, GPT-2 are tested); the
+    stage stops with an error otherwise. False: padded batches."""
+    no_eos_score: float | None = checked(-1.0, finite=True)
+    """Score given to responses without EOS instead of the rewards' (None: keep the rewards')."""
+    normalize_score: bool = True
+    """Standardise each reward model's score with the reward mean/std of its manifest (functions are
+    taken as they are)."""
+    kl_penalty: str = checked("reward", choices=KL_PLACEMENTS)
+    """Where the KL to the reference goes: `reward` (a per-token penalty -coef * KL in the reward, with
+    `kl_estimator`) or `loss` (coef * the clamped k3 estimate added to the policy loss, as GRPO does)."""
+    kl_estimator: str = checked("k1", choices=tuple(KL_ESTIMATORS))
+    """Per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r-1) - log r)."""
+    kl_coef: float = checked(0.05, ge=0)
+    """KL coefficient (initial value when adaptive). 0 without `adaptive_kl` loads no reference model."""
+    adaptive_kl: bool = False
+    """Adapt the coefficient towards `kl_target` (Ziegler et al.)."""
+    kl_target: float = checked(6.0, gt=0)
+    """Target per-sequence KL for the adaptive controller (nats)."""
+    kl_horizon: int = checked(10000, ge=1)
+    """Horizon of the adaptive controller (episodes)."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch (scale only)."""
+    score_after_eos: bool = True
+    """Place the score one position after EOS, on the state after the last action: its value is the
+    value model at the EOS token (where the reward head it started from reads), GAE bootstraps through
+    it and the value model learns it, as in TRL's PPO. False makes the score the EOS token's reward and
+    ends the episode there. Over 47 and 62 seeds the two reached the same reward within the noise (True
+    +0.026, 95% interval -0.007 to +0.059: bench/RESULTS.md, "Reward over many seeds"). The critic-free
+    estimators give the same advantages either way."""
+    gamma: float = checked(1.0, ge=0, le=1)
+    """Discount (GAE and REINFORCE++)."""
+    lam: float = checked(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the batch (after the estimator; REINFORCE++ always does)."""
+    learning_rate: float = checked(3e-4, gt=0)
+    """Policy learning rate."""
+    value_learning_rate: float = checked(3e-4, gt=0)
+    """Value-model learning rate."""
+    clip_range: float = checked(0.2, gt=0)
+    """PPO ratio clip."""
+    clip_range_value: float = checked(0.2, gt=0)
+    """Value clip around the rollout's values."""
+    vf_coef: float = checked(0.5, ge=0)
+    """Weight of the value loss."""
+    max_grad_norm: float = checked(1.0, gt=0)
+    """Gradient clipping norm (policy and value together)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA on the policy; the reference is then the same weights with adapters disabled."""
+    kl_budget: float = checked(15.0, gt=0)
+    """Watchdog: stop when the rollout's mean per-sequence KL exceeds this (nats), keeping the last good policy."""
+    min_response_length: float = checked(2.0, ge=0)
+    """Watchdog: stop when the mean response length falls below this many tokens."""
+    min_unique_share: float | None = checked(0.25, ge=0, le=1)
+    """Watchdog: stop when fewer than this share of a rollout's prompts get a response no other prompt
+    got (one response per prompt): the policy is collapsing onto a few answers whatever the prompt
+    asks (None: off)."""
+    eval_every: int = logging_only(20, ge=0)
+    """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report
+    (0: only at the end)."""
+    save_every: int = logging_only(10, ge=0)
+    """Write a resumable checkpoint every N steps (0: never)."""
+
+    def __post_init__(self) -> None:
+        if self.rewards is None:
+            self.rewards = {"reward": 1.0}
+        if not self.rewards:
+            raise ValueError("rewards: empty; name at least one reward model or function, e.g. {reward: 1.0}")
+        bad = {k: w for k, w in self.rewards.items() if not math.isfinite(float(w))}
+        if bad:
+            raise ValueError(f"rewards: the weight of {next(iter(bad))!r} is {next(iter(bad.values()))}; weights must "
+                             "be finite numbers")
+        if self.lora.enabled and self.lora.dropout:
+            # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
+            raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
+                             "with adapter dropout on, which is not the policy that sampled the rollout; set it to 0")
+        need = ESTIMATORS[self.estimator].min_group_size
+        if self.samples_per_prompt < need:
+            raise ValueError(f"samples_per_prompt: {self.samples_per_prompt}; the {self.estimator} estimator compares "
+                             f"responses to the same prompt and needs at least {need}")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                             f"samples_per_prompt ({self.samples_per_prompt})")
+        per_epoch = self.num_minibatches * self.gradient_accumulation_steps
+        if self.rollout_batch_size % per_epoch:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must divide evenly into num_minibatches "
+                f"({self.num_minibatches}) x gradient_accumulation_steps ({self.gradient_accumulation_steps})"
+            )
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.rollout_batch_size // self.num_minibatches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.gradient_accumulation_steps
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a KL to the reference is computed at all (a fixed coefficient of 0 needs no reference)."""
+        return self.kl_coef > 0 or self.adaptive_kl
