@@ -247,7 +247,7 @@ def grpo_report(res: dict, add: Callable[[str], None], measured: Callable[[str],
     add("| | completions/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") + " reward | EOS rate | length |")
     add("|---|---|---|" + ("---|" if gpu else "") + "---|---|---|")
     e = p["sft_eval"]
-    add(f"| SFT policy (before GRPO) | | |" + (" |" if gpu else "") +
+    add("| SFT policy (before GRPO) | | |" + (" |" if gpu else "") +
         f" {e['reward']:.3f} | {e['eos_rate']:.2f} | {e['length']:.1f} |")
     for fw, name in (("ours", "ours"), ("trl", f"TRL {trl}")):
         rs = p[fw]

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+
 import torch
 
 from rlhf.checkpoints import CheckpointDir, write_atomic
@@ -59,6 +60,7 @@ from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 __all__ = ["PPOConfig", "PPOStage"]
 
 log = logging.getLogger("rlhf")
+
 
 class PPOStage(Stage):
     """The RL loop: rollout, score, rewards, advantages (GAE with a value model, or critic-free), clipped update."""

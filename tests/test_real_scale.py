@@ -28,7 +28,7 @@ def hh_rows(n: int, seed: int) -> list[dict]:
     rows = []
     for i, s in enumerate(sentences(n, seed)):
         question = f"Tell me about the {rng.choice(s.rstrip('.').split()).lower()}."
-        history = f"\n\nHuman: Hello.\n\nAssistant: Hi, how can I help?" if i % 3 == 0 else ""
+        history = "\n\nHuman: Hello.\n\nAssistant: Hi, how can I help?" if i % 3 == 0 else ""
         good, bad = f"Happy {s.lower()}", f"Sad {s.lower()}"
         rows.append({"chosen": f"{history}\n\nHuman: {question}\n\nAssistant: {good}",
                      "rejected": f"{history}\n\nHuman: {question}\n\nAssistant: {bad}"})
