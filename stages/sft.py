@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 
 from rlhf.config import logging_only
@@ -21,7 +20,7 @@ from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_c
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
+from rlhf.trainers import finished_weights, save_trained, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -164,12 +163,7 @@ class SFTStage(Stage):
         return metrics
 
     def save(self, out) -> None:
-        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        self.model.save_pretrained(str(out), state_dict=getattr(self, "full_state", None))
-        self.tokenizer.save_pretrained(str(out))
-        if self.config.lora.enabled:
-            shutil.copytree(self.work_dir / "adapter", out / "adapter")
+        save_trained(self, out)
 
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
