@@ -172,6 +172,28 @@ PPO_BLOCK = {
 }
 
 
+DPO_BLOCK = {
+    "class": "stages.dpo:DPOStage",  # named, as the preferences stage above
+    "max_length": 64,
+    "max_steps": 4,
+    "batch_size": 8,
+    "warmup_steps": 1,
+    "learning_rate": 1e-3,
+    "min_accuracy": 0.0,
+    "min_eos_rate": 0.0,
+    "eval_every": 2,
+    "logging_steps": 1,
+    "save_steps": 2,
+}
+
+
+def dpo_config(data: dict[str, Path], store: str, **dpo) -> dict:
+    """pretrain, SFT, preferences and DPO from the SFT policy on the preferences' pairs."""
+    cfg = tiny_config(data, store, stages=("pretrain", "sft", "preferences"))
+    cfg["stages"]["dpo"] = {**DPO_BLOCK, **dpo}
+    return cfg
+
+
 def ppo_config(data: dict[str, Path], store: str, **ppo) -> dict:
     """The whole tiny experiment: pretrain, SFT, preferences, reward model, PPO."""
     cfg = tiny_config(data, store, stages=("pretrain", "sft", "preferences", "reward"))

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import length_judge, make_tiny_data, ppo_config, write_config
+from conftest import DPO_BLOCK, length_judge, make_tiny_data, ppo_config, write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.stage import StageError
@@ -20,9 +20,10 @@ def _pipe(path, *overrides):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """The whole tiny experiment; pretrain -> sft -> preferences built."""
+    """The whole tiny experiment with a DPO stage beside PPO; pretrain -> sft -> preferences built."""
     root = tmp_path_factory.mktemp("preferences")
     cfg = ppo_config(make_tiny_data(root), str(root / "store"))
+    cfg["stages"]["dpo"] = dict(DPO_BLOCK)
     path = write_config(root / "exp.yaml", cfg)
     pipe = _pipe(path)
     results = {r.name: r for r in pipe.run(until="preferences")}
@@ -80,13 +81,13 @@ def test_changing_the_judge_rebuilds_the_pairs_and_everything_downstream_only(bu
     path = built[0]
     keys = {name: stage.key for name, stage in _pipe(path).stages.items()}
     changed = {name: stage.key for name, stage in _pipe(path, "stages.preferences.judge=fluency").stages.items()}
-    assert {n for n in keys if keys[n] != changed[n]} == {"preferences", "reward", "ppo"}
+    assert {n for n in keys if keys[n] != changed[n]} == {"preferences", "reward", "ppo", "dpo"}
     # and the plan says why, from the store: pretrain and SFT are built and stay
     plan = {p.name: p for p in _pipe(path, "stages.preferences.judge=fluency").plan()}
     assert not plan["sft"].will_run and not plan["pretrain"].will_run
     assert "judge 'conftest:length_judge' -> 'fluency'" in plan["preferences"].reason
-    assert plan["reward"].reason == "input preferences will run"
-    # a reward-model setting changes the reward model and PPO, not the pairs
+    assert plan["reward"].reason == plan["dpo"].reason == "input preferences will run"
+    # a reward-model setting changes the reward model and PPO, not the pairs nor DPO
     other = {name: stage.key for name, stage in _pipe(path, "stages.reward.max_steps=7").stages.items()}
     assert {n for n in keys if keys[n] != other[n]} == {"reward", "ppo"}
 
