@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not is_main_process():
         return 0
-    print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
+    print(f"\n{'stage':<12} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
     for r in results:
         print(f"{r.name:<12} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {type(pipeline.stages[r.name]).headline(r.metrics)}")
     for r in results:
