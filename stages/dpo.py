@@ -180,9 +180,11 @@ class DPOStage(Stage):
     def reference_kwargs(self, model) -> dict:
         """How `PolicyEvaluation.run` measures KL while training: against the frozen reference, or with
         LoRA the same model with its adapters disabled; {} where none is in memory (precomputed logprobs)."""
+        from peft import PeftModel
+
         if self.reference is not None:
             return {"reference": self.reference}
-        if hasattr(model, "disable_adapter"):
+        if isinstance(model, PeftModel):
             return {"reference_context": model.disable_adapter}
         return {}
 
