@@ -111,14 +111,15 @@ class PreferencesStage(Stage):
         prompts = rows["prompt"]
         columns = {name: rows[name] for name in rows.column_names if name != "prompt"}  # e.g. the task's answers
         repeated = [p for p in prompts for _ in range(c.k)]
-        with whole_models():  # the main process alone samples
+        # The main process alone loads and samples: outside ZeRO-3's lockstep (rlhf.models.whole_models).
+        with whole_models():
             policy, tok = load_causal_lm(self.input_path("policy"))
-        policy.to(process_state().device)
-        # Seeded here, not by whatever ran before in this process: the pairs depend on the settings alone.
-        with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                             batch_size=c.batch_size, progress=True)
+            policy.to(process_state().device)
+            # Seeded here, not by whatever ran before in this process: the pairs depend on the settings alone.
+            with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                 batch_size=c.batch_size, progress=True)
         grouped = [[s.response for s in samples[i * c.k : (i + 1) * c.k]] for i in range(len(prompts))]
         pairs = rank_pairs(prompts, grouped, self.judge, margin=c.margin, noise=c.label_noise, seed=self.seed,
                            columns=columns)
