@@ -120,6 +120,20 @@ def upstream(tmp_path_factory):
     return path
 
 
+def test_trainer_gets_the_stages_settings_and_the_policy_input_as_reference(upstream):
+    stage = _pipe(upstream, "stages.dpo.loss_type=robust", "stages.dpo.label_smoothing=0.1").stages["dpo"]
+    stage.open(tracking=False)
+    args = stage.trainer.args
+    assert (args.beta, args.loss_type, args.label_smoothing, args.max_length) == (0.1, ["robust"], 0.1, 64)
+    assert (args.max_steps, args.per_device_train_batch_size, args.learning_rate) == (4, 8, 1e-3)
+    assert not args.gradient_checkpointing and not args.bf16  # TRL's DPOConfig turns both on by default
+    assert args.output_dir == str(stage.work_dir / "checkpoints")
+    assert stage.trainer.ref_model is stage.reference and not any(p.requires_grad for p in stage.reference.parameters())
+    policy = {k: v for k, v in stage.model.state_dict().items()}
+    assert all(torch.equal(policy[k], v) for k, v in stage.reference.state_dict().items())  # both the SFT policy
+    assert set(stage.trainer.eval_dataset) == {"human", "onpolicy"}
+
+
 def test_dpo_policy_loads_changes_every_weight_and_compares_with_its_reference(upstream):
     from transformers import AutoModelForCausalLM
 
