@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-stamp
 RLHF   := $(BIN)/rlhf
 RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 
-.PHONY: help setup test pretrain sft reward ppo grpo rlvr pipeline report chat bench data status plan clean
+.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo rlvr pipeline report chat bench data status plan clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,7 +40,10 @@ pretrain: $(STAMP)  ## train tokenizer + tiny model on data/ (artifact: pretrain
 sft: $(STAMP)  ## supervised fine-tuning (runs pretrain first if needed)
 	$(RUN) --until sft $(ARGS)
 
-reward: $(STAMP)  ## reward model (runs pretrain and sft first if needed)
+preferences: $(STAMP)  ## on-policy preference pairs ranked by the judge (runs pretrain and sft first if needed)
+	$(RUN) --until preferences $(ARGS)
+
+reward: $(STAMP)  ## reward model (runs pretrain, sft and preferences first if needed)
 	$(RUN) --until reward $(ARGS)
 
 ppo: $(STAMP)  ## PPO (runs every earlier stage of CONFIG first if needed)
@@ -49,6 +52,10 @@ ppo: $(STAMP)  ## PPO (runs every earlier stage of CONFIG first if needed)
 grpo: $(STAMP)  ## GRPO against the default experiment's reward model (configs/tiny-grpo.yaml), then its report
 	$(RLHF) run configs/tiny-grpo.yaml $(ARGS)
 	$(RLHF) report configs/tiny-grpo.yaml
+
+dpo: $(STAMP)  ## DPO on the default experiment's preference pairs (configs/tiny-dpo.yaml), then its report
+	$(RLHF) run configs/tiny-dpo.yaml $(ARGS)
+	$(RLHF) report configs/tiny-dpo.yaml
 
 rlvr: $(STAMP)  ## GRPO on a verifiable reward, no reward model (configs/tiny-rlvr.yaml), then its report
 	$(RLHF) run configs/tiny-rlvr.yaml $(ARGS)

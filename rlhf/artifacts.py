@@ -1,8 +1,8 @@
-"""The artifact store: content-keyed Hugging Face checkpoints that stages hand to each other.
+"""The artifact store: content-keyed outputs (Hugging Face checkpoints, datasets) that stages hand to each other.
 
 Layout under the root (a local path or any fsspec URL):
 
-    artifacts/<key>/          a loadable HF checkpoint + manifest.json (written last)
+    artifacts/<key>/          a stage's files (a loadable HF checkpoint, a dataset) + manifest.json (written last)
     aliases/<experiment>/<stage>   a text file holding the key the experiment last produced
     tmp/                      artifacts being built (local roots only; renamed into artifacts/ when done)
     work/<key>/               resumable training state of a stage that has not finished yet
@@ -137,7 +137,8 @@ class ArtifactStore:
         return sorted(p.rstrip("/").split("/")[-2] for p in found)
 
     def local_dir(self, key: str) -> Path:
-        """A local directory holding the artifact, ready for `from_pretrained` (remote roots are cached)."""
+        """A local directory holding the artifact, ready for `from_pretrained` or a dataset reader (remote roots
+        are cached)."""
         if not self.exists(key):
             raise KeyError(f"no artifact {key} in {self.url}")
         if self.is_local:

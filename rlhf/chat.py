@@ -12,27 +12,42 @@ import torch
 HELP = "Type a message. /reset clears the history, /quit (or end of input) leaves."
 
 
+LANGUAGE_MODEL_KINDS = ("policy", "causal-lm")
+"""Artifact kinds that `AutoModelForCausalLM` loads and that chat and generate can talk to."""
+
+
 def resolve_model(ref: str, config: str | None = None) -> str:
     """A loadable path for a stage name (with a config), an alias `experiment/stage`, a key (prefix),
-    a local directory or a hub id."""
+    a local directory or a hub id.
+
+    A stage or artifact must hold a language model (a policy, or a pretrained causal LM): for any other
+    kind (a reward model, a preference dataset) a ValueError says so and names the experiment's policies.
+    """
     from rlhf.artifacts import ArtifactStore
 
     if Path(ref).is_dir():
         return ref
-    store_root, experiment = "artifacts", None
+    store_root, experiment, policies = "artifacts", None, []
     if config:
         from rlhf.config import load_experiment
 
-        exp = load_experiment(config).config
-        store_root, experiment = exp.store, exp.name
+        exp = load_experiment(config)
+        store_root, experiment = exp.config.store, exp.config.name
+        policies = [name for name, spec in exp.stages.items() if spec.cls.kind == "policy"]
     store = ArtifactStore(store_root)
     candidates = [f"{experiment}/{ref}"] if experiment and "/" not in ref else []
     candidates.append(ref)
     for candidate in candidates:
         try:
-            return str(store.local_dir(store.resolve(candidate)))
+            key = store.resolve(candidate)
+            manifest = store.manifest(key)
         except KeyError:
             continue
+        if manifest.get("kind") not in LANGUAGE_MODEL_KINDS:
+            choices = f" ({', '.join(policies)} in {config})" if policies else ""
+            raise ValueError(f"{ref!r}: stage {manifest.get('stage')!r} (artifact {key}) is a {manifest.get('kind')} "
+                             f"artifact, not a policy; chat and generate talk to a policy stage{choices}")
+        return str(store.local_dir(key))
     if "/" in ref and not ref.startswith((".", "/")) and not experiment:
         return ref  # a hub id: from_pretrained will fetch (or fail offline with its own message)
     raise KeyError(f"{ref!r} is not a stage of {config or 'the experiment'}, an alias, an artifact key in "

@@ -91,9 +91,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not is_main_process():
         return 0
-    print(f"\n{'stage':<10} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
+    print(f"\n{'stage':<12} {'key':<18} {'ran':<5} {'seconds':>8}  headline")
     for r in results:
-        print(f"{r.name:<10} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {type(pipeline.stages[r.name]).headline(r.metrics)}")
+        print(f"{r.name:<12} {r.key:<18} {'yes' if r.ran else 'no':<5} {r.seconds:>8.1f}  {type(pipeline.stages[r.name]).headline(r.metrics)}")
     for r in results:
         if not r.ran:
             print(f"{r.name}: up to date (key {r.key})")
@@ -105,7 +105,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     pipeline = _load(args.config, args.overrides)
     for step in pipeline.check(until=args.until, force=tuple(args.force)):
         state = "will run" if step.will_run else "up to date"
-        print(f"{step.name:<10} {step.key}  {state:<10}  {step.reason if step.will_run else ''}".rstrip())
+        print(f"{step.name:<12} {step.key}  {state:<10}  {step.reason if step.will_run else ''}".rstrip())
     if args.memory:
         return memory_plan(pipeline, args.launch, args.prompt_tokens)
     return 0
@@ -151,7 +151,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, m in sorted(manifests.items(), key=lambda kv: kv[1].get("created", "")):
         exp, stage = m.get("experiment"), m.get("stage")
         alias = f"  [{exp}/{stage}]" if store.alias(exp, stage) == key else ""
-        print(f"{key}  {stage:<9} {m.get('kind', ''):<13} {m.get('created', '')}{alias}")
+        print(f"{key}  {stage:<11} {m.get('kind', ''):<13} {m.get('created', '')}{alias}")
         for fname, ref in m.get("inputs", {}).items():
             src = ref.get("stage") or ref.get("external")
             print(f"    <- {fname}: {src} {ref.get('key')}")
@@ -188,7 +188,7 @@ def _load_model(ref: str, config: str | None):
 
     try:
         path = resolve_model(ref, config)
-    except KeyError as e:
+    except (KeyError, ValueError) as e:  # not found; not a language model
         print(f"error: {e.args[0]}", file=sys.stderr)
         sys.exit(2)
     model, tok = load_causal_lm(path)

@@ -67,7 +67,8 @@ class Stage:
     config_class: ClassVar[type]
     """The dataclass its YAML block is validated against."""
     kind: ClassVar[str] = "causal-lm"
-    """What the artifact is: causal-lm, reward-model or policy."""
+    """What the artifact is: a Hugging Face checkpoint (causal-lm, reward-model, policy) or a dataset
+    (preferences). A policy stage's key and manifest hold the experiment's shared evaluation."""
     inputs: ClassVar[dict[str, str]] = {}
     """Config fields that name an input model, with the upstream stage each defaults to."""
     data_schemas: ClassVar[dict[str, str]] = {}
@@ -299,11 +300,12 @@ class Stage:
         return {}
 
     def save(self, out: Path) -> None:
-        """Step 6: write a loadable Hugging Face checkpoint (model, tokenizer, generation config) to `out`."""
+        """Step 6: write the artifact's files to `out`: a loadable Hugging Face checkpoint (model, tokenizer,
+        generation config) for a model stage, the data files for a dataset stage."""
         raise NotImplementedError
 
     def verify_saved(self, out: Path) -> None:
-        """Reload what `save` wrote and check it behaves like the model in memory."""
+        """Read back what `save` wrote and check it is what is in memory (a model: reloaded and run)."""
 
     def last_checkpoint(self) -> str | None:
         """The newest complete trainer checkpoint under the work directory, or None.

@@ -19,6 +19,12 @@ SAVE_TOTAL_LIMIT = 2
 one still leaves a complete one to resume from."""
 
 
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+"""The learning-rate schedules a Trainer stage's `lr_scheduler_type` may name (transformers' `SchedulerType`
+values that need no further arguments)."""
+
+
 def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
     """`args_class` (`transformers.TrainingArguments` or a TRL config) for `stage`'s Trainer.
 
@@ -89,3 +95,20 @@ def finished_weights(stage: Any) -> tuple[dict | None, torch.nn.Module]:
         model.save_pretrained(str(stage.work_dir / "adapter"))
         model = model.merge_and_unload()
     return full_state, model
+
+
+def save_trained(stage: Any, out) -> None:
+    """Step 6 of a Trainer stage: write the model `finished_weights` returned (`stage.model`, with the state
+    every rank gathered in sharded runs, `stage.full_state`), its tokenizer and, with LoRA, the adapter in
+    `adapter/`. A model that generates gets the tokenizer's pad and EOS ids in its generation config, so
+    `generate` stops where the pipeline does."""
+    import shutil
+
+    model, tokenizer = stage.model, stage.tokenizer
+    if model.can_generate():
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out), state_dict=getattr(stage, "full_state", None))
+    tokenizer.save_pretrained(str(out))
+    if stage.config.lora.enabled:
+        shutil.copytree(stage.work_dir / "adapter", out / "adapter")

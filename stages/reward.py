@@ -1,9 +1,8 @@
 """Reward model: learn which of two responses the annotators prefer.
 
-In:  the `sft` artifact (or a hub id / local directory) to start from, and preferences from two sources,
-     mixable in YAML: a preference file or hub dataset, and on-policy pairs (the stage samples K
-     responses per prompt from the policy and a judge ranks them: the InstructGPT loop with simulated
-     annotators).
+In:  the `sft` artifact (or a hub id / local directory) to start from, and preference pairs: a
+     preferences stage's dataset (on-policy pairs a judge ranked, with any human pairs it passed through;
+     stages/preferences.py) and preference files or hub datasets, mixable in YAML.
 Out: a reward-model artifact (AutoModelForSequenceClassification, one label, score read at the last real
      token), with held-out pairwise accuracy per source, the mean margin, and the reward mean/std over
      policy samples that PPO normalises scores with. Below `min_accuracy` the stage fails instead of
@@ -13,8 +12,6 @@ Out: a reward-model artifact (AutoModelForSequenceClassification, one label, sco
 from __future__ import annotations
 
 import logging
-import random
-import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -23,40 +20,15 @@ from rlhf.config import checked, logging_only
 from rlhf.data import load_rows
 from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
                          whole_models)
+from rlhf.preferences import check_input as check_preference_input
+from rlhf.preferences import conversational, load_preferences, outside_data_files
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
+from rlhf.trainers import finished_weights, save_trained, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
-
-
-@dataclass
-class OnPolicyConfig:
-    """On-policy preference collection: sample K responses per prompt, let a judge pick best and worst."""
-
-    enabled: bool = True
-    """Collect on-policy pairs."""
-    prompts: str = "data/prompts/train.jsonl.gz"
-    """Prompts to sample responses for ({"prompt"} rows)."""
-    num_prompts: int = checked(1024, ge=1)
-    """How many prompts to use."""
-    k: int = checked(4, ge=2, hint="ranking needs at least 2 responses per prompt")
-    """Responses sampled per prompt."""
-    judge: str = "word_vader"
-    """The simulated annotator: a built-in judge name or a dotted path to `fn(prompts, responses, **columns)
-    -> scores` (columns: the prompt rows' other fields)."""
-    margin: float = checked(0.1, ge=0)
-    """Drop pairs whose judge scores differ by less than this."""
-    label_noise: float = checked(0.0, ge=0, le=1)
-    """Probability of swapping chosen and rejected (annotator noise experiments)."""
-    eval_fraction: float = checked(0.1, ge=0, lt=1)
-    """Share of prompts whose pairs are held out for evaluation."""
-    max_new_tokens: int = checked(48, ge=1)
-    """Response length limit when sampling."""
-    temperature: float = checked(1.0, gt=0)
-    """Sampling temperature."""
 
 
 @dataclass
@@ -64,13 +36,19 @@ class RewardConfig:
     model: str = "sft"
     """Model the reward model starts from: an upstream stage name, a hub id or a local HF directory."""
     policy: str | None = None
-    """Policy that on-policy responses are sampled from; None = the same as `model`."""
-    train_data: str | None = "data/preferences/train.jsonl.gz"
-    """Preference pairs ({"prompt","chosen","rejected"}); None to train on on-policy pairs only."""
-    eval_data: str | None = "data/preferences/valid.jsonl.gz"
-    """Held-out preference pairs."""
-    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    """On-policy pairs ranked by a judge."""
+    """Policy whose samples give the reward mean/std when the preferences carry none; None = `model`."""
+    preferences: str | None = None
+    """Pairs from a preferences stage, or a directory of its files (train.jsonl, eval.jsonl); None for none."""
+    train_data: str | None = None
+    """Preference pairs from a file or hub dataset ({"prompt","chosen","rejected"}, source "human"), trained
+    on beside those of `preferences`; None for none."""
+    eval_data: str | None = None
+    """Held-out preference pairs from a file or hub dataset (source "human")."""
+    stats_prompts: str | None = None
+    """Prompts the policy answers for the reward mean/std; None: the policy samples `preferences` carries
+    (a preferences stage that sampled), which is the only way without this."""
+    stats_max_new_tokens: int = checked(48, ge=1)
+    """Response length limit of those answers."""
     max_length: int = checked(128, ge=2)
     """Pairs with a side longer than this many tokens are dropped."""
     max_steps: int = checked(400, ge=1)
@@ -96,7 +74,8 @@ class RewardConfig:
     min_accuracy: float = checked(0.7, ge=0, le=1)
     """Promotion gate: fail when held-out pairwise accuracy is below this."""
     stats_samples: int = checked(256, ge=2)
-    """Policy samples scored to get the reward mean and std PPO normalises with."""
+    """Policy samples scored to get the reward mean and std PPO normalises with (answers to the first
+    `stats_prompts`, else the first of the preferences' samples)."""
     logging_steps: int = logging_only(10, ge=1)
     """Log training loss every N steps."""
     save_steps: int = logging_only(100, ge=1)
@@ -104,88 +83,37 @@ class RewardConfig:
 
 
 class RewardStage(Stage):
-    """Reward modelling with `trl.RewardTrainer` on human and on-policy preference pairs."""
+    """Reward modelling with `trl.RewardTrainer` on preference pairs (on-policy and human)."""
 
     name = "reward"
     config_class = RewardConfig
     kind = "reward-model"
-    inputs = {"model": "sft", "policy": "sft"}
-    # on-policy prompts are read even without on-policy pairs: the reward statistics are taken on them
-    data_schemas = {"train_data": "preferences", "eval_data": "preferences", "onpolicy.prompts": "prompts"}
+    inputs = {"model": "sft", "policy": "sft", "preferences": "preferences"}
+    data_schemas = {"train_data": "preferences", "eval_data": "preferences", "stats_prompts": "prompts"}
 
     def data_files(self):
         c = self.config
-        files = {"train": c.train_data, "eval": c.eval_data}
-        # read even without on-policy pairs: the reward statistics are taken over samples on these prompts
-        files["onpolicy_prompts"] = c.onpolicy.prompts
-        return files
+        return {"train": c.train_data, "eval": c.eval_data, "stats_prompts": c.stats_prompts,
+                **outside_data_files(self)}
 
     def check(self) -> None:
-        """The base checks, preferences from somewhere, and the on-policy judge on two of its prompts."""
+        """The base checks, and preferences from somewhere."""
         super().check()
         self.require_preferences()
-        c = self.config.onpolicy
-        if c.enabled:
-            self.check_judge(c.judge, "onpolicy.judge", c.prompts)
 
     def require_preferences(self) -> None:
-        if self.config.train_data is None and not self.config.onpolicy.enabled:
-            raise StageError(f"{self.where('train_data')}: no preferences: set stages.{self.stage_name}.train_data "
-                             f"or enable stages.{self.stage_name}.onpolicy")
+        if self.config.train_data is None and "preferences" not in self.input_refs:
+            raise StageError(f"{self.where('preferences')}: no preferences: set stages.{self.stage_name}.preferences "
+                             f"(a preferences stage) or stages.{self.stage_name}.train_data (a preference file)")
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
         self.require_preferences()
+        check_preference_input(self)
         if "policy" in self.input_refs:
             self.require_same_tokenizer("model", "policy")
 
     # -- override points --------------------------------------------------------------------------
-
-    def collect_onpolicy(self) -> tuple[list[dict], list[dict], list[str]]:
-        """Sample K responses per prompt from the policy and let the judge rank them.
-
-        Returns (train pairs, held-out pairs, all sampled responses). Pairs are split by prompt so
-        held-out prompts were never seen in training. Under several processes the main one samples
-        and judges, and every rank trains on its pairs.
-        """
-        from rlhf.distributed import broadcast_object, is_main_process
-
-        pairs = self._collect_onpolicy() if is_main_process() else None
-        return broadcast_object(pairs)
-
-    def _collect_onpolicy(self) -> tuple[list[dict], list[dict], list[str]]:
-        import json
-
-        from rlhf.judges import load_judge, rank_pairs
-
-        c = self.config.onpolicy
-        cached = self.work_dir / "onpolicy.json"
-        if cached.exists():  # a resumed run must train on the same pairs
-            saved = json.loads(cached.read_text())
-            return saved["train"], saved["eval"], saved["responses"]
-        judge = load_judge(c.judge, field="stages.reward.onpolicy.judge")
-        rows = load_rows(c.prompts, "prompts", limit=c.num_prompts)
-        prompts = rows["prompt"]
-        columns = {name: rows[name] for name in rows.column_names if name != "prompt"}  # e.g. the task's answers
-        policy_path = self.input_path("policy" if "policy" in self.input_refs else "model")
-        repeated = [p for p in prompts for _ in range(c.k)]
-        with whole_models():  # the main process alone samples
-            policy, tok = load_causal_lm(policy_path)
-            samples = sample(policy, tok, repeated, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                             batch_size=64, progress=True)
-        grouped = [[s.response for s in samples[i * c.k : (i + 1) * c.k]] for i in range(len(prompts))]
-        pairs = rank_pairs(prompts, grouped, judge, margin=c.margin, noise=c.label_noise, seed=self.seed,
-                           columns=columns)
-        held = set(random.Random(self.seed).sample(list(prompts), int(len(prompts) * c.eval_fraction)))
-        train = [p for p in pairs if p["prompt"] not in held]
-        evals = [p for p in pairs if p["prompt"] in held]
-        responses = [s.response for s in samples]
-        tmp = cached.with_suffix(".tmp")  # renamed into place: a kill mid-write leaves no half cache
-        tmp.write_text(json.dumps({"train": train, "eval": evals, "responses": responses}))
-        tmp.replace(cached)
-        log.info("reward: %d on-policy pairs from %d prompts x %d samples (%d held out)",
-                 len(pairs), len(prompts), c.k, len(evals))
-        return train, evals, responses
 
     def build_model(self):
         """A sequence-classification model with one label on top of the input model; dropout off."""
@@ -202,24 +130,21 @@ class RewardStage(Stage):
         return model, tok
 
     def build_dataset(self):
-        """(train, {source: eval}) preference datasets in conversational form."""
+        """(train, {source: eval}) preference datasets in conversational form; keeps the policy samples
+        the preferences carry for the reward statistics."""
         import datasets
 
         c = self.config
-        train_rows, evals = [], {}
-        if c.train_data:
-            train_rows += load_rows(c.train_data, "preferences").to_list()
-        if c.eval_data:
-            evals["human"] = [_conversational(r) for r in load_rows(c.eval_data, "preferences").to_list()]
-        if c.onpolicy.enabled:
-            on_train, on_eval, self.policy_responses = self.collect_onpolicy()
-            train_rows += on_train
-            if on_eval:
-                evals["onpolicy"] = [_conversational(r) for r in on_eval]
-        if not train_rows:
-            raise StageError("reward: no training pairs (the judge kept none; lower stages.reward.onpolicy.margin)")
-        train = datasets.Dataset.from_list([_conversational(r) for r in train_rows]).shuffle(seed=self.seed)
-        return train, {k: datasets.Dataset.from_list(v) for k, v in evals.items()}
+        data = load_preferences(self.input_path("preferences") if "preferences" in self.input_refs else None,
+                                c.train_data, c.eval_data)
+        self.policy_samples = data.sampled_responses()
+        if not data.train:
+            raise StageError(f"{self.stage_name}: no training pairs")
+        if c.stats_prompts is None and not self.policy_samples:
+            raise StageError(f"{self.stage_name}: no policy samples for the reward mean/std PPO normalises with: the "
+                             f"preferences carry none; set stages.{self.stage_name}.stats_prompts to a prompts file")
+        train = datasets.Dataset.from_list([conversational(r) for r in data.train]).shuffle(seed=self.seed)
+        return train, {k: datasets.Dataset.from_list([conversational(r) for r in v]) for k, v in data.evals.items()}
 
     def build_trainer(self):
         """The `trl.RewardTrainer` (checkpoints under the work directory)."""
@@ -256,7 +181,6 @@ class RewardStage(Stage):
         from rlhf.distributed import refuse_sharded_lora
 
         refuse_sharded_lora("reward", self.config.lora.enabled)  # before training, not after it
-        self.policy_responses: list[str] = []
         self.model, self.tokenizer = self.build_model()
         self.train_ds, self.eval_sets = self.build_dataset()
         self.trainer = self.build_trainer()
@@ -285,9 +209,9 @@ class RewardStage(Stage):
             correct, total = correct + wins, total + len(ds)
         metrics["accuracy"] = correct / total if total else float("nan")
         # Reward statistics over policy samples: PPO can normalise scores with them.
-        responses = self.policy_responses[: c.stats_samples] or self._sample_policy(c.stats_samples)
-        prompts = self._stats_prompts(len(responses))
-        scores = self.score(prompts, responses)
+        samples = self._sample_policy(c.stats_samples) if c.stats_prompts else self.policy_samples[: c.stats_samples]
+        prompts, responses = zip(*samples)
+        scores = self.score(list(prompts), list(responses))
         metrics["reward_mean"], metrics["reward_std"] = scores.mean().item(), scores.std().item()
         self.tracker.log({k: v for k, v in metrics.items()}, step=self.trainer.state.global_step)
         log.info("reward: held-out accuracy %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
@@ -300,23 +224,15 @@ class RewardStage(Stage):
             )
         return metrics
 
-    def _stats_prompts(self, n: int) -> list[str]:
-        c = self.config.onpolicy
-        prompts = load_rows(c.prompts, "prompts", limit=c.num_prompts)["prompt"]
-        return [p for p in prompts for _ in range(c.k)][:n] if c.enabled else prompts[:n]
-
-    def _sample_policy(self, n: int) -> list[str]:
-        c = self.config.onpolicy
+    def _sample_policy(self, n: int) -> list[tuple[str, str]]:
+        """(prompt, response) for the first `n` of `stats_prompts`, answered by the policy."""
+        c = self.config
         policy, tok = load_causal_lm(self.input_path("policy" if "policy" in self.input_refs else "model"))
-        prompts = load_rows(c.prompts, "prompts", limit=n)["prompt"]
-        return [s.response for s in sample(policy, tok, prompts, max_new_tokens=c.max_new_tokens,
-                                           temperature=c.temperature)]
+        prompts = load_rows(c.stats_prompts, "prompts", limit=n)["prompt"]
+        return [(s.prompt, s.response) for s in sample(policy, tok, prompts, max_new_tokens=c.stats_max_new_tokens)]
 
     def save(self, out) -> None:
-        self.model.save_pretrained(str(out), state_dict=getattr(self, "full_state", None))
-        self.tokenizer.save_pretrained(str(out))
-        if self.config.lora.enabled:
-            shutil.copytree(self.work_dir / "adapter", out / "adapter")
+        save_trained(self, out)
 
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForSequenceClassification
@@ -346,12 +262,3 @@ class RewardStage(Stage):
         return ["![reward accuracy](reward_accuracy.png)", "",
                 *(f"- {s}: accuracy {m[f'accuracy_{s}']:.3f} on {m.get(f'eval_pairs_{s}', '?')} pairs, "
                   f"mean margin {m.get(f'margin_{s}', float('nan')):.3f}" for s in sources)]
-
-
-def _conversational(row: dict) -> dict:
-    """A {"prompt","chosen","rejected"} row as chat turns, so TRL renders it through the chat template."""
-    return {
-        "prompt": [{"role": "user", "content": row["prompt"]}],
-        "chosen": [{"role": "assistant", "content": row["chosen"]}],
-        "rejected": [{"role": "assistant", "content": row["rejected"]}],
-    }

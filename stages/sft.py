@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 
 from rlhf.config import checked, logging_only
@@ -21,7 +20,8 @@ from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_c
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import finished_weights, train_from_last_checkpoint, trainer_arguments
+from rlhf.trainers import (LR_SCHEDULERS, finished_weights, save_trained, train_from_last_checkpoint,
+                           trainer_arguments)
 
 log = logging.getLogger("rlhf")
 
@@ -54,9 +54,7 @@ class SFTConfig:
     """Peak learning rate."""
     warmup_steps: int = checked(20, ge=0)
     """Linear warmup steps before the learning-rate schedule."""
-    lr_scheduler_type: str = checked("cosine", choices=(
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
-        "cosine_with_min_lr", "warmup_stable_decay"))
+    lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
     """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
     weight_decay: float = checked(0.0, ge=0)
     """AdamW weight decay."""
@@ -167,12 +165,7 @@ class SFTStage(Stage):
         return metrics
 
     def save(self, out) -> None:
-        self.model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.generation_config.eos_token_id = self.tokenizer.eos_token_id
-        self.model.save_pretrained(str(out), state_dict=getattr(self, "full_state", None))
-        self.tokenizer.save_pretrained(str(out))
-        if self.config.lora.enabled:
-            shutil.copytree(self.work_dir / "adapter", out / "adapter")
+        save_trained(self, out)
 
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM

@@ -128,12 +128,16 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
             "logging_steps": 2,
             "save_steps": 3,
         },
-        "reward": {
+        "preferences": {
+            # named, because the stage registry (pyproject.toml's entry points) is read from the installed metadata
+            "class": "stages.preferences:PreferencesStage",
+            "prompts": str(data["prompts"]), "num_prompts": 20, "k": 3, "margin": 0.0,
+            "judge": "conftest:length_judge", "eval_fraction": 0.25, "max_new_tokens": 8,
             "train_data": str(data["prefs_train"]),
             "eval_data": str(data["prefs_eval"]),
-            "onpolicy": {"prompts": str(data["prompts"]), "num_prompts": 20, "k": 3, "margin": 0.0,
-                         "judge": "conftest:length_judge",
-                         "eval_fraction": 0.25, "max_new_tokens": 8},
+        },
+        "reward": {
+            "preferences": "preferences",
             "max_length": 64,
             "max_steps": 6,
             "batch_size": 8,
@@ -144,6 +148,9 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
             "save_steps": 3,
         },
     }
+    if "reward" in stages and "preferences" not in stages:  # the reward model learns the human pairs alone
+        blocks["reward"].update(preferences=None, train_data=str(data["prefs_train"]), eval_data=str(data["prefs_eval"]),
+                                stats_prompts=str(data["prompts"]))
     runs = str(Path(store).parent / "runs")
     evaluation = {"prompts": str(data["prompts"]), "num_prompts": 8, "max_new_tokens": 8, "batch_size": 8,
                   "num_logged_samples": 2}
@@ -172,16 +179,38 @@ PPO_BLOCK = {
 }
 
 
+DPO_BLOCK = {
+    "class": "stages.dpo:DPOStage",  # named, as the preferences stage above
+    "max_length": 64,
+    "max_steps": 4,
+    "batch_size": 8,
+    "warmup_steps": 1,
+    "learning_rate": 1e-3,
+    "min_accuracy": 0.0,
+    "min_eos_rate": 0.0,
+    "eval_every": 2,
+    "logging_steps": 1,
+    "save_steps": 2,
+}
+
+
+def dpo_config(data: dict[str, Path], store: str, **dpo) -> dict:
+    """pretrain, SFT, preferences and DPO from the SFT policy on the preferences' pairs."""
+    cfg = tiny_config(data, store, stages=("pretrain", "sft", "preferences"))
+    cfg["stages"]["dpo"] = {**DPO_BLOCK, **dpo}
+    return cfg
+
+
 def ppo_config(data: dict[str, Path], store: str, **ppo) -> dict:
-    """The whole four-stage tiny experiment."""
-    cfg = tiny_config(data, store, stages=("pretrain", "sft", "reward"))
+    """The whole tiny experiment: pretrain, SFT, preferences, reward model, PPO."""
+    cfg = tiny_config(data, store, stages=("pretrain", "sft", "preferences", "reward"))
     cfg["stages"]["ppo"] = {"prompts": str(data["prompts"]), **PPO_BLOCK, **ppo}
     return cfg
 
 
 @pytest.fixture(scope="module")
 def ppo_upstream(tmp_path_factory) -> Path:
-    """A PPO experiment with its pretrain -> sft -> reward artifacts built, once per test module."""
+    """A PPO experiment with its pretrain -> sft -> preferences -> reward artifacts built, once per test module."""
     from rlhf.config import load_experiment
     from rlhf.pipeline import Pipeline
 

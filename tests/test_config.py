@@ -219,7 +219,8 @@ def test_every_numeric_config_field_declares_its_range():
     from rlhf.config import field_bounds
 
     classes = _config_classes()
-    assert {"PretrainConfig", "SFTConfig", "RewardConfig", "OnPolicyConfig", "PPOConfig", "ModelConfig",
+    assert {"PretrainConfig", "SFTConfig", "RewardConfig", "PreferencesConfig", "DPOConfig", "PPOConfig", "GRPOConfig",
+            "ModelConfig",
             "LoraSettings", "TokenizerConfig", "EvalConfig", "TrackingConfig", "ExperimentConfig"} <= {
         c.__name__ for c in classes}
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)

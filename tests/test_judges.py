@@ -212,8 +212,8 @@ def test_unknown_name_without_close_match_has_no_suggestion():
 
 @pytest.mark.parametrize("spec", ["", "   ", None, 3])
 def test_empty_or_non_string_spec(spec):
-    with pytest.raises(ValueError, match=r"^stages.reward.onpolicy.judge: expected a judge name"):
-        load_judge(spec, field="stages.reward.onpolicy.judge")
+    with pytest.raises(ValueError, match=r"^stages.preferences.judge: expected a judge name"):
+        load_judge(spec, field="stages.preferences.judge")
 
 
 def test_unimportable_module():

@@ -61,12 +61,14 @@ BAD = {
     "learning_rate": (_lr_in_file, None),
     "judge name": (["evaluation.judges.gold=word_vadr"],
                    r"evaluation\.judges\.gold: unknown judge 'word_vadr'.*did you mean 'word_vader'"),
-    "judge import": (["stages.reward.onpolicy.judge=no_such_module_q7:judge"],
-                     r"stages\.reward\.onpolicy\.judge: judge 'no_such_module_q7:judge': cannot import module"),
+    "judge import": (["stages.preferences.judge=no_such_module_q7:judge"],
+                     r"stages\.preferences\.judge: judge 'no_such_module_q7:judge': cannot import module"),
     "judge count": ([f"evaluation.judges.heldout={__name__}:one_score"],
                     r"evaluation\.judges\.heldout: judge '.*one_score' returned 1 scores for 2 responses"),
-    "judge nan": ([f"stages.reward.onpolicy.judge={__name__}:nan_score"],
-                  r"stages\.reward\.onpolicy\.judge: judge '.*nan_score' scored row 1 .* as nan"),
+    "judge nan": ([f"stages.preferences.judge={__name__}:nan_score"],
+                  r"stages\.preferences\.judge: judge '.*nan_score' scored row 1 .* as nan"),
+    "reward function": ([f"stages.ppo.rewards={{{__name__}:nan_score: 1.0}}"],
+                        r"stages\.ppo\.rewards: judge '.*nan_score' scored row 1 .* as nan"),
     "store file": (_store_file, None),
     "data row": (_bad_row, None),
     "model path": (["stages.sft.model=./models/not-there"],
@@ -109,9 +111,9 @@ def test_bad_input_fails_fast_naming_the_key_and_writes_nothing(experiment, caps
 
 def test_problems_of_several_stages_are_listed_together(experiment, capsys):
     write_jsonl(experiment["prompts"], [{"prompt": "p"}, {"promt": "typo"}])
-    assert rlhf_main(["plan", str(experiment["yaml"]), f"stages.reward.onpolicy.judge={__name__}:one_score"]) == 2
+    assert rlhf_main(["plan", str(experiment["yaml"]), f"stages.preferences.judge={__name__}:one_score"]) == 2
     err = capsys.readouterr().err
-    assert "problems:" in err and "stages.reward.onpolicy.prompts" in err and "evaluation.prompts" in err
+    assert "problems:" in err and "stages.preferences.prompts" in err and "evaluation.prompts" in err
     assert "line 2: missing field(s)" in err and "returned 1 scores" not in err  # judged only on parsed prompts
 
 

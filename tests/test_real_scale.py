@@ -120,7 +120,7 @@ def test_pythia_hh_config_runs_on_local_standins(standins, workdir):
         f"store={workdir / 'store'}", f"tracking.dir={workdir / 'runs'}", f"stages.sft.model={model}",
         f"stages.sft.train_data={hh}#train", f"stages.sft.eval_data={hh}#test", f"evaluation.prompts={hh}#test",
         f"stages.reward.train_data={hh}#train", f"stages.reward.eval_data={hh}#test",
-        f"stages.reward.onpolicy.prompts={hh}#train",
+        f"stages.reward.stats_prompts={hh}#train",
         f"stages.ppo.prompts={hh}#train", *SMALL,
     ]
     pipe = Pipeline(load_experiment(CONFIG, overrides))

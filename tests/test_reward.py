@@ -20,7 +20,7 @@ def _pipe(path, *overrides):
 
 @pytest.fixture
 def reward_yaml(workdir, tiny_data):
-    cfg = tiny_config(tiny_data, str(workdir / "store"), stages=("pretrain", "sft", "reward"))
+    cfg = tiny_config(tiny_data, str(workdir / "store"), stages=("pretrain", "sft", "preferences", "reward"))
     return write_config(workdir / "exp.yaml", cfg)
 
 
@@ -28,7 +28,7 @@ def reward_yaml(workdir, tiny_data):
 def reward_setup(reward_yaml, monkeypatch):
     """A reward stage after setup (model, data and TRL trainer built), before training."""
     pipe = _pipe(reward_yaml, "stages.reward.center_rewards_coefficient=null")
-    pipe.run(until="sft")
+    pipe.run(until="preferences")
     return pipe.stages["reward"].open(tracking=False)
 
 

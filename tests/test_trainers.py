@@ -68,7 +68,6 @@ def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("trainers")
     cfg = tiny_config(make_tiny_data(root), str(root / "store"), stages=("pretrain", "sft", "reward"))
     cfg["stages"]["reward"]["model"] = "pretrain"
-    cfg["stages"]["reward"]["onpolicy"]["enabled"] = False  # sampling changes no Trainer argument
     path = write_config(root / "exp.yaml", cfg)
     Pipeline(load_experiment(path)).run(until="pretrain")
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_data, ppo_config, write_config
+from conftest import DPO_BLOCK, make_tiny_data, ppo_config, write_config
 from rlhf.cli import main as rlhf_main
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
@@ -24,6 +24,7 @@ def finished(tmp_path_factory):
     cfg = ppo_config(data, str(root / "store"), eval_every=1)
     # a second policy stage under a name no module knows: the report and status show it through its class
     cfg["stages"]["ppo_short"] = {**cfg["stages"]["ppo"], "class": "stages.ppo:PPOStage", "num_steps": 1}
+    cfg["stages"]["dpo"] = dict(DPO_BLOCK)  # a third policy, trained by another method on the same pairs
     path = write_config(root / "exp.yaml", cfg)
     Pipeline(load_experiment(path)).run()
     return root, path
@@ -36,20 +37,30 @@ def test_report_writes_every_plot_it_names(finished, capsys):
     md = (out / "report.md").read_text()
     named = [line.split("(")[1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
     assert set(named) == {"losses.png", "reward_accuracy.png", "ppo_training.png", "ppo_overoptimisation.png",
-                          "ppo_short_training.png", "ppo_short_overoptimisation.png", "frontier.png"}
+                          "ppo_short_training.png", "ppo_short_overoptimisation.png", "dpo_training.png",
+                          "dpo_overoptimisation.png", "frontier.png"}
     for name in named:
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
-    for heading in ("## Stages", "## Training losses", "## sft", "## reward", "## ppo", "## ppo_short",
-                    "## Comparison of the alignment methods"):
+    for heading in ("## Stages", "## Training losses", "## sft", "## preferences", "## reward", "## ppo",
+                    "## ppo_short", "## dpo", "## Comparison of the alignment methods"):
         assert heading in md
     # the comparison: one row per policy stage against its reference
-    assert md.count("| ppo | ") == 1 and md.count("| ppo_short | ") == 1
+    assert md.count("| ppo | ") == 1 and md.count("| ppo_short | ") == 1 and md.count("| dpo | ") == 1
     # every policy's shared evaluation: task success and diversity beside the judges, sampled and greedy
     for row in ("| task success | sampled |", "| task success | greedy |", "| unique responses (share) | greedy |",
                 "| gold judge | sampled |", "| KL to reference"):
         assert row in md
     assert "Missing stages" not in md
+    # PPO and DPO each against the same reference on the same prompts: the same comparison table
+    sections = {part.split("\n", 1)[0]: part for part in md.split("\n## ")[1:]}
+    for name in ("ppo", "dpo"):
+        section = sections[name]
+        assert f"| metric | decoding | reference | {name} | gain (95% CI) |" in section
+        assert "| gold judge | sampled |" in section and "| KL to reference (nats per response) | sampled |" in section
+        assert f"| prompt | reference, greedy | {name}, greedy |" in section
+    assert "held-out onpolicy pairs: the implicit reward prefers the chosen response" in sections["dpo"]
+    assert "| split | human | onpolicy | all |" in sections["preferences"]
 
 
 def test_status_shows_each_stage_headline_from_its_class(finished, capsys):
@@ -65,8 +76,8 @@ def test_report_names_missing_stages(workdir, tiny_data, capsys):
     Pipeline(load_experiment(path)).run(until="sft")
     assert rlhf_main(["report", str(path), "--out", str(workdir / "r")]) == 0
     out = capsys.readouterr().out
-    assert "stages not run yet for test: reward, ppo" in out
-    assert "**Missing stages:** reward, ppo" in (workdir / "r" / "report.md").read_text()
+    assert "stages not run yet for test: preferences, reward, ppo" in out
+    assert "**Missing stages:** preferences, reward, ppo" in (workdir / "r" / "report.md").read_text()
 
 
 def test_report_on_an_empty_store_says_so(workdir, tiny_data, capsys):
@@ -123,6 +134,24 @@ def test_chat_command_over_stdin_and_generate(finished):
     assert len(rows) == 40 and {"prompt", "response", "ended"} <= set(rows[0])
     bad = subprocess.run([rlhf, "chat", "nope", "--config", str(path)], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "'nope' is not a stage" in bad.stderr
+
+
+def test_chat_and_generate_take_any_policy_stage_and_refuse_other_kinds(finished, monkeypatch, capsys):
+    root, path = finished
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+    assert rlhf_main(["chat", "dpo", "--config", str(path), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("you> ") == 2  # answered "hello", then read /quit
+    out = root / "dpo_answers.jsonl"
+    assert rlhf_main(["generate", "dpo", "--config", str(path), "--prompts", str(root / "data" / "prompts.jsonl"),
+                      "--out", str(out), "--max-new-tokens", "4"]) == 0
+    assert len(out.read_text().splitlines()) == 40
+    for stage, kind in (("preferences", "preferences"), ("reward", "reward-model")):
+        with pytest.raises(SystemExit) as exit_:
+            rlhf_main(["chat", stage, "--config", str(path)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"stage '{stage}'" in err and f"is a {kind} artifact, not a policy" in err
+        assert "(sft, ppo, ppo_short, dpo in " in err
 
 
 def test_label_writes_preferences_and_resumes(tmp_path):

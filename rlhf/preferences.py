@@ -1,0 +1,164 @@
+"""Preference pairs as a dataset: the files a preferences stage writes and every stage that learns from
+pairs (the reward model, DPO) reads.
+
+A preference dataset is a directory:
+
+    train.jsonl     {"prompt", "chosen", "rejected", "margin", "source"} per line
+    eval.jsonl      the same, pairs of held-out prompts
+    samples.jsonl   {"prompt", "responses": [...]}: every response the judge ranked (on-policy pairs only)
+
+`source` says where a pair came from ("onpolicy": ranked by a judge; "human": a preference file or hub
+dataset), so a consumer reports held-out accuracy per source; `margin` is the judge's score gap (null for
+pairs no judge scored). The JSON Lines files load as they are with `datasets.load_dataset("json",
+data_files=...)`. Nothing here knows a particular stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "eval")
+SAMPLES = "samples.jsonl"
+HUMAN = "human"
+"""The source of pairs read from preference files or hub datasets."""
+ONPOLICY = "onpolicy"
+"""The source of pairs a judge ranked among a policy's samples."""
+
+
+@dataclass
+class PreferenceData:
+    """The pairs a stage learns from: training pairs, held-out pairs by source, and the policy samples
+    the on-policy pairs were ranked from (empty when there were none)."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def sampled_responses(self) -> list[tuple[str, str]]:
+        """Every sampled (prompt, response), prompt by prompt, in the order they were drawn."""
+        return [(s["prompt"], r) for s in self.samples for r in s["responses"]]
+
+
+def pair_row(row: dict[str, Any], source: str, margin: float | None = None) -> dict[str, Any]:
+    """A pair in the dataset's form; a `source` or `margin` the row already carries is kept."""
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+            "margin": row.get("margin", margin), "source": row.get("source") or source}
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line (an empty file for no rows)."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def split_file(directory: str | Path, split: str) -> Path | None:
+    """`<directory>/<split>.jsonl` (or `.jsonl.gz`), or None when there is neither."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        path = Path(directory) / name
+        if path.is_file():
+            return path
+    return None
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """The pairs of one split file, each with a `source` ("human" where the file names none).
+
+    Every line must hold string `prompt`, `chosen` and `rejected` fields; an empty response is allowed
+    (a policy may answer with EOS at once, and preferring a real answer over it is a preference).
+    """
+    from rlhf.data import DataError, _open_text_lines
+
+    rows = []
+    for number, line in _open_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise DataError(f'{path} line {number}: a pair needs string "prompt", "chosen" and "rejected" fields')
+        rows.append(pair_row(row, HUMAN))
+    return rows
+
+
+def read_preferences(directory: str | Path) -> PreferenceData:
+    """A preference dataset directory (see the module docstring): its train and eval pairs and samples."""
+    from rlhf.data import DataError
+
+    train_file = split_file(directory, "train")
+    if train_file is None:
+        raise DataError(f"{directory}: no train.jsonl; a preference dataset is a directory with train.jsonl "
+                        "(and eval.jsonl) of {\"prompt\",\"chosen\",\"rejected\"} rows, as a preferences stage writes")
+    data = PreferenceData(train=read_pairs(train_file))
+    eval_file = split_file(directory, "eval")
+    if eval_file is not None:
+        data.evals = by_source(read_pairs(eval_file))
+    samples = Path(directory) / SAMPLES
+    if samples.is_file():
+        data.samples = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return data
+
+
+def by_source(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Pairs grouped by their source, sources in the order they first appear."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(row["source"], []).append(row)
+    return out
+
+
+def load_preferences(directory: str | None, train_data: str | None, eval_data: str | None) -> PreferenceData:
+    """What a stage that learns from pairs reads: a preference dataset directory (a preferences stage's
+    artifact, or a copy of one) and preference files or hub datasets (source "human"), merged. Files
+    come first, as the preferences stage merges them."""
+    from rlhf.data import load_rows
+
+    data = PreferenceData()
+    if train_data:
+        data.train += [pair_row(r, HUMAN) for r in load_rows(train_data, "preferences").to_list()]
+    if eval_data:
+        data.evals = by_source([pair_row(r, HUMAN) for r in load_rows(eval_data, "preferences").to_list()])
+    if directory is not None:
+        found = read_preferences(directory)
+        data.train += found.train
+        for source, rows in found.evals.items():
+            data.evals.setdefault(source, []).extend(rows)
+        data.samples = found.samples
+    return data
+
+
+def conversational(row: dict[str, Any]) -> dict[str, Any]:
+    """A pair as chat turns, so TRL renders it through the tokenizer's chat template."""
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        "chosen": [{"role": "assistant", "content": row["chosen"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]}],
+    }
+
+
+# ---- a stage input that names preferences --------------------------------------------------------------
+
+
+def outside_data_files(stage: Any, field: str = "preferences") -> dict[str, str]:
+    """`Stage.data_files` entries for a preferences input from outside the experiment: the directory, so
+    its files' contents (not only their names and sizes) are part of the stage's key."""
+    ref = stage.input_refs.get(field)
+    return {field: ref.external} if ref is not None and ref.external else {}
+
+
+def check_input(stage: Any, field: str = "preferences") -> None:
+    """A preferences input from outside the experiment must be a directory holding train.jsonl."""
+    from rlhf.stage import StageError
+
+    ref = stage.input_refs.get(field)
+    if ref is not None and ref.external and split_file(ref.external, "train") is None:
+        raise StageError(
+            f"{stage.stage_name}: stages.{stage.stage_name}.{field} = {ref.external!r} is neither a stage of this "
+            "experiment nor a directory holding train.jsonl; name a preferences stage or such a directory, or give "
+            f"preference files and hub datasets as stages.{stage.stage_name}.train_data / eval_data"
+        )

@@ -1,0 +1,327 @@
+"""DPO: optimise the policy on preference pairs directly, without a reward model or sampling during
+training (Rafailov et al. 2023).
+
+In:  the `sft` policy, which is also the reference the loss holds the policy near, and preference pairs:
+     a preferences stage's dataset (stages/preferences.py), preference files or hub datasets.
+Out: a policy artifact like PPO's (AutoModelForCausalLM; LoRA merged, the adapter kept in `adapter/`), with
+     held-out preference accuracy and implicit-reward margins per source, and the experiment's shared
+     evaluation of the reference (SFT) policy and of this policy on the same held-out prompts: the same
+     metric names as PPO's manifest (gold, gold_ref, gold_gain, gold_gain_ci, task, kl, unique_share, ...),
+     so the report sets the methods side by side.
+
+Training is `trl.DPOTrainer` with any of its losses (`loss_type`: sigmoid is DPO's, ipo, hinge, robust,
+...). The reference is the policy input: a frozen copy in memory, its logprobs of every pair computed once
+before training (`precompute_ref_log_probs`), or with LoRA the policy with its adapters disabled. A policy
+that prefers the rejected response of held-out pairs, or that stops ending its answers, fails the stage
+(`min_accuracy`, `min_eos_rate`) and nothing is published.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.config import checked, logging_only
+from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
+from rlhf.evaluation import PolicyEvaluation, compare, summarize
+from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
+from rlhf.preferences import check_input as check_preference_input
+from rlhf.preferences import conversational, load_preferences, outside_data_files
+from rlhf.stage import Stage, StageError
+from rlhf.tokenizer import tokenizer_facts
+from rlhf.tracking import trainer_callback
+from rlhf.trainers import (LR_SCHEDULERS, finished_weights, save_trained, train_from_last_checkpoint,
+                           trainer_arguments)
+
+log = logging.getLogger("rlhf")
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""The losses `trl.DPOConfig.loss_type` accepts in TRL 1.16 (tests/test_dpo.py checks the list against
+the installed TRL)."""
+
+
+@dataclass
+class DPOConfig:
+    policy: str = "sft"
+    """Policy to optimise, and the reference it is held near: an upstream stage, a hub id or a local HF directory."""
+    preferences: str | None = "preferences"
+    """Pairs: a preferences stage, or a directory of its files (train.jsonl, eval.jsonl); None: only `train_data`."""
+    train_data: str | None = None
+    """More preference pairs ({"prompt","chosen","rejected"}; a local file or hub dataset, source "human")."""
+    eval_data: str | None = None
+    """More held-out preference pairs (source "human")."""
+    loss_type: str = checked("sigmoid", choices=LOSS_TYPES)
+    """TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot,
+    aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm."""
+    beta: float = checked(0.1, gt=0)
+    """Strength of the pull towards the reference (higher: closer); IPO's tau."""
+    label_smoothing: float = checked(0.0, ge=0, lt=1)
+    """Assumed share of flipped labels for `robust` (in [0, 0.5)); EXO's epsilon for `exo_pair` (> 0)."""
+    precompute_ref_log_probs: bool = False
+    """Compute the reference's logprobs of every pair once before training instead of keeping the reference
+    model in memory while training (the final evaluation still loads it, to measure KL)."""
+    max_length: int = checked(128, ge=2)
+    """Longest tokenized prompt + response; longer ones are truncated, pairs whose prompt alone fills it dropped."""
+    max_steps: int = checked(200, ge=1)
+    """Optimizer steps."""
+    batch_size: int = checked(32, ge=1)
+    """Pairs per device per forward pass."""
+    gradient_accumulation_steps: int = checked(1, ge=1)
+    """Forward passes per optimizer step."""
+    learning_rate: float = checked(1e-4, gt=0)
+    """Peak learning rate."""
+    warmup_steps: int = checked(10, ge=0)
+    """Linear warmup steps before the learning-rate schedule."""
+    lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
+    """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
+    weight_decay: float = checked(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = checked(1.0, ge=0)
+    """Gradient clipping norm."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Train LoRA adapters instead of all weights (merged into the artifact; the reference is then the
+    policy with its adapters disabled)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPUs that support it)."""
+    min_accuracy: float = checked(0.6, ge=0, le=1)
+    """Fail the stage when the implicit reward prefers the chosen response on fewer held-out pairs than this."""
+    min_eos_rate: float = checked(0.8, ge=0, le=1)
+    """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS."""
+    eval_every: int = logging_only(50, ge=0)
+    """Run the experiment's evaluation (sampled responses only) every N steps, for the report's curves (0: never)."""
+    logging_steps: int = logging_only(10, ge=1)
+    """Log training loss every N steps."""
+    save_steps: int = logging_only(100, ge=1)
+    """Write a resumable checkpoint every N steps."""
+
+    def __post_init__(self) -> None:
+        if self.loss_type == "exo_pair" and not 0 < self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing: {self.label_smoothing}; loss_type exo_pair needs it in (0, 1) "
+                             "(the EXO paper uses 1e-3)")
+        if self.loss_type == "robust" and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: {self.label_smoothing}; loss_type robust needs it in [0, 0.5)")
+
+
+class DPOStage(Stage):
+    """Direct preference optimisation with `trl.DPOTrainer`; the reference is the policy input."""
+
+    name = "dpo"
+    config_class = DPOConfig
+    kind = "policy"
+    inputs = {"policy": "sft", "preferences": "preferences"}
+
+    def data_files(self):
+        c = self.config
+        return {"train": c.train_data, "eval": c.eval_data, **outside_data_files(self)}
+
+    def validate_inputs(self) -> None:
+        super().validate_inputs()
+        if self.config.train_data is None and "preferences" not in self.input_refs:
+            raise StageError(f"{self.stage_name}: no preferences: set stages.{self.stage_name}.preferences (a "
+                             f"preferences stage) or stages.{self.stage_name}.train_data (a preference file)")
+        check_preference_input(self)
+
+    # -- override points --------------------------------------------------------------------------
+
+    def build_model(self):
+        """The policy to train and its tokenizer (pad token added and embeddings resized if it had none)."""
+        return load_causal_lm(self.input_path("policy"))
+
+    def build_reference(self):
+        """A frozen copy of the policy input: the reference of the loss, of the held-out rewards and of KL."""
+        return load_causal_lm(self.input_path("policy"))[0].requires_grad_(False).eval()
+
+    def build_dataset(self):
+        """(train, {source: eval}) preference datasets in conversational form (TRL renders them through the
+        chat template, loss on the response tokens)."""
+        import datasets
+
+        c = self.config
+        data = load_preferences(self.input_path("preferences") if "preferences" in self.input_refs else None,
+                                c.train_data, c.eval_data)
+        if not data.train:
+            raise StageError(f"{self.stage_name}: no training pairs")
+        train = datasets.Dataset.from_list([conversational(r) for r in data.train])
+        return train, {k: datasets.Dataset.from_list([conversational(r) for r in v]) for k, v in data.evals.items()}
+
+    def build_trainer(self):
+        """The `trl.DPOTrainer` (checkpoints under the work directory)."""
+        from trl import DPOConfig as TRLDPOConfig
+        from trl import DPOTrainer
+
+        c = self.config
+        args = trainer_arguments(
+            TRLDPOConfig, self,
+            lr_scheduler_type=c.lr_scheduler_type,
+            max_length=c.max_length,
+            beta=c.beta,
+            loss_type=[c.loss_type],
+            label_smoothing=c.label_smoothing,
+            precompute_ref_log_probs=c.precompute_ref_log_probs,
+            gradient_checkpointing=False,  # TRL turns it on by default; the models here are small
+        )
+        return DPOTrainer(
+            model=self.model,
+            ref_model=None if c.precompute_ref_log_probs else self.reference,  # None with LoRA: adapters off
+            args=args,
+            train_dataset=self.train_ds,
+            eval_dataset=self.eval_sets or None,
+            processing_class=self.tokenizer,
+            peft_config=c.lora.peft_config() if c.lora.enabled else None,
+            callbacks=[trainer_callback(self.tracker), self.evaluation_callback()],
+        )
+
+    def reference_kwargs(self, model) -> dict:
+        """How `PolicyEvaluation.run` measures KL while training: against the frozen reference, or with
+        LoRA the same model with its adapters disabled; {} where none is in memory (precomputed logprobs)."""
+        from peft import PeftModel
+
+        if self.reference is not None:
+            return {"reference": self.reference}
+        if isinstance(model, PeftModel):
+            return {"reference_context": model.disable_adapter}
+        return {}
+
+    def evaluation_callback(self):
+        """Every `eval_every` steps, the shared evaluation (sampled responses only) into the log as `eval/*`,
+        the points of the report's over-optimisation plot. It draws from its own seeded RNG, so training
+        takes the same steps with it or without it."""
+        from transformers import TrainerCallback
+
+        stage = self
+
+        class _Periodic(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                every = stage.config.eval_every
+                if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                    results = stage.evaluation.run(model, stage.tokenizer, greedy=False, **stage.reference_kwargs(model))
+                    stage.tracker.log({f"eval/{k}": v for k, v in summarize(results, stage.evaluation.roles).items()},
+                                      step=state.global_step)
+
+        return _Periodic()
+
+    @torch.no_grad()
+    def pair_metrics(self, reference) -> dict:
+        """Held-out preference accuracy and mean implicit-reward margin per source, over every pair of the
+        eval sets as the trainer tokenized them (`accuracy`: all sources together)."""
+        c, metrics, correct, total = self.config, {}, 0, 0
+        model = self.model.eval()
+        for source, ds in (self.trainer.eval_dataset or {}).items():
+            chosen, rejected = [], []
+            for start in range(0, len(ds), c.batch_size):
+                rows = [ds[i] for i in range(start, min(start + c.batch_size, len(ds)))]
+                batch = {k: v.to(model.device) for k, v in self.trainer.data_collator(rows).items()}
+                inputs = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                if "ref_chosen_logps" in batch:  # precomputed by the trainer
+                    ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+                else:
+                    ref = sequence_logprobs(reference, *inputs)
+                r_chosen, r_rejected = implicit_rewards(sequence_logprobs(model, *inputs), ref, c.beta).chunk(2)
+                chosen.append(r_chosen)
+                rejected.append(r_rejected)
+            stats = pair_statistics(torch.cat(chosen), torch.cat(rejected))
+            metrics.update({f"accuracy_{source}": stats["accuracy"], f"margin_{source}": stats["margin"],
+                            f"eval_pairs_{source}": len(ds)})
+            correct, total = correct + stats["accuracy"] * len(ds), total + len(ds)
+        metrics["accuracy"] = correct / total if total else float("nan")
+        return metrics
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from rlhf.distributed import refuse_sharded_lora
+
+        c = self.config
+        refuse_sharded_lora(self.stage_name, c.lora.enabled)  # before training, not after it
+        self.model, self.tokenizer = self.build_model()
+        # With LoRA the reference is the policy with its adapters off; precomputed logprobs need none in memory.
+        self.reference = None if c.lora.enabled or c.precompute_ref_log_probs else self.build_reference()
+        self.train_ds, self.eval_sets = self.build_dataset()
+        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
+        self.trainer = self.build_trainer()
+        self.model = self.trainer.model  # a PeftModel when LoRA is on
+        log.info("%s: %d trainable of %d parameters, %d training pairs, loss %s, beta %g", self.stage_name,
+                 count_parameters(self.model, True), count_parameters(self.model), len(self.trainer.train_dataset),
+                 c.loss_type, c.beta)
+
+    def train(self) -> dict:
+        # The reference policy's evaluation: the model is still the policy input here (a resumed run loads
+        # its checkpoint inside trainer.train), so a rerun measures the same baseline.
+        self.baseline = self.evaluation.run(self.model, self.tokenizer)
+        metrics = train_from_last_checkpoint(self)
+        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so users get a plain checkpoint.
+        self.full_state, self.model = finished_weights(self)
+        return {**metrics, "train_pairs": len(self.trainer.train_dataset)}
+
+    def evaluate(self) -> dict:
+        c, key = self.config, f"stages.{self.stage_name}"
+        # after LoRA's merge or with precomputed logprobs there is no reference in memory: load it for KL
+        reference = self.reference if self.reference is not None else self.build_reference().to(self.model.device)
+        final = self.evaluation.run(self.model, self.tokenizer, reference=reference)
+        metrics = {"eval_prompts": len(self.evaluation.prompts), **self.pair_metrics(reference),
+                   **compare(self.baseline, final, self.evaluation.roles, self.seed)}
+        self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)},
+                         step=self.trainer.state.global_step)
+        metrics["samples"] = self.evaluation.samples(final, before=self.baseline)
+        log.info("%s: %s", self.stage_name, self.headline(metrics))
+        pairs = sum(v for k, v in metrics.items() if k.startswith("eval_pairs_"))
+        if pairs and metrics["accuracy"] < c.min_accuracy:
+            raise StageError(
+                f"{self.stage_name}: the policy's implicit reward prefers the chosen response on only "
+                f"{metrics['accuracy']:.0%} of {pairs} held-out pairs (floor {key}.min_accuracy={c.min_accuracy}). "
+                f"Train longer or at a higher {key}.learning_rate, check the pairs (the preferences stage's margin "
+                "and judge), or lower the floor on purpose."
+            )
+        if metrics["eos_rate"] < c.min_eos_rate:
+            raise StageError(
+                f"{self.stage_name}: only {metrics['eos_rate']:.0%} of {metrics['eval_prompts']} held-out samples end "
+                f"with EOS within evaluation.max_new_tokens={self.experiment.evaluation.max_new_tokens} tokens (floor "
+                f"{key}.min_eos_rate={c.min_eos_rate}; the reference's {metrics['eos_rate_ref']:.0%}). A policy that "
+                f"stops ending its answers has drifted too far: raise {key}.beta, lower {key}.learning_rate or "
+                "train fewer steps, or lower the floor on purpose."
+            )
+        return metrics
+
+    def save(self, out) -> None:
+        save_trained(self, out)
+
+    def verify_saved(self, out) -> None:
+        from transformers import AutoModelForCausalLM
+
+        verify_checkpoint(self.model, out, AutoModelForCausalLM, self.tokenizer, getattr(self, "full_state", None))
+
+    def manifest_extra(self):
+        return tokenizer_facts(self.tokenizer)
+
+    @classmethod
+    def headline(cls, m):
+        from rlhf.report import fmt
+
+        return (f"gold {fmt(m, 'gold_ref')} -> {fmt(m, 'gold')}, task success {fmt(m, 'task_ref', '{:.2f}')} -> "
+                f"{fmt(m, 'task', '{:.2f}')}, unique {fmt(m, 'unique_share_ref', '{:.2f}')} -> "
+                f"{fmt(m, 'unique_share', '{:.2f}')}, KL {fmt(m, 'kl')}, held-out pair accuracy "
+                f"{fmt(m, 'accuracy', '{:.2f}')}")
+
+    @classmethod
+    def report_section(cls, section):
+        from rlhf.report import comparison_table, overoptimisation_plot, samples_table
+
+        m, name = section.metrics, section.name
+        panels = [(label, [(label, *section.series(key))]) for key, label in (
+            ("loss", "DPO loss"), ("rewards/margins", "implicit reward margin"),
+            ("rewards/accuracies", "pair accuracy (training batches)")) if section.series(key)[0]]
+        lines = [section.plot(f"{name}_training.png", panels, f"{name} training"), ""] if panels else []
+        sources = [k.removeprefix("accuracy_") for k in m if k.startswith("accuracy_")]
+        lines += [f"- held-out {s} pairs: the implicit reward prefers the chosen response on {m[f'accuracy_{s}']:.3f} "
+                  f"of {m.get(f'eval_pairs_{s}', '?')}, mean margin {m.get(f'margin_{s}', float('nan')):.3f}"
+                  for s in sources]
+        lines += ["", overoptimisation_plot(section, f"{name}_overoptimisation.png"), ""]
+        lines += comparison_table(m, "reference", name)
+        lines += samples_table(m.get("samples", []), [("greedy_before", "reference, greedy"),
+                                                      ("greedy_after", f"{name}, greedy"),
+                                                      ("before", "reference, sampled"),
+                                                      ("after", f"{name}, sampled")])
+        return lines
