@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-stamp
 RLHF   := $(BIN)/rlhf
 RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 
-.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo rlvr pipeline report chat bench data status plan clean
+.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo rlvr compare pipeline report chat bench data status plan clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -60,6 +60,10 @@ dpo: $(STAMP)  ## DPO on the default experiment's preference pairs (configs/tiny
 rlvr: $(STAMP)  ## GRPO on a verifiable reward, no reward model (configs/tiny-rlvr.yaml), then its report
 	$(RLHF) run configs/tiny-rlvr.yaml $(ARGS)
 	$(RLHF) report configs/tiny-rlvr.yaml
+
+compare: $(STAMP)  ## PPO, GRPO and DPO side by side on one SFT and reward model (configs/compare.yaml), then the report
+	$(RLHF) run configs/compare.yaml $(ARGS)
+	$(RLHF) report configs/compare.yaml
 
 pipeline: $(STAMP)  ## every stage of CONFIG, then the report
 	$(RUN) $(ARGS)

@@ -43,8 +43,8 @@ SETTINGS = {
              "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
              # GRPO: configs/tiny-rlvr.yaml's grpo block (GRPO's defaults, 8 x 8 responses, 60 steps)
              "grpo_runs": 5,
-             "grpo": {"reward": "uses_word", "steps": 60, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
-                      "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 1e-4, "beta": 0.04,
+             "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
+                      "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                       "loss": "sequence_mean", "estimator": "grpo"}},
     "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
               "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
@@ -52,7 +52,7 @@ SETTINGS = {
               "sft": {"steps": 10, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 2},
               "grpo_runs": 2,
               "grpo": {"reward": "uses_word", "steps": 3, "prompts-per-step": 4, "group-size": 8, "minibatches": 2,
-                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 1e-4, "beta": 0.04,
+                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                        "loss": "sequence_mean", "estimator": "grpo"}},
 }
 

@@ -195,8 +195,8 @@ def test_lora_artifact_is_merged_and_keeps_the_adapter(upstream):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages.dpo.min_accuracy=1.01", r"prefers the chosen response on only .* stages\.dpo\.min_accuracy=1\.01"),
-    ("stages.dpo.min_eos_rate=1.01", r"end with EOS .* stages\.dpo\.min_eos_rate=1\.01"),
+    ("stages.dpo.min_accuracy=1.0", r"prefers the chosen response on only .* stages\.dpo\.min_accuracy=1\.0"),
+    ("stages.dpo.min_eos_rate=1.0", r"end with EOS .* stages\.dpo\.min_eos_rate=1\.0"),
 ])
 def test_gates_fail_the_stage_and_publish_nothing(upstream, override, message):
     pipe = _pipe(upstream, override)
