@@ -206,9 +206,9 @@ def test_gates_fail_the_stage_and_publish_nothing(upstream, override, message):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("stages.dpo.loss_type=dpo", r"stages\.dpo\.loss_type: 'dpo'; one of sigmoid, hinge, ipo"),
+    ("stages.dpo.loss_type=dpo", r"stages\.dpo\.loss_type: 'dpo' must be one of 'sigmoid', 'hinge', 'ipo'"),
     ("stages.dpo.loss_type=exo_pair", r"stages\.dpo\.label_smoothing: 0\.0; loss_type exo_pair needs it"),
-    ("stages.dpo.beta=0", r"stages\.dpo\.beta: 0\.0; must be > 0"),
+    ("stages.dpo.beta=0", r"stages\.dpo\.beta: 0\.0 must be > 0"),
 ])
 def test_bad_settings_are_refused_when_the_config_loads(upstream, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -46,7 +46,8 @@ def test_report_writes_every_plot_it_names(finished, capsys):
                     "## ppo_short", "## dpo", "## Comparison of the alignment methods"):
         assert heading in md
     # the comparison: one row per policy stage against its reference
-    assert md.count("| ppo | ") == 1 and md.count("| ppo_short | ") == 1 and md.count("| dpo | ") == 1
+    comparison = md.split("## Comparison of the alignment methods")[1]
+    assert all(comparison.count(f"| {name} | ") == 1 for name in ("ppo", "ppo_short", "dpo"))
     # every policy's shared evaluation: task success and diversity beside the judges, sampled and greedy
     for row in ("| task success | sampled |", "| task success | greedy |", "| unique responses (share) | greedy |",
                 "| gold judge | sampled |", "| KL to reference"):
