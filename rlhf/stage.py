@@ -218,6 +218,26 @@ class Stage:
                 raise ConfigError(f"{where}: {value} is a file; {fix}")
             elif value.startswith(("/", ".", "~")) or "\\" in value or not _HUB_ID.match(value):
                 raise ConfigError(f"{where}: {value} does not exist (and is not a hub id); {fix}")
+            else:
+                self._check_hub_id(where, value, fix)
+
+    def _check_hub_id(self, where: str, value: str, fix: str) -> None:
+        """A hub id is not fetched here, but a misspelt stage name would be taken for one (and fail only
+        when its stage starts), and offline (HF_HUB_OFFLINE=1) a hub id must already be in the cache."""
+        import difflib
+        import os
+
+        close = difflib.get_close_matches(value, list(self.experiment.stages), n=1, cutoff=0.75)
+        if "/" not in value and close:
+            raise ConfigError(f"{where}: {value} is not a stage of this experiment; did you mean {close[0]}? "
+                              f"(to load a hub model of that name, give it with its owner, e.g. owner/{value})")
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            from huggingface_hub import try_to_load_from_cache
+
+            repo, _, revision = value.partition("@")
+            if not isinstance(try_to_load_from_cache(repo, "config.json", revision=revision or None), str):
+                raise ConfigError(f"{where}: {value} is not in the local hub cache and HF_HUB_OFFLINE is set, "
+                                  f"so it cannot be downloaded; download it once online, or {fix}")
 
     def check_data(self) -> None:
         """Every data file in `data_schemas` parses against its schema (see `rlhf.data.check_data`)."""
