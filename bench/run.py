@@ -41,8 +41,8 @@ SETTINGS = {
              "ppo": {"steps": 30, "batch": 64, "minibatches": 4, "epochs": 4, "response-length": 32,
                      "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
              "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
-             # GRPO: configs/tiny-rlvr.yaml's grpo block (GRPO's defaults, 8 x 8 responses, 60 steps)
-             "grpo_runs": 5,
+             # GRPO: configs/tiny-rlvr.yaml's grpo block (8 prompts x 8 responses, 80 steps at 3e-4)
+             "grpo_runs": 3,
              "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                       "loss": "sequence_mean", "estimator": "grpo"}},
@@ -400,7 +400,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short runs on small settings (checks the benchmark)")
     ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft", "grpo"],
                     default=["pipeline", "ppo", "sft", "grpo"])
-    ap.add_argument("--runs", type=int, help="runs per framework (default 3; GRPO: 5, quick 2)")
+    ap.add_argument("--runs", type=int, help="runs per framework (default 3; quick: GRPO 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
     ap.add_argument("--results", default="bench/RESULTS.md")
