@@ -179,6 +179,18 @@ def _check_row(row: Any, schema: str, where: str) -> dict[str, Any]:
     return row
 
 
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSON Lines file (optionally gzipped);
+    malformed JSON, bad gzip and bad UTF-8 are reported by file and line."""
+    for number, line in _open_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
@@ -211,13 +223,7 @@ def read_local(path: Path, schema: str) -> list[dict[str, Any]]:
         rows = [_check_row(r, schema, f"{path} item {i}") for i, r in enumerate(data)]
     else:
         rows = []
-        for number, line in _open_text_lines(path):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+        for number, row in json_lines(path):
             if is_hh_row(row):
                 row = from_hh(row, schema)
                 if row is None:

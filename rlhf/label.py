@@ -18,16 +18,11 @@ KEYS = "1 = first is better, 2 = second is better, s = skip (tie or both bad), q
 
 def load_candidates(path: str) -> list[dict]:
     """Candidate rows with at least two different responses; errors name the file and line."""
+    from rlhf.data import json_lines
     from rlhf.errors import DataError
 
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number}: malformed JSON ({e.msg})") from None
+    for number, row in json_lines(Path(path)):
         responses = row.get("responses") if isinstance(row, dict) else None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(responses, list):
             raise DataError(f'{path} line {number}: expected {{"prompt": str, "responses": [str, str, ...]}}')

@@ -70,16 +70,10 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     Every line must hold string `prompt`, `chosen` and `rejected` fields; an empty response is allowed
     (a policy may answer with EOS at once, and preferring a real answer over it is a preference).
     """
-    from rlhf.data import DataError, _open_text_lines
+    from rlhf.data import DataError, json_lines
 
     rows = []
-    for number, line in _open_text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for number, row in json_lines(path):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
             raise DataError(f'{path} line {number}: a pair needs string "prompt", "chosen" and "rejected" fields')
         rows.append(pair_row(row, HUMAN))

@@ -112,3 +112,12 @@ def save_trained(stage: Any, out) -> None:
     tokenizer.save_pretrained(str(out))
     if stage.config.lora.enabled:
         shutil.copytree(stage.work_dir / "adapter", out / "adapter")
+
+
+
+def verify_trained(stage: Any, out, auto_class) -> None:
+    """`Stage.verify_saved` of a Trainer stage: `out` (what `save_trained` wrote) loads with `auto_class` and
+    holds `stage.model`'s weights (against `stage.full_state` in sharded runs, where no rank has them all)."""
+    from rlhf.models import verify_checkpoint
+
+    verify_checkpoint(stage.model, out, auto_class, stage.tokenizer, getattr(stage, "full_state", None))

@@ -26,14 +26,14 @@ import torch
 from rlhf.config import checked, logging_only
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
 from rlhf.evaluation import PolicyEvaluation, compare, summarize
-from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
+from rlhf.models import LoraSettings, count_parameters, load_causal_lm
 from rlhf.preferences import check_input as check_preference_input
 from rlhf.preferences import conversational, load_preferences, outside_data_files
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
 from rlhf.trainers import (LR_SCHEDULERS, finished_weights, save_trained, train_from_last_checkpoint,
-                           trainer_arguments)
+                           trainer_arguments, verify_trained)
 
 log = logging.getLogger("rlhf")
 
@@ -291,7 +291,7 @@ class DPOStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
 
-        verify_checkpoint(self.model, out, AutoModelForCausalLM, self.tokenizer, getattr(self, "full_state", None))
+        verify_trained(self, out, AutoModelForCausalLM)
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)

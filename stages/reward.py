@@ -18,15 +18,14 @@ import torch
 
 from rlhf.config import checked, logging_only
 from rlhf.data import load_rows
-from rlhf.models import (LoraSettings, count_parameters, disable_dropout, load_causal_lm, verify_checkpoint,
-                         whole_models)
+from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, whole_models
 from rlhf.preferences import check_input as check_preference_input
 from rlhf.preferences import conversational, load_preferences, outside_data_files
 from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import finished_weights, save_trained, train_from_last_checkpoint, trainer_arguments
+from rlhf.trainers import finished_weights, save_trained, train_from_last_checkpoint, trainer_arguments, verify_trained
 
 log = logging.getLogger("rlhf")
 
@@ -237,8 +236,7 @@ class RewardStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        verify_checkpoint(self.model, out, AutoModelForSequenceClassification, self.tokenizer,
-                          getattr(self, "full_state", None))
+        verify_trained(self, out, AutoModelForSequenceClassification)
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from rlhf.config import checked, logging_only
 from rlhf.data import load_rows, to_messages
 from rlhf.evaluation import PolicyEvaluation, summarize
-from rlhf.models import LoraSettings, count_parameters, load_causal_lm, verify_checkpoint
+from rlhf.models import LoraSettings, count_parameters, load_causal_lm
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
 from rlhf.trainers import (LR_SCHEDULERS, finished_weights, save_trained, train_from_last_checkpoint,
-                           trainer_arguments)
+                           trainer_arguments, verify_trained)
 
 log = logging.getLogger("rlhf")
 
@@ -170,7 +170,7 @@ class SFTStage(Stage):
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM
 
-        verify_checkpoint(self.model, out, AutoModelForCausalLM, self.tokenizer, getattr(self, "full_state", None))
+        verify_trained(self, out, AutoModelForCausalLM)
 
     def manifest_extra(self):
         return tokenizer_facts(self.tokenizer)
