@@ -30,7 +30,7 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
 
     From `stage.config`, by field name: `max_steps`, `batch_size` (per device, for training and
     evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
-    `max_grad_norm`, `bf16`, `logging_steps`, `save_steps`. From the stage: checkpoints go to
+    `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps`. From the stage: checkpoints go to
     `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed` seeds both the
     model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
     `max_length`, ...) and wins over the shared ones.
@@ -49,6 +49,7 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
         weight_decay=c.weight_decay,
         max_grad_norm=c.max_grad_norm,
         bf16=c.bf16,
+        gradient_checkpointing=c.gradient_checkpointing,
         logging_steps=c.logging_steps,
         save_steps=c.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,

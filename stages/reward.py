@@ -70,6 +70,9 @@ class RewardConfig:
     """Train LoRA adapters instead of all weights (merged into the artifact)."""
     bf16: bool = False
     """bf16 mixed precision (GPUs that support it)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
+    on by default; off here, since on the small default models it only costs time)."""
     min_accuracy: float = checked(0.7, ge=0, le=1)
     """Promotion gate: fail when held-out pairwise accuracy is below this."""
     stats_samples: int = checked(256, ge=2)

@@ -44,6 +44,35 @@ def test_prompt_tokens_carry_no_loss(sft_yaml, monkeypatch):
         assert labels[start:] == ids[start:] and ids[-1] == tok.eos_token_id
 
 
+def _trainer(sft_yaml, monkeypatch, *overrides):
+    seen = {}
+
+    def capture(self):  # stop after setup: the trainer is what we inspect
+        seen["trainer"] = self.trainer
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SFTStage, "train", capture)
+    with pytest.raises(KeyboardInterrupt):
+        _run(sft_yaml, *overrides)
+    return seen["trainer"]
+
+
+def test_the_plain_loss_equals_trls_fused_lm_head_loss(sft_yaml, monkeypatch):
+    """On CPU the stage swaps TRL's fused LM-head loss for the model's own cross-entropy (faster without
+    Triton); both are the mean negative log-likelihood of the response tokens, so equal to float rounding.
+    A plain loss over every position (prompt tokens unmasked) would differ by far more than that."""
+    fused = _trainer(sft_yaml, monkeypatch, "stages.sft.fused_lm_head=true")
+    plain = _trainer(sft_yaml, monkeypatch, "stages.sft.fused_lm_head=false")
+    assert type(plain).__name__ == "PlainLossSFTTrainer" and type(fused).__name__ == "SFTTrainer"
+    batch = next(iter(fused.get_train_dataloader()))
+    n = (batch["labels"][:, 1:] != -100).sum()
+    losses = [t.compute_loss(t.model, dict(batch), num_items_in_batch=n).item() for t in (fused, plain)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    unmasked = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.item()
+    assert abs(unmasked - losses[1]) > 1e-2
+
+
 def test_sft_artifact_metrics_and_input_from_store(sft_yaml):
     pipe, results = _run(sft_yaml)
     store = pipe.store
