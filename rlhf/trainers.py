@@ -49,7 +49,7 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
         weight_decay=c.weight_decay,
         max_grad_norm=c.max_grad_norm,
         bf16=c.bf16,
-        gradient_checkpointing=c.gradient_checkpointing,
+        activation_checkpointing=c.gradient_checkpointing,  # transformers 5's name; the old one only warns
         logging_steps=c.logging_steps,
         save_steps=c.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,
