@@ -1,6 +1,7 @@
 """Two CPU processes against one, at the same global batch: DDP over gloo (configs/accelerate/cpu-ddp.yaml)
-and DeepSpeed ZeRO-2 and ZeRO-3 (configs/accelerate/zero2.yaml, zero3.yaml with 2 processes, `use_cpu: true`,
-no mixed precision; DeepSpeed's CPU accelerator over gloo).
+and DeepSpeed ZeRO-3 (configs/accelerate/zero3.yaml with 2 processes, `use_cpu: true`, no mixed precision;
+DeepSpeed's CPU accelerator over gloo). ZeRO-2 ran here too until the suite outgrew its time budget; the
+measured differences below include it.
 
 The two-process run goes through `rlhf run --launch`, the path users take. SFT and reward use a per-process
 batch of 4 (global 8) against the one-process batch of 8; PPO's global rollout batch is the same 8
@@ -93,7 +94,11 @@ def experiment(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["cpu-ddp", "zero2", "zero3"])
+# ZeRO-2 is left out of the two-process runs (its launch command is still built and checked below): what
+# it changes, partitioned gradients and optimizer states, happens inside DeepSpeed, while ZeRO-3 also runs
+# this project's own sharded paths (weights gathered to save and to generate, sharded reference and reward
+# models). Each launch config costs ~100 s of the suite's 10 minutes on 2 cores.
+@pytest.fixture(scope="module", params=["cpu-ddp", "zero3"])
 def two_processes(request, experiment, tmp_path_factory):
     """SFT, reward and PPO in two processes through `rlhf run --launch FILE`, in a copy of the experiment's
     store and with run logs of their own (the launches give the same keys): (launch file, the overrides,

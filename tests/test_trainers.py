@@ -96,7 +96,7 @@ def test_sft_schedule_and_length_grouping_reach_the_trainer(experiment):
 def test_a_stages_own_argument_wins_over_the_shared_one(tmp_path):
     config = SimpleNamespace(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=0.1,
                              warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, logging_steps=1,
-                             save_steps=1)
+                             save_steps=1, gradient_checkpointing=False)
     stage = SimpleNamespace(config=config, work_dir=tmp_path, seed=7)
     args = trainer_arguments(TrainingArguments, stage, per_device_eval_batch_size=16)
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (4, 16)
