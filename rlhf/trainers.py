@@ -30,9 +30,9 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
 
     From `stage.config`, by field name: `max_steps`, `batch_size` (per device, for training and
     evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
-    `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps`. From the stage: checkpoints go to
-    `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed` seeds both the
-    model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
+    `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps`. From the stage:
+    checkpoints go to `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed`
+    seeds both the model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
     `max_length`, ...) and wins over the shared ones.
     """
     from rlhf.distributed import trainer_accelerator_config

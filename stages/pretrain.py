@@ -58,8 +58,7 @@ class PretrainConfig:
     bf16: bool = False
     """bf16 mixed precision (GPUs that support it)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
-    on by default; off here, since on the small default models it only costs time)."""
+    """Recompute activations in the backward pass: less memory for about a third more compute."""
     eval_blocks: int = checked(256, ge=1)
     """Held-out blocks used for perplexity (and the unigram baseline)."""
     eval_batch_size: int = checked(64, ge=1)
