@@ -115,7 +115,6 @@ def save_trained(stage: Any, out) -> None:
         shutil.copytree(stage.work_dir / "adapter", out / "adapter")
 
 
-
 def verify_trained(stage: Any, out, auto_class) -> None:
     """`Stage.verify_saved` of a Trainer stage: `out` (what `save_trained` wrote) loads with `auto_class` and
     holds `stage.model`'s weights (against `stage.full_state` in sharded runs, where no rank has them all)."""

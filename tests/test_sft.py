@@ -23,17 +23,22 @@ def sft_yaml(workdir, tiny_data):
     return write_config(workdir / "exp.yaml", tiny_config(tiny_data, str(workdir / "store"), stages=("pretrain", "sft")))
 
 
-def test_prompt_tokens_carry_no_loss(sft_yaml, monkeypatch):
+def _trainer(sft_yaml, monkeypatch, *overrides):
     seen = {}
 
-    def capture(self):  # stop after setup: the trainer's prepared dataset is what we inspect
-        seen["trainer"], seen["tok"] = self.trainer, self.tokenizer
+    def capture(self):  # stop after setup: the trainer (its prepared dataset, its loss) is what we inspect
+        seen["trainer"] = self.trainer
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SFTStage, "train", capture)
     with pytest.raises(KeyboardInterrupt):
-        _run(sft_yaml, "stages.sft.max_length=512")  # no truncation: every row ends with its EOS
-    tok, ds = seen["tok"], seen["trainer"].train_dataset
+        _run(sft_yaml, *overrides)
+    return seen["trainer"]
+
+
+def test_prompt_tokens_carry_no_loss(sft_yaml, monkeypatch):
+    trainer = _trainer(sft_yaml, monkeypatch, "stages.sft.max_length=512")  # no truncation: every row ends with EOS
+    tok, ds = trainer.processing_class, trainer.train_dataset
     assistant_id = tok.convert_tokens_to_ids("<|assistant|>")
     for row in ds.select(range(20)):
         ids, labels = row["input_ids"], row["labels"]
@@ -42,19 +47,6 @@ def test_prompt_tokens_carry_no_loss(sft_yaml, monkeypatch):
         assert all(label == -100 for label in labels[:start])
         # ... and every response token, the closing EOS included, is trained on
         assert labels[start:] == ids[start:] and ids[-1] == tok.eos_token_id
-
-
-def _trainer(sft_yaml, monkeypatch, *overrides):
-    seen = {}
-
-    def capture(self):  # stop after setup: the trainer is what we inspect
-        seen["trainer"] = self.trainer
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SFTStage, "train", capture)
-    with pytest.raises(KeyboardInterrupt):
-        _run(sft_yaml, *overrides)
-    return seen["trainer"]
 
 
 def test_the_plain_loss_equals_trls_fused_lm_head_loss(sft_yaml, monkeypatch):
