@@ -9,7 +9,8 @@ An experiment file names the experiment, its seed, the artifact store, tracking,
     stages:
       pretrain: {max_steps: 600}
       sft: {model: pretrain}     # `class: my_pkg.stages:MySFT` swaps in a subclass
-      ppo: false                 # drops a stage inherited from the base file
+      ppo: {seed: 1}             # this stage's own seed: another draw from the same inputs
+      dpo: false                 # drops a stage inherited from the base file
 
 Command-line overrides are dotted (`stages.pretrain.max_steps=50`). Loading and merging is OmegaConf's;
 this module adds the file and key to every error and checks each stage block against the config
@@ -245,6 +246,9 @@ class StageSpec:
     name: str
     cls: type
     config: Any
+    seed: int | None = None
+    """The stage block's own `seed:`, replacing the experiment's for this stage (and so for every artifact
+    downstream of it); None: the experiment's."""
 
 
 @dataclass
@@ -443,13 +447,18 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             continue
         block = dict(block or {})
         class_path = block.pop("class", None)
+        seed = block.pop("seed", None)
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+            problems.append(f"{_origin(layers, f'stages.{name}.seed')}: stages.{name}.seed: {seed!r} must be an "
+                            f"integer in [0, 2**32); leave it out to use the experiment's seed")
+            continue
         try:
             cls = stage_class(name, class_path)
         except ConfigError as e:
             problems.append(f"{_origin(layers, f'stages.{name}')}: stages.{name}: {e}")
             continue
         try:
-            specs[name] = StageSpec(name, cls, _typed(cls.config_class, block, layers, f"stages.{name}."))
+            specs[name] = StageSpec(name, cls, _typed(cls.config_class, block, layers, f"stages.{name}."), seed)
         except ConfigError as e:
             problems += getattr(e, "problems", [str(e)])
     if problems:

@@ -65,7 +65,8 @@ class Pipeline:
                     refs[fname] = InputRef(fname, stages[up].key, stage=up)
                 else:
                     refs[fname] = InputRef(fname, external_fingerprint(value), external=value)
-            stages[name] = spec.cls(spec.config, self.experiment.config, self.store, refs, stage_name=name)
+            stages[name] = spec.cls(spec.config, self.experiment.config, self.store, refs, stage_name=name,
+                                    seed=spec.seed)
             stages[name].config_origin = self.experiment.origin
         return stages
 

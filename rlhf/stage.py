@@ -94,13 +94,16 @@ class Stage:
         store: ArtifactStore,
         inputs: dict[str, InputRef] | None = None,
         stage_name: str | None = None,
+        seed: int | None = None,
     ):
         self.config = config
         self.experiment = experiment
         self.store = store
         self.input_refs = inputs or {}
         self.stage_name = stage_name or self.name
-        self.seed = experiment.seed
+        # A stage block's own `seed:` draws this stage again from the same inputs (PPO over three seeds on
+        # one SFT model); it is in the key, so everything downstream is drawn again too.
+        self.seed = experiment.seed if seed is None else seed
         self._key: str | None = None
 
     # ---- identity ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, write_config
+from conftest import REPO, tiny_config, write_config
 from rlhf.config import ConfigError, load_experiment, result_config
 from stages.pretrain import PretrainConfig, PretrainStage
 
@@ -119,6 +119,25 @@ def test_custom_class_from_yaml(workdir, monkeypatch):
     p = write_config(workdir / "e.yaml", {"stages": {"pretrain": {"class": "my_stages:MyPretrain", "max_steps": 3}}})
     spec = load_experiment(p).stages["pretrain"]
     assert spec.cls.__name__ == "MyPretrain" and spec.config.max_steps == 3
+
+
+def test_a_stage_seed_redraws_that_stage_and_what_is_downstream(workdir, tiny_data):
+    from rlhf.pipeline import Pipeline
+
+    path = write_config(workdir / "e.yaml", tiny_config(tiny_data, str(workdir / "store"),
+                                                        stages=("pretrain", "sft", "preferences", "reward")))
+    keys = {name: stage.key for name, stage in Pipeline(load_experiment(path)).stages.items()}
+    pipe = Pipeline(load_experiment(path, ["stages.sft.seed=7"]))
+    assert pipe.stages["pretrain"].key == keys["pretrain"] and pipe.stages["pretrain"].seed == 0
+    assert pipe.stages["sft"].seed == 7 and pipe.stages["preferences"].seed == 0
+    for name in ("sft", "preferences", "reward"):  # preferences and reward keep seed 0 but read a new SFT
+        assert pipe.stages[name].key != keys[name], name
+    # the experiment's own seed, stated as the stage's, is the same draw
+    assert Pipeline(load_experiment(path, ["stages.sft.seed=0"])).stages["reward"].key == keys["reward"]
+    for bad in ("-1", "1.5", "true", "abc"):
+        with pytest.raises(ConfigError, match=r"e\.yaml|override") as e:
+            load_experiment(path, [f"stages.sft.seed={bad}"])
+        assert "stages.sft.seed" in str(e.value) and "experiment's seed" in str(e.value)
 
 
 def test_result_config_leaves_out_logging_fields():
