@@ -49,6 +49,29 @@ def diversity(responses: list[str]) -> dict[str, float]:
     }
 
 
+def templates(prompts: list[str], responses: list[str]) -> list[str]:
+    """Each response with the words it shares with its own prompt blanked out (`_`), lowercased.
+
+    Only a prompt's own words are blanked, those in fewer than half of the prompts (`harbor` in "Use the
+    word harbor in a sentence.", not `the`). A policy that copies the word into one fixed frame ("an
+    abstractive man", "a ridge man") answers every prompt differently, so `unique_share` misses it; its
+    templates ("an _ man", "a _ man") are the same.
+    """
+    def words(text: str) -> list[str]:
+        return [w.strip(_PUNCTUATION) for w in text.lower().split()]
+
+    prompt_words = [set(words(p)) - {""} for p in prompts]
+    frequency = Counter(w for ws in prompt_words for w in ws)
+    out = []
+    for own, response in zip(prompt_words, responses):
+        specific = {w for w in own if frequency[w] < len(prompts) / 2}
+        out.append(" ".join("_" if w.strip(_PUNCTUATION) in specific else w for w in response.lower().split()))
+    return out
+
+
+_PUNCTUATION = ".,;:!?\"'()[]`"
+
+
 class PolicyEvaluation:
     """The experiment's held-out prompts and judges, loaded once; `run` measures one policy on them."""
 
@@ -79,9 +102,9 @@ class PolicyEvaluation:
             greedy: bool | None = None) -> dict[str, dict[str, list]]:
         """{mode: per-prompt lists} for "sampled" (and "greedy" when asked; default: the config's).
 
-        Each mode holds `responses`, `length`, `ended` and one score list per judge role; "sampled" also
-        `kl`, the summed per-token log-ratio to `reference` (or to `policy` itself inside
-        `reference_context`, LoRA's adapters-off reference) when either is given.
+        Each mode holds `responses`, their `templates`, `length`, `ended` and one score list per judge
+        role; "sampled" also `kl`, the summed per-token log-ratio to `reference` (or to `policy` itself
+        inside `reference_context`, LoRA's adapters-off reference) when either is given.
         """
         c = self.config
         greedy = c.greedy if greedy is None else greedy
@@ -89,6 +112,7 @@ class PolicyEvaluation:
         if greedy:
             out["greedy"] = self._decode(policy, tokenizer, 0.0, None, None)
         for results in out.values():
+            results["templates"] = templates(self.prompts, results["responses"])
             for role, judge in self.judges.items():
                 results[role] = judge(self.prompts, results["responses"], **self.columns)
         return out
@@ -148,7 +172,8 @@ def summarize(results: dict[str, dict[str, list]], roles: list[str]) -> dict[str
     """Means over prompts of one `PolicyEvaluation.run`, and the diversity of its responses.
 
     Keys: each judge role (`task` is task success), `kl` (sampled only), `response_length`, `eos_rate`,
-    `distinct_1`, `distinct_2`, `unique_share`, `top_share`; greedy ones prefixed `greedy_`.
+    `distinct_1`, `distinct_2`, `unique_share`, `top_share`, `template_top_share` (the share of the most
+    common response once each prompt's own words are blanked, `templates`); greedy ones prefixed `greedy_`.
     """
     out: dict[str, float] = {}
     for mode, r in results.items():
@@ -159,6 +184,8 @@ def summarize(results: dict[str, dict[str, list]], roles: list[str]) -> dict[str
         if "kl" in r:
             means["kl"] = sum(r["kl"]) / n
         means.update(diversity(r["responses"]))
+        if "templates" in r:  # the most common frame the prompt's own words were copied into
+            means["template_top_share"] = diversity(r["templates"])["top_share"]
         out.update({_name(mode, k): float(v) for k, v in means.items()})
     return out
 

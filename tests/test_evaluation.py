@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf.evaluation import compare, diversity, summarize
+from rlhf.evaluation import compare, diversity, summarize, templates
 
 
 def test_diversity_golden_values():
@@ -24,6 +24,17 @@ def test_diversity_of_a_collapsed_policy_and_of_nothing():
     assert d["distinct_2"] == pytest.approx(3 / 20)  # (a good), (good person), (good party) of 20 bigrams
     assert diversity([]) == {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0}
     assert diversity(["", "one"])["distinct_2"] == 0.0  # no bigram at all
+
+
+def test_templates_blank_each_prompts_own_words_only():
+    prompts = [f"Use the word {w} in a sentence." for w in ("ridge", "sovereign", "abstractive", "rim")]
+    responses = ["Ridge, the ridge!", "a sovereign man", "an abstractive man", "the word rim is a rim"]
+    # "the", "word", "in", "a" are in every prompt, so only each prompt's own word is blanked; punctuation
+    # around a blanked word goes with it, and a word of another prompt ("ridge" in the 4th) stays
+    assert templates(prompts, responses) == ["_ the _", "a _ man", "an _ man", "the word _ is a _"]
+    assert diversity(templates(prompts, responses))["top_share"] == 0.25  # every frame differs
+    framed = templates(prompts, [f"a {w} man" for w in ("ridge", "sovereign", "abstractive", "rim")])
+    assert framed == ["a _ man"] * 4 and diversity([f"a {w} man" for w in "abcd"])["unique_share"] == 1.0
 
 
 def _run(responses, task, gold, kl=None):
@@ -50,3 +61,6 @@ def test_summarize_and_compare_name_every_number():
     assert lo <= 0.3 <= hi
     assert m["task_gain"] == 0.0 and m["kl"] == 2.0
     assert m["unique_share"] == 0.75 and m["unique_share_ref"] == 1.0 and m["top_share"] == 0.5
+    assert "template_top_share" not in m  # only a run that knows its prompts has templates
+    after["sampled"]["templates"] = ["a good _", "a good _", "a good _", "a _ sun"]
+    assert compare(before, after, ["task", "gold"], seed=0)["template_top_share"] == 0.75

@@ -379,7 +379,7 @@ def test_ppo_manifest_compares_with_the_reference_on_the_shared_evaluation(upstr
         for prefix in ("", "greedy_"):
             for suffix in ("", "_ref", "_gain", "_gain_ci"):
                 assert f"{prefix}{role}{suffix}" in metrics, f"{prefix}{role}{suffix}"
-    for key in ("unique_share", "top_share", "distinct_1", "distinct_2", "response_length"):
+    for key in ("unique_share", "top_share", "template_top_share", "distinct_1", "distinct_2", "response_length"):
         assert key in metrics and f"{key}_ref" in metrics and f"greedy_{key}" in metrics
     assert metrics["eval_prompts"] == 8 and "kl" in metrics
     assert len(metrics["samples"]) == 2

@@ -73,7 +73,8 @@ def test_sft_artifact_metrics_and_input_from_store(sft_yaml):
     assert m["inputs"]["model"] == {"key": results["pretrain"].key, "stage": "pretrain", "external": None}
     metrics = m["metrics"]
     for k in ("eval_loss", "perplexity", "eos_rate", "samples", "train_loss", "task", "greedy_task", "gold",
-              "unique_share", "greedy_unique_share", "distinct_2", "top_share"):
+              "unique_share", "greedy_unique_share", "distinct_2", "top_share",
+              "template_top_share", "greedy_template_top_share"):
         assert k in metrics
     assert 0.0 <= metrics["eos_rate"] <= 1.0 and len(metrics["samples"]) == 2
     assert set(metrics["samples"][0]) == {"prompt", "response", "greedy_response"}
