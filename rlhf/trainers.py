@@ -1,16 +1,19 @@
 """What the stages that wrap a Hugging Face Trainer share: the Trainer's arguments and the end of `train()`.
 
-A stage's config names the settings every Trainer takes alike (`max_steps`, `batch_size`, `learning_rate`,
-...), so `trainer_arguments` fills them from those names and the stage's `build_trainer` adds only what is
-its own. Nothing here knows a particular stage.
+A stage's config inherits the settings every Trainer takes alike (`TrainerSettings`: `max_steps`,
+`batch_size`, `learning_rate`, ...), so `trainer_arguments` fills them and the stage's `build_trainer` adds
+only what is its own. Nothing here knows a particular stage.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from rlhf.config import checked, logging_only
 
 log = logging.getLogger("rlhf")
 
@@ -25,10 +28,43 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 values that need no further arguments)."""
 
 
+@dataclass
+class TrainerSettings:
+    """The settings every Trainer stage's config holds alike: `trainer_arguments` reads them by name.
+
+    A stage's config inherits them (`class SFTConfig(TrainerSettings)`) and redeclares one only to give it
+    another default, e.g. `max_steps: int = checked(600, ge=1)` for pretraining.
+    """
+
+    max_steps: int = checked(400, ge=1)
+    """Optimizer steps."""
+    batch_size: int = checked(32, ge=1)
+    """Examples (sequences, or pairs for the preference stages) per device per forward pass."""
+    gradient_accumulation_steps: int = checked(1, ge=1)
+    """Forward passes per optimizer step."""
+    learning_rate: float = checked(1e-3, gt=0)
+    """Peak learning rate."""
+    warmup_steps: int = checked(20, ge=0)
+    """Linear warmup steps before the learning-rate schedule."""
+    weight_decay: float = checked(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = checked(1.0, ge=0)
+    """Gradient clipping norm (0: no clipping)."""
+    bf16: bool = False
+    """bf16 mixed precision (GPUs that support it)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
+    on by default; off here, since on the small default models it only costs time)."""
+    logging_steps: int = logging_only(10, ge=1)
+    """Log training loss every N steps."""
+    save_steps: int = logging_only(100, ge=1)
+    """Write a resumable checkpoint every N steps."""
+
+
 def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
     """`args_class` (`transformers.TrainingArguments` or a TRL config) for `stage`'s Trainer.
 
-    From `stage.config`, by field name: `max_steps`, `batch_size` (per device, for training and
+    From `stage.config`, a `TrainerSettings`: `max_steps`, `batch_size` (per device, for training and
     evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
     `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps`. From the stage:
     checkpoints go to `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed`

@@ -32,8 +32,8 @@ from rlhf.preferences import conversational, load_preferences, outside_data_file
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import (LR_SCHEDULERS, finished_weights, save_trained, train_from_last_checkpoint,
-                           trainer_arguments, verify_trained)
+from rlhf.trainers import (LR_SCHEDULERS, TrainerSettings, finished_weights, save_trained,
+                           train_from_last_checkpoint, trainer_arguments, verify_trained)
 
 log = logging.getLogger("rlhf")
 
@@ -44,7 +44,10 @@ the installed TRL)."""
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainerSettings):
+    """The DPO stage's settings; the Trainer's (`batch_size`, `bf16`, ...) come from `TrainerSettings`,
+    with DPO's own defaults redeclared here."""
+
     policy: str = "sft"
     """Policy to optimise, and the reference it is held near: an upstream stage, a hub id or a local HF directory."""
     preferences: str | None = "preferences"
@@ -67,38 +70,21 @@ class DPOConfig:
     """Longest tokenized prompt + response; longer ones are truncated, pairs whose prompt alone fills it dropped."""
     max_steps: int = checked(200, ge=1)
     """Optimizer steps."""
-    batch_size: int = checked(32, ge=1)
-    """Pairs per device per forward pass."""
-    gradient_accumulation_steps: int = checked(1, ge=1)
-    """Forward passes per optimizer step."""
     learning_rate: float = checked(1e-4, gt=0)
     """Peak learning rate."""
     warmup_steps: int = checked(10, ge=0)
     """Linear warmup steps before the learning-rate schedule."""
     lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
     """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
-    weight_decay: float = checked(0.0, ge=0)
-    """AdamW weight decay."""
-    max_grad_norm: float = checked(1.0, ge=0)
-    """Gradient clipping norm."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Train LoRA adapters instead of all weights (merged into the artifact; the reference is then the
     policy with its adapters disabled)."""
-    bf16: bool = False
-    """bf16 mixed precision (GPUs that support it)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
-    on by default; off here, since on the small default models it only costs time)."""
     min_accuracy: float = checked(0.6, ge=0, le=1)
     """Fail the stage when the implicit reward prefers the chosen response on fewer held-out pairs than this."""
     min_eos_rate: float = checked(0.8, ge=0, le=1)
     """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS."""
     eval_every: int = logging_only(50, ge=0)
     """Run the experiment's evaluation (sampled responses only) every N steps, for the report's curves (0: never)."""
-    logging_steps: int = logging_only(10, ge=1)
-    """Log training loss every N steps."""
-    save_steps: int = logging_only(100, ge=1)
-    """Write a resumable checkpoint every N steps."""
 
     def __post_init__(self) -> None:
         if self.loss_type == "exo_pair" and not 0 < self.label_smoothing < 1:

@@ -16,19 +16,22 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.checkpoints import write_aside, write_atomic
-from rlhf.config import checked, logging_only
+from rlhf.config import checked
 from rlhf.data import load_rows, pack_texts
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, verify_reload
 from rlhf.stage import Stage
 from rlhf.tokenizer import TokenizerConfig, load_tokenizer, tokenizer_facts, train_tokenizer
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import train_from_last_checkpoint, trainer_arguments
+from rlhf.trainers import TrainerSettings, train_from_last_checkpoint, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainerSettings):
+    """Pretraining's settings; those every Trainer stage shares (`batch_size`, `bf16`, ...) come from
+    `TrainerSettings`, with pretraining's own defaults redeclared here."""
+
     train_data: str = "data/pretrain/train.jsonl.gz"
     """Training corpus: a local text/jsonl file ({"text"} rows) or a hub dataset id."""
     eval_data: str = "data/pretrain/valid.jsonl.gz"
@@ -43,30 +46,16 @@ class PretrainConfig:
     """Tokens per packed training sequence."""
     max_steps: int = checked(600, ge=1)
     """Optimizer steps."""
-    batch_size: int = checked(32, ge=1)
-    """Sequences per device per forward pass."""
-    gradient_accumulation_steps: int = checked(1, ge=1)
-    """Forward passes per optimizer step."""
     learning_rate: float = checked(3e-3, gt=0)
     """Peak learning rate (tiny models tolerate a high one)."""
     weight_decay: float = checked(0.1, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = checked(30, ge=0)
     """Linear warmup steps before the cosine decay."""
-    max_grad_norm: float = checked(1.0, ge=0)
-    """Gradient clipping norm (0: no clipping)."""
-    bf16: bool = False
-    """bf16 mixed precision (GPUs that support it)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for about a third more compute."""
     eval_blocks: int = checked(256, ge=1)
     """Held-out blocks used for perplexity (and the unigram baseline)."""
     eval_batch_size: int = checked(64, ge=1)
     """Sequences per evaluation forward pass."""
-    logging_steps: int = logging_only(10, ge=1)
-    """Log training loss every N steps."""
-    save_steps: int = logging_only(100, ge=1)
-    """Write a resumable checkpoint every N steps."""
 
 
 class PretrainStage(Stage):

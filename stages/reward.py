@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.config import checked, logging_only
+from rlhf.config import checked
 from rlhf.data import load_rows
 from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, whole_models
 from rlhf.preferences import check_input as check_preference_input
@@ -25,13 +25,17 @@ from rlhf.sampling import batches, chat_prompt, sample
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import load_tokenizer, tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import finished_weights, save_trained, train_from_last_checkpoint, trainer_arguments, verify_trained
+from rlhf.trainers import (TrainerSettings, finished_weights, save_trained, train_from_last_checkpoint,
+                           trainer_arguments, verify_trained)
 
 log = logging.getLogger("rlhf")
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(TrainerSettings):
+    """The reward stage's settings; the Trainer's (`max_steps`, `batch_size`, ...) come from
+    `TrainerSettings`, with the reward model's own learning rate redeclared here."""
+
     model: str = "sft"
     """Model the reward model starts from: an upstream stage name, a hub id or a local HF directory."""
     policy: str | None = None
@@ -50,38 +54,17 @@ class RewardConfig:
     """Response length limit of those answers."""
     max_length: int = checked(128, ge=2)
     """Pairs with a side longer than this many tokens are dropped."""
-    max_steps: int = checked(400, ge=1)
-    """Optimizer steps."""
-    batch_size: int = checked(32, ge=1)
-    """Pairs per device per forward pass."""
-    gradient_accumulation_steps: int = checked(1, ge=1)
-    """Forward passes per optimizer step."""
     learning_rate: float = checked(5e-4, gt=0)
     """Peak learning rate."""
-    warmup_steps: int = checked(20, ge=0)
-    """Linear warmup steps before the cosine decay."""
-    weight_decay: float = checked(0.0, ge=0)
-    """AdamW weight decay."""
-    max_grad_norm: float = checked(1.0, ge=0)
-    """Gradient clipping norm (0: no clipping)."""
     center_rewards_coefficient: float | None = checked(0.01, ge=0)
     """Penalty on (r_chosen + r_rejected)^2 that keeps scores centred near 0 (None: off)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Train LoRA adapters instead of all weights (merged into the artifact)."""
-    bf16: bool = False
-    """bf16 mixed precision (GPUs that support it)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
-    on by default; off here, since on the small default models it only costs time)."""
     min_accuracy: float = checked(0.7, ge=0, le=1)
     """Promotion gate: fail when held-out pairwise accuracy is below this."""
     stats_samples: int = checked(256, ge=2)
     """Policy samples scored to get the reward mean and std PPO normalises with (answers to the first
     `stats_prompts`, else the first of the preferences' samples)."""
-    logging_steps: int = logging_only(10, ge=1)
-    """Log training loss every N steps."""
-    save_steps: int = logging_only(100, ge=1)
-    """Write a resumable checkpoint every N steps."""
 
 
 class RewardStage(Stage):

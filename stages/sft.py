@@ -15,21 +15,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.config import checked, logging_only
+from rlhf.config import checked
 from rlhf.data import load_rows, to_messages
 from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import (LR_SCHEDULERS, finished_weights, save_trained, train_from_last_checkpoint,
-                           trainer_arguments, verify_trained)
+from rlhf.trainers import (LR_SCHEDULERS, TrainerSettings, finished_weights, save_trained,
+                           train_from_last_checkpoint, trainer_arguments, verify_trained)
 
 log = logging.getLogger("rlhf")
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainerSettings):
+    """The SFT stage's settings; the Trainer's (`max_steps`, `batch_size`, `learning_rate`, ...) come from
+    `TrainerSettings`."""
+
     model: str = "pretrain"
     """Starting model: an upstream stage name, a hub id (`owner/name`) or a local HF directory."""
     train_data: str = "data/sft/train.jsonl.gz"
@@ -46,29 +49,10 @@ class SFTConfig:
     group_by_length: bool = False
     """Batch examples of similar length together (`train_sampling_strategy="group_by_length"`): less
     padding, so faster steps on short, uneven examples; batches are then less random."""
-    max_steps: int = checked(400, ge=1)
-    """Optimizer steps."""
-    batch_size: int = checked(32, ge=1)
-    """Sequences per device per forward pass."""
-    gradient_accumulation_steps: int = checked(1, ge=1)
-    """Forward passes per optimizer step."""
-    learning_rate: float = checked(1e-3, gt=0)
-    """Peak learning rate."""
-    warmup_steps: int = checked(20, ge=0)
-    """Linear warmup steps before the learning-rate schedule."""
     lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
     """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
-    weight_decay: float = checked(0.0, ge=0)
-    """AdamW weight decay."""
-    max_grad_norm: float = checked(1.0, ge=0)
-    """Gradient clipping norm (0: no clipping)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Train LoRA adapters instead of all weights (merged into the artifact afterwards)."""
-    bf16: bool = False
-    """bf16 mixed precision (GPUs that support it)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
-    on by default; off here, since on the small default models it only costs time)."""
     fused_lm_head: bool | None = None
     """TRL's fused LM-head loss, which never builds the whole logits tensor: None uses it on GPUs only. Without
     Triton (CPU) it scores every position, prompt and padding included, in tiles: 0.34 s a step against the
@@ -79,10 +63,6 @@ class SFTConfig:
     min_eos_rate: float = checked(0.8, ge=0, le=1)
     """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS (lower it
     only on purpose)."""
-    logging_steps: int = logging_only(10, ge=1)
-    """Log training loss every N steps."""
-    save_steps: int = logging_only(100, ge=1)
-    """Write a resumable checkpoint every N steps."""
 
 
 def _plain_loss_trainer() -> type:

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from conftest import make_tiny_data, tiny_config, write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
-from rlhf.trainers import trainer_arguments
+from rlhf.trainers import TrainerSettings, trainer_arguments
 
 # The same for all three: a fixed checkpoint count, reporting through our own callback ("none" reads back
 # as []), the experiment's seed (0) for the model and the data order, pinned memory only with a GPU, and
@@ -78,6 +78,18 @@ def _args(path, stage, *overrides):
     return built, built.trainer.args
 
 
+def test_every_trainer_stage_config_is_trainer_settings():
+    from stages.dpo import DPOConfig
+    from stages.pretrain import PretrainConfig
+    from stages.reward import RewardConfig
+    from stages.sft import SFTConfig
+
+    for cls in (PretrainConfig, SFTConfig, RewardConfig, DPOConfig):  # what trainer_arguments reads by name
+        assert issubclass(cls, TrainerSettings), cls.__name__
+    # a redeclared default replaces the shared one
+    assert (PretrainConfig().max_steps, DPOConfig().learning_rate, SFTConfig().max_steps) == (600, 1e-4, 400)
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward"])
 def test_each_stage_hands_its_trainer_the_arguments_it_always_did(experiment, stage):
     built, args = _args(experiment, stage)
@@ -94,9 +106,7 @@ def test_sft_schedule_and_length_grouping_reach_the_trainer(experiment):
 
 
 def test_a_stages_own_argument_wins_over_the_shared_one(tmp_path):
-    config = SimpleNamespace(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=0.1,
-                             warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, logging_steps=1,
-                             save_steps=1, gradient_checkpointing=False)
+    config = TrainerSettings(max_steps=3, batch_size=4, gradient_accumulation_steps=2, learning_rate=0.1)
     stage = SimpleNamespace(config=config, work_dir=tmp_path, seed=7)
     args = trainer_arguments(TrainingArguments, stage, per_device_eval_batch_size=16)
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (4, 16)
