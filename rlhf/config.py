@@ -447,15 +447,17 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             continue
         block = dict(block or {})
         class_path = block.pop("class", None)
-        seed = block.pop("seed", None)
-        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
-            problems.append(f"{_origin(layers, f'stages.{name}.seed')}: stages.{name}.seed: {seed!r} must be an "
-                            f"integer in [0, 2**32); leave it out to use the experiment's seed")
-            continue
         try:
             cls = stage_class(name, class_path)
         except ConfigError as e:
             problems.append(f"{_origin(layers, f'stages.{name}')}: stages.{name}: {e}")
+            continue
+        # `seed:` is the stage's own seed, unless its config class declares a field of that name
+        own_field = "seed" in {f.name for f in dataclasses.fields(cls.config_class)}
+        seed = None if own_field else block.pop("seed", None)
+        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+            problems.append(f"{_origin(layers, f'stages.{name}.seed')}: stages.{name}.seed: {seed!r} must be an "
+                            f"integer in [0, 2**32); leave it out to use the experiment's seed")
             continue
         try:
             specs[name] = StageSpec(name, cls, _typed(cls.config_class, block, layers, f"stages.{name}."), seed)
