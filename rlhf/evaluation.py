@@ -49,6 +49,10 @@ def diversity(responses: list[str]) -> dict[str, float]:
     }
 
 
+_PUNCTUATION = ".,;:!?\"'()[]`"
+"""Stripped from both ends of a word before it is compared with the prompt's words."""
+
+
 def templates(prompts: list[str], responses: list[str]) -> list[str]:
     """Each response with the words it shares with its own prompt blanked out (`_`), lowercased.
 
@@ -67,9 +71,6 @@ def templates(prompts: list[str], responses: list[str]) -> list[str]:
         specific = {w for w in own if frequency[w] < len(prompts) / 2}
         out.append(" ".join("_" if w.strip(_PUNCTUATION) in specific else w for w in response.lower().split()))
     return out
-
-
-_PUNCTUATION = ".,;:!?\"'()[]`"
 
 
 class PolicyEvaluation:
