@@ -71,10 +71,19 @@ def _plain_loss_trainer() -> type:
 
     class PlainLossSFTTrainer(SFTTrainer):
         """`trl.SFTTrainer` with the model's own loss (`Trainer.compute_loss`) instead of TRL's fused LM head:
-        the same assistant-only labels and token-count normalisation, faster where Triton is missing."""
+        the same assistant-only labels and token-count normalisation, faster where Triton is missing. It
+        keeps TRL's `num_tokens` log (tokens trained on so far); entropy and token accuracy need the fused
+        head's outputs and are not logged."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            out = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            if mode == "train":  # counted as TRL's own compute_loss counts them
+                mask = inputs.get("attention_mask")
+                local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+                self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return out
 
     return PlainLossSFTTrainer
 

@@ -58,8 +58,13 @@ def test_the_plain_loss_equals_trls_fused_lm_head_loss(sft_yaml, monkeypatch):
     assert type(plain).__name__ == "PlainLossSFTTrainer" and type(fused).__name__ == "SFTTrainer"
     batch = next(iter(fused.get_train_dataloader()))
     n = (batch["labels"][:, 1:] != -100).sum()
+    for t in (fused, plain):
+        t.model.train()  # the training path: the count below is the training tokens'
     losses = [t.compute_loss(t.model, dict(batch), num_items_in_batch=n).item() for t in (fused, plain)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # both log the tokens trained on (padding excluded), as TRL counts them
+    counts = [t._metrics["train"]["num_tokens"] for t in (fused, plain)]
+    assert counts[0] == counts[1] == [batch["attention_mask"].sum().item()]
     unmasked = plain.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.item()
     assert abs(unmasked - losses[1]) > 1e-2
