@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -305,6 +306,27 @@ def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:
     return results
 
 
+def kept_sections(old: str, new: str) -> str:
+    """The `## ` sections of the previous RESULTS.md (before the development notes) that `new` lacks, in
+    their order: a run of some sections leaves the others' numbers as they were instead of deleting them.
+    A kept section still carries the date line of the run that measured it."""
+    def sections(text: str) -> dict[str, str]:
+        parts = re.split(r"(?m)^(?=## )", text.split(DEV_NOTES)[0])
+        return {part.splitlines()[0]: part for part in parts[1:]}
+
+    # a section measured by the run that wrote the old file has no date line of its own: give it that run's
+    written = re.search(r"Written by (`[^`]*`).*? on ([^,]+), commit (\w+)", old)
+    out, have = [], set(sections(new))
+    for head, part in sections(old).items():
+        if head in have:
+            continue
+        if written and "(Measured on" not in part:
+            command, date, commit = written.groups()
+            part = part.replace(head + "\n", f"{head}\n\n(Measured on {date} by {command}, commit {commit}.)\n", 1)
+        out.append("\n" + part.rstrip("\n") + "\n")
+    return "".join(out)
+
+
 def report(res: dict) -> str:
     s, lines = res["settings"], []
     add = lines.append
@@ -453,8 +475,11 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     path = ROOT / a.results
-    if path.exists() and DEV_NOTES in path.read_text():  # the hand-written notes survive a rerun
-        text += "\n" + path.read_text()[path.read_text().index(DEV_NOTES):]
+    if path.exists():
+        old = path.read_text()
+        text += kept_sections(old, text)  # results.json may have lost a section that RESULTS.md still shows
+        if DEV_NOTES in old:  # the hand-written notes survive a rerun
+            text += "\n" + old[old.index(DEV_NOTES):]
     path.write_text(text)
     log(f"wrote {shown(path)}")
 
