@@ -442,6 +442,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         problems += getattr(e, "problems", [str(e)])
 
     specs: dict[str, StageSpec] = {}
+    seed_bounds = field_bounds(ExperimentConfig.__dataclass_fields__["seed"])  # a stage's seed: the same range
     for name, block in stage_blocks.items():
         if block is False:  # `ppo: false` drops a stage a `_base_` file brought in
             continue
@@ -455,9 +456,9 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         # `seed:` is the stage's own seed, unless its config class declares a field of that name
         own_field = "seed" in {f.name for f in dataclasses.fields(cls.config_class)}
         seed = None if own_field else block.pop("seed", None)
-        if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32):
+        if seed is not None and not (isinstance(seed, int) and seed_bounds.allows(seed)):
             problems.append(f"{_origin(layers, f'stages.{name}.seed')}: stages.{name}.seed: {seed!r} must be an "
-                            f"integer in [0, 2**32); leave it out to use the experiment's seed")
+                            f"integer {seed_bounds.describe()}; leave it out to use the experiment's seed")
             continue
         try:
             specs[name] = StageSpec(name, cls, _typed(cls.config_class, block, layers, f"stages.{name}."), seed)
