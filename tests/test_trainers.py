@@ -111,3 +111,13 @@ def test_a_stages_own_argument_wins_over_the_shared_one(tmp_path):
     args = trainer_arguments(TrainingArguments, stage, per_device_eval_batch_size=16)
     assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (4, 16)
     assert (args.seed, args.data_seed, args.output_dir) == (7, 7, str(tmp_path / "checkpoints"))
+
+
+def test_dataset_num_proc_reaches_trls_configs_and_stays_out_of_the_key(experiment):
+    built, args = _args(experiment, "sft", "stages.sft.dataset_num_proc=2")
+    plain, plain_args = _args(experiment, "sft")
+    assert (args.dataset_num_proc, plain_args.dataset_num_proc) == (2, None)
+    assert built.key == plain.key  # the same rows in any number of processes: the same artifact
+    assert _args(experiment, "reward", "stages.reward.dataset_num_proc=2")[1].dataset_num_proc == 2
+    # TrainingArguments has no such field: pretraining tokenizes through pack_texts instead
+    assert not hasattr(_args(experiment, "pretrain", "stages.pretrain.dataset_num_proc=2")[1], "dataset_num_proc")
