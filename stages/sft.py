@@ -56,9 +56,8 @@ class SFTConfig(TrainerSettings):
     fused_lm_head: bool | None = None
     """TRL's fused LM-head loss, which never builds the whole logits tensor: None uses it on GPUs only. Without
     Triton (CPU) it scores every position, prompt and padding included, in tiles: 0.34 s a step against the
-    model's own cross-entropy's 0.22 s on the default experiment's model (0.20 s with the LM head on response
-    positions only), the same loss to every printed digit. The plain loss drops TRL's entropy and
-    token-accuracy logs, and rounds differently."""
+    model's own cross-entropy's 0.22 s on the default experiment's model, the same loss to every printed
+    digit. The plain loss drops TRL's entropy and token-accuracy logs, and rounds differently."""
     eval_examples: int = checked(512, ge=1)
     """Held-out pairs used for loss and perplexity."""
     min_eos_rate: float = checked(0.8, ge=0, le=1)
@@ -66,56 +65,17 @@ class SFTConfig(TrainerSettings):
     only on purpose)."""
 
 
-def predicted_positions(labels: torch.Tensor) -> torch.Tensor:
-    """The positions whose logits a next-token loss on `labels` (B, T) reads, as one range for the batch.
-
-    The logit at position p predicts token p + 1, so only positions p with a label at p + 1 count. Prompts
-    come first and are masked (-100), so the range starts where the earliest response in the batch does
-    and runs to the second-to-last position; a batch without labels keeps every position."""
-    labelled = (labels[:, 1:] != -100).any(0).nonzero()
-    first = int(labelled[0]) if len(labelled) else 0
-    return torch.arange(first, labels.shape[1] - 1, device=labels.device)
-
-
-def completion_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy of logits computed at `predicted_positions(labels)` only: the model's own
-    loss (summed over labelled tokens, divided by `num_items_in_batch`, else their count) on fewer logits."""
-    targets = labels[:, predicted_positions(labels) + 1]
-    logits = outputs.logits.float()
-    total = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                              ignore_index=-100, reduction="sum")
-    n = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    return total / torch.as_tensor(n, device=total.device)
-
-
 def _plain_loss_trainer() -> type:
-    import inspect
-
     from transformers import Trainer
     from trl import SFTTrainer
 
     class PlainLossSFTTrainer(SFTTrainer):
-        """`trl.SFTTrainer` with the model's own cross-entropy instead of TRL's fused LM head, faster where
-        Triton is missing: the same assistant-only labels and token-count normalisation. The LM head runs
-        only from the batch's first response position on (`logits_to_keep`), since prompt positions carry no
-        loss: on the default experiment a third of the positions, 12% of a step. It keeps TRL's `num_tokens`
-        log (tokens trained on so far); entropy and token accuracy need the fused head's outputs and are
-        not logged."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            model = self.accelerator.unwrap_model(self.model)
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through PEFT
-            # Models whose forward takes `logits_to_keep` (every causal LM of transformers 5) compute fewer
-            # logits; the Trainer calls `compute_loss_func` with them and keeps its own scaling (gradient
-            # accumulation, tokens averaged across processes).
-            self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
-            if self.keeps_logits:
-                self.compute_loss_func = completion_loss
+        """`trl.SFTTrainer` with the model's own loss (`Trainer.compute_loss`) instead of TRL's fused LM head:
+        the same assistant-only labels and token-count normalisation, faster where Triton is missing. It
+        keeps TRL's `num_tokens` log (tokens trained on so far); entropy and token accuracy need the fused
+        head's outputs and are not logged."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.keeps_logits:
-                inputs = {**inputs, "logits_to_keep": predicted_positions(inputs["labels"])}
             out = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
             if mode == "train":  # counted as TRL's own compute_loss counts them

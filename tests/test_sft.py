@@ -70,39 +70,6 @@ def test_the_plain_loss_equals_trls_fused_lm_head_loss(sft_yaml, monkeypatch):
     assert abs(unmasked - losses[1]) > 1e-2
 
 
-def test_predicted_positions_start_at_the_batchs_first_response():
-    from stages.sft import predicted_positions
-
-    m = -100
-    labels = torch.tensor([[m, m, m, 7, 8, m],     # response at 3-4: logits 2-3 predict it
-                           [m, m, m, m, 9, 2]])    # response at 4-5: logits 3-4
-    assert predicted_positions(labels).tolist() == [2, 3, 4]  # from the earliest to the second-to-last
-    assert predicted_positions(torch.full((2, 4), m)).tolist() == [0, 1, 2]  # nothing labelled: every position
-
-
-def test_the_completion_only_head_gives_the_models_own_loss_and_gradients(sft_yaml, monkeypatch):
-    """The plain loss computes logits from the batch's first response position on; loss and gradients
-    equal the model's own cross-entropy over all positions to float rounding."""
-    plain = _trainer(sft_yaml, monkeypatch, "stages.sft.fused_lm_head=false")
-    assert plain.keeps_logits and plain.compute_loss_func is not None
-    model = plain.model
-    model.train()
-    batch = next(iter(plain.get_train_dataloader()))
-    n = (batch["labels"][:, 1:] != -100).sum()
-    ours = plain.compute_loss(model, dict(batch), num_items_in_batch=n)
-    ours.backward()
-    ours_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    own = model(**batch, num_items_in_batch=n).loss
-    own.backward()
-    assert ours.item() == pytest.approx(own.item(), rel=1e-6)
-    for a, b in zip(ours_grads, (p.grad for p in model.parameters())):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    # fewer logits: the prompt positions before the earliest response were skipped
-    _, out = plain.compute_loss(model, dict(batch), return_outputs=True, num_items_in_batch=n)
-    assert out.logits.shape[1] < batch["input_ids"].shape[1] - 1
-
-
 def test_sft_artifact_metrics_and_input_from_store(sft_yaml):
     pipe, results = _run(sft_yaml)
     store = pipe.store
