@@ -62,8 +62,8 @@ class TrainerSettings:
     """Write a resumable checkpoint every N steps."""
     dataset_num_proc: int | None = checked(None, ge=1, affects_result=False)
     """Processes that tokenize the training data before the first step (None: this one). The rows come out
-    the same in any number of processes, so it is not part of the artifact key; on the default experiment's
-    SFT data 2 processes on 2 cores take 18 s against 28."""
+    the same in any number of processes, so it is not part of the artifact key. TRL's preparation of 43,779
+    SFT pairs took 18 s in 2 processes on 2 cores against 28 s in one."""
 
 
 def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:

@@ -110,4 +110,3 @@ def test_pack_texts_in_two_processes_packs_the_same_blocks():
     one = pack_texts(ds, Tok(), block_size=7)["input_ids"]
     assert len(one) > 1000
     assert pack_texts(ds, Tok(), block_size=7, num_proc=2)["input_ids"] == one
-
