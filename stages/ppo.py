@@ -494,7 +494,8 @@ class PPOStage(Stage):
             if returns is not None:
                 stats["value/explained_variance"] = explained_variance(traj.values, returns, traj.episode_mask).item()
             self.progress.step = step + 1
-            if c.eval_every and self.progress.step % c.eval_every == 0:
+            # The last step's evaluation is the manifest's (evaluate), drawn with the same seed: not twice.
+            if c.eval_every and self.progress.step % c.eval_every == 0 and self.progress.step < c.num_steps:
                 results = self.judge_policy(greedy=False)
                 stats.update({f"eval/{k}": v for k, v in summarize(results, self.evaluation.roles).items()})
             stats = launch.reduce_stats(stats)

@@ -126,7 +126,7 @@ class PPOConfig:
     asks (None: off)."""
     eval_every: int = logging_only(20, ge=0)
     """Run the experiment's evaluation (sampled responses only) every N steps, for the curves of the report
-    (0: only at the end)."""
+    (0: only at the end). The last step's is the final evaluation in the manifest, not a second one."""
     save_every: int = logging_only(10, ge=0)
     """Write a resumable checkpoint every N steps (0: never)."""
 

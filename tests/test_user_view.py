@@ -30,6 +30,20 @@ def finished(tmp_path_factory):
     return root, path
 
 
+def test_ppo_evaluates_every_step_but_the_last_whose_evaluation_is_the_manifests(finished):
+    # eval_every=1 over ppo's 2 steps (ppo_short's 1): the periodic evaluations stop before the last step,
+    # whose evaluation is the manifest's final one (the same seed would draw the same responses twice)
+    root, path = finished
+    pipe = Pipeline(load_experiment(path))
+    keys = {p.name: p.key for p in pipe.plan()}
+    for name, logged in (("ppo", [1]), ("ppo_short", [])):
+        rows = [json.loads(line) for line in
+                (pipe.store.local_dir(keys[name]) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "eval/gold" in r] == logged, name
+        manifest = pipe.store.manifest(keys[name])["metrics"]
+        assert manifest["train_steps"] == len(logged) + 1 and "gold_gain" in manifest and "greedy_task" in manifest
+
+
 def test_report_writes_every_plot_it_names(finished, capsys):
     root, path = finished
     out = root / "report"
