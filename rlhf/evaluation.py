@@ -33,10 +33,14 @@ def diversity(responses: list[str]) -> dict[str, float]:
     distinct_1, distinct_2: distinct word unigrams (bigrams) over all responses / all of them (Li et al.
     2016), words lowercased and split on whitespace; unique_share: distinct responses / responses;
     top_share: share of the most common response. A policy that collapsed onto one phrase has
-    unique_share near 1/N and top_share near 1. Empty input gives zeros.
+    unique_share near 1/N and top_share near 1. repetition: within each response, the share of its words
+    that repeat an earlier word of it, averaged over responses (seq-rep-1, Welleck et al. 2019): "the rim
+    of the rim" 0.4, a response that never repeats itself 0. The others compare responses with each
+    other; this one sees a policy that pads each answer with copies of a word it is paid for. Empty input
+    gives zeros.
     """
     if not responses:
-        return {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0}
+        return {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0, "repetition": 0.0}
     words = [r.lower().split() for r in responses]
     unigrams = [w for ws in words for w in ws]
     bigrams = [pair for ws in words for pair in zip(ws, ws[1:])]
@@ -46,6 +50,7 @@ def diversity(responses: list[str]) -> dict[str, float]:
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "unique_share": len(counts) / len(responses),
         "top_share": counts.most_common(1)[0][1] / len(responses),
+        "repetition": sum(1 - len(set(ws)) / len(ws) for ws in words if ws) / len(responses),
     }
 
 

@@ -16,13 +16,24 @@ def test_diversity_golden_values():
     assert d["distinct_2"] == pytest.approx(5 / 7)
     # responses compare as whole strings: 3 distinct of 4; the most common one is 2 of 4
     assert d["unique_share"] == 0.75 and d["top_share"] == 0.5
+    # no response repeats a word of its own (the repeats are across responses)
+    assert d["repetition"] == 0.0
+
+
+def test_repetition_is_the_share_of_a_responses_words_that_repeat_an_earlier_one():
+    d = diversity(["the rim of the rim", "rim rim rim rim", "a rim", ""])
+    # "the rim of the rim": 5 words, 3 distinct -> 2/5; "rim rim rim rim": 3/4; "a rim": 0; "": 0 (no words)
+    assert d["repetition"] == pytest.approx((2 / 5 + 3 / 4 + 0 + 0) / 4)
+    assert diversity(["Rim rim."])["repetition"] == 0.0  # words as distinct-n splits them: "rim" and "rim."
+    assert diversity(["Rim rim"])["repetition"] == 0.5  # lowercased
 
 
 def test_diversity_of_a_collapsed_policy_and_of_nothing():
     d = diversity(["a good person"] * 9 + ["a good party"])
     assert d["unique_share"] == 0.2 and d["top_share"] == 0.9
     assert d["distinct_2"] == pytest.approx(3 / 20)  # (a good), (good person), (good party) of 20 bigrams
-    assert diversity([]) == {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0}
+    assert diversity([]) == {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0,
+                             "repetition": 0.0}
     assert diversity(["", "one"])["distinct_2"] == 0.0  # no bigram at all
 
 
