@@ -11,6 +11,7 @@ Built-ins (`BUILTIN_JUDGES`):
 
 - `uses_word`: the default experiment's task judge: 1.0 when the response uses the word the prompt asks
   for ("Use the word X in a sentence.", or the `word` column) as a whole word, any case; else 0.0.
+- `uses_word_once`: the same, but 1.0 only when the word is used exactly once.
 - `word_vader`: the default experiment's gold judge, the simulated person whose preferences the reward
   model learns: VADER's compound sentiment (in [-1, 1]) of a response that does the task, and -1, the
   worst score, for one that does not. Doing what was asked comes first; among answers that do, the
@@ -42,7 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 __all__ = ["BUILTIN_JUDGES", "Judge", "fluency", "load_judge", "rank_pairs", "requested_word", "textblob",
-           "uses_word", "vader", "word_textblob", "word_vader"]
+           "uses_word", "uses_word_once", "vader", "word_textblob", "word_vader"]
 
 
 class Judge(Protocol):
@@ -130,15 +131,27 @@ def uses_word(prompts: list[str], responses: list[str], word: list[str] | None =
     word X in a sentence." in the prompt. "firm" counts in "Firm ground." and "a firm's books", not in
     "firmly" or "infirm": the task is to use the word, not a longer one that contains its letters.
     """
+    return [1.0 if n >= 1 else 0.0 for n in _word_counts("uses_word", prompts, responses, word)]
+
+
+def uses_word_once(prompts: list[str], responses: list[str], word: list[str] | None = None,
+                   **columns) -> list[float]:
+    """1.0 where the response uses the requested word exactly once (as `uses_word` counts words), else 0.0:
+    "the rim of the rim" uses "rim" but pads the answer with a copy of it."""
+    return [1.0 if n == 1 else 0.0 for n in _word_counts("uses_word_once", prompts, responses, word)]
+
+
+def _word_counts(judge: str, prompts: list[str], responses: list[str], word: list[str] | None) -> list[int]:
+    """How often each response uses its prompt's requested word as a whole word, any case."""
     words = list(word) if word is not None else [requested_word(p) for p in prompts]
-    scores = []
+    counts = []
     for i, (w, response) in enumerate(zip(words, responses)):
         if not isinstance(w, str) or not w.strip():
-            raise ValueError(f"uses_word: prompt {i} ({prompts[i]!r}) names no word; give the prompts file a "
+            raise ValueError(f"{judge}: prompt {i} ({prompts[i]!r}) names no word; give the prompts file a "
                              '"word" column or phrase the prompt as "Use the word X in a sentence."')
         pattern = rf"(?<![^\W_]){re.escape(w.strip())}(?![^\W_])"
-        scores.append(1.0 if re.search(pattern, response, flags=re.IGNORECASE) else 0.0)
-    return scores
+        counts.append(len(re.findall(pattern, response, flags=re.IGNORECASE)))
+    return counts
 
 
 def _on_task(tone: Judge, prompts: list[str], responses: list[str], columns: dict) -> list[float]:
@@ -159,7 +172,7 @@ def word_textblob(prompts: list[str], responses: list[str], **columns) -> list[f
 
 
 BUILTIN_JUDGES: dict[str, Judge] = {
-    "uses_word": uses_word, "word_vader": word_vader, "word_textblob": word_textblob,
+    "uses_word": uses_word, "uses_word_once": uses_word_once, "word_vader": word_vader, "word_textblob": word_textblob,
     "vader": vader, "textblob": textblob, "fluency": fluency,
 }
 """Judges a config can name without a dotted path."""

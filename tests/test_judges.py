@@ -93,6 +93,16 @@ def test_uses_word_counts_whole_words_in_any_case_only():
     assert J.uses_word(prompts, responses) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
 
 
+def test_uses_word_once_counts_the_same_words_and_wants_exactly_one():
+    prompts = ["Use the word rim in a sentence."] * 6
+    responses = ["a rim", "the rim of the rim", "Rim, rim!", "rims and a brim", "the rim's edge", ""]
+    assert J.uses_word(prompts, responses) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert J.uses_word_once(prompts, responses) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    assert J.load_judge("uses_word_once", "stages.ppo.rewards") is not None
+    with pytest.raises(ValueError, match=r"uses_word_once: prompt 0 \('Write a poem.'\) names no word"):
+        J.uses_word_once(["Write a poem."], ["roses are red"])
+
+
 def test_uses_word_prefers_the_word_column_and_refuses_prompts_without_a_word():
     # the column wins over the prompt text
     assert J.uses_word(["Use the word firm in a sentence."], ["a dog"], word=["dog"]) == [1.0]
