@@ -315,3 +315,22 @@ def test_ranges_are_checked_before_the_cross_field_checks(workdir):
     write_config(path, {"stages": {"pretrain": {"model": {"num_heads": 4, "num_kv_heads": 3}}}})
     with pytest.raises(ConfigError, match=r"num_heads \(4\) must be divisible by model\.num_kv_heads \(3\)"):
         load_experiment(path)
+
+
+def test_the_comparison_runs_the_very_stages_of_the_configs_it_copies():
+    # configs/compare.yaml repeats the stages of the single-method configs so that, after those ran,
+    # `make compare` trains nothing again: that holds only while every copied stage has the same key
+    from rlhf.pipeline import Pipeline
+
+    def keys(name: str) -> dict[str, str]:
+        pipe = Pipeline(load_experiment(REPO / "configs" / name))
+        return {stage: pipe.stages[stage].key for stage in pipe.order}
+
+    compare = keys("compare.yaml")
+    # compare.yaml's stage -> (the config it copies, that config's name for it)
+    copied = {**{s: ("tiny.yaml", s) for s in ("pretrain", "sft", "preferences", "reward", "ppo")},
+              "ppo_rm": ("tiny-ppo-rm.yaml", "ppo_rm"), "grpo": ("tiny-grpo.yaml", "grpo"),
+              "grpo_rlvr": ("tiny-rlvr.yaml", "grpo"), "dpo": ("tiny-dpo.yaml", "dpo")}
+    assert set(compare) == set(copied)
+    for stage, (config, own) in copied.items():
+        assert compare[stage] == keys(config)[own], f"compare.yaml's {stage} is not {config}'s {own}"
