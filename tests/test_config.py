@@ -332,5 +332,6 @@ def test_the_comparison_runs_the_very_stages_of_the_configs_it_copies():
               "ppo_rm": ("tiny-ppo-rm.yaml", "ppo_rm"), "grpo": ("tiny-grpo.yaml", "grpo"),
               "grpo_rlvr": ("tiny-rlvr.yaml", "grpo"), "dpo": ("tiny-dpo.yaml", "dpo")}
     assert set(compare) == set(copied)
+    sources = {config: keys(config) for config, _ in copied.values()}
     for stage, (config, own) in copied.items():
-        assert compare[stage] == keys(config)[own], f"compare.yaml's {stage} is not {config}'s {own}"
+        assert compare[stage] == sources[config][own], f"compare.yaml's {stage} is not {config}'s {own}"

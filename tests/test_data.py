@@ -80,17 +80,20 @@ def test_fingerprint_follows_content(tmp_path):
     assert fingerprint("owner/name#test") == "hub:owner/name#test"
 
 
+class CharTokenizer:
+    """A character tokenizer for pack_texts: keeps the arithmetic visible."""
+
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+
+
 def test_pack_texts_joins_with_eos_and_drops_tail():
     import datasets
 
-    class Tok:  # a character tokenizer keeps the arithmetic visible
-        eos_token_id = 0
-
-        def __call__(self, texts, add_special_tokens=False):
-            return {"input_ids": [[ord(c) for c in t] for t in texts]}
-
     ds = datasets.Dataset.from_list([{"text": "abc"}, {"text": "de"}, {"text": "f"}])
-    packed = pack_texts(ds, Tok(), block_size=4)
+    packed = pack_texts(ds, CharTokenizer(), block_size=4)
     # stream: a b c EOS d e EOS f EOS (9 tokens) -> two full blocks of 4, the last token dropped
     assert packed["input_ids"] == [[97, 98, 99, 0], [100, 101, 0, 102]]
 
@@ -98,15 +101,9 @@ def test_pack_texts_joins_with_eos_and_drops_tail():
 def test_pack_texts_in_two_processes_packs_the_same_blocks():
     import datasets
 
-    class Tok:
-        eos_token_id = 0
-
-        def __call__(self, texts, add_special_tokens=False):
-            return {"input_ids": [[ord(c) for c in t] for t in texts]}
-
     # 2,500 documents of uneven length: more than one 1,000-row packing batch, so a process boundary in
     # the packing would move block boundaries and drop tails
     ds = datasets.Dataset.from_list([{"text": "xyz"[: 1 + i % 3] * (1 + i % 5)} for i in range(2500)])
-    one = pack_texts(ds, Tok(), block_size=7)["input_ids"]
+    one = pack_texts(ds, CharTokenizer(), block_size=7)["input_ids"]
     assert len(one) > 1000
-    assert pack_texts(ds, Tok(), block_size=7, num_proc=2)["input_ids"] == one
+    assert pack_texts(ds, CharTokenizer(), block_size=7, num_proc=2)["input_ids"] == one
