@@ -6,7 +6,7 @@
 Writes gzipped JSON Lines (deterministic: same packages + seed -> byte-identical files):
 
     pretrain/{train,valid}.jsonl.gz      {"text"}: fortunes, "word: definition." glosses, example sentences
-    sft/{train,valid}.jsonl.gz           {"prompt": "Use the word X in a sentence.", "response": example}
+    sft/{train,valid}.jsonl.gz           {"prompt": "Use the word X in a sentence.", "response": example, phrases in a frame}
     prompts/{train,eval}.jsonl.gz        {"prompt", "word"} for words in no SFT training prompt (RL and evaluation)
     preferences/{train,valid}.jsonl.gz   {"prompt","chosen","rejected"}: human examples ranked by the gold judge
 
@@ -50,9 +50,10 @@ def read_fortunes() -> list[str]:
     return docs
 
 
-def read_wordnet() -> tuple[list[str], dict[str, list[str]]]:
-    """(gloss lines "word: definition.", {lemma: [example sentences that contain it]})."""
-    glosses, examples = [], defaultdict(list)
+def read_wordnet() -> tuple[list[str], dict[str, list[str]], dict[str, str], set[str]]:
+    """(gloss lines "word: definition.", {lemma: [example sentences that contain it]}, {example: the part of
+    speech of the first synset that gives it}, the verb lemmas)."""
+    glosses, examples, pos_of, verbs = [], defaultdict(list), {}, set()
     for pos in ("noun", "verb", "adj", "adv"):
         for line in (WORDNET / f"data.{pos}").read_text(encoding="latin-1").splitlines():
             if line.startswith("  "):  # license header
@@ -65,14 +66,53 @@ def read_wordnet() -> tuple[list[str], dict[str, list[str]]]:
             definition = gloss.split('; "')[0].split(';"')[0].strip().rstrip(";").strip()
             if definition:
                 glosses.append(f"{lemmas[0]}: {definition}.")
+            if pos == "verb":
+                verbs.update(lemma.lower() for lemma in lemmas)
             for sentence in quoted:
                 sentence = sentence.strip()
                 if not sentence or len(sentence) > MAX_EXAMPLE_CHARS:
                     continue
+                pos_of.setdefault(sentence, pos)
                 for lemma in lemmas:
                     if re.search(rf"\b{re.escape(lemma)}\b", sentence, flags=re.IGNORECASE):
                         examples[lemma].append(sentence)
-    return glosses, examples
+    return glosses, examples, pos_of, verbs
+
+
+# Most WordNet examples are phrases ("a jealous lover", "seek an education"); asked for a sentence, SFT
+# would learn to answer with a phrase. A phrase whose shape its part of speech tells is set into a
+# tone-neutral sentence frame (VADER scores every frame 0, so the gold judge's tone is the example's
+# own); examples that already read as sentences, and phrases of other shapes, are kept as they are.
+DETERMINERS = frozenset("a an the his her my their our your its this that these those some no every each".split())
+NOUN_PHRASE_FRAMES = ("It was {}.", "I saw {}.", "We talked about {}.", "They found {}.")
+BARE_NOUN_PHRASE_FRAMES = ("I saw {}.", "We talked about {}.", "They found {}.")
+VERB_PHRASE_FRAMES = ("I wanted to {}.", "They will {}.", "We had to {}.")
+
+
+def as_sentence(example: str, word: str, pos: str, verbs: set[str], rng: random.Random) -> str:
+    """The example itself if it reads as a sentence (rlhf.judges.reads_as_sentence) or has no shape that a
+    frame fits; else the example in a frame drawn from `rng`: a noun or adjective example opening with a
+    determiner ("a jealous lover" -> "It was a jealous lover."), an adjective example opening with the
+    adjective `word` ("livid bruises" -> "I saw livid bruises."), a verb example opening with a verb lemma
+    ("seek an education" -> "I wanted to seek an education.")."""
+    from rlhf.judges import reads_as_sentence
+
+    if reads_as_sentence(example):
+        return example
+    first = example.split()[0]
+    lowered = first.lower()
+    if pos in ("noun", "adj") and lowered in DETERMINERS:
+        frames = NOUN_PHRASE_FRAMES
+    elif pos == "adj" and first == word:
+        frames = BARE_NOUN_PHRASE_FRAMES
+    elif pos == "verb" and first.islower() and first in verbs:
+        frames = VERB_PHRASE_FRAMES
+    else:
+        return example
+    phrase = example.rstrip(".!?;,")
+    if first[0].isupper() and first[1:].islower() and lowered in DETERMINERS:
+        phrase = lowered + phrase[len(first):]  # "The generic name" inside a frame is "the generic name"
+    return rng.choice(frames).format(phrase)
 
 
 def write_jsonl_gz(path: Path, rows: list[dict]) -> None:
@@ -99,7 +139,7 @@ def build(out: Path, seed: int) -> None:
     rng = random.Random(seed)
     print("reading fortunes and WordNet ...")
     fortunes = read_fortunes()
-    glosses, examples = read_wordnet()
+    glosses, examples, pos_of, verbs = read_wordnet()
     sentences = sorted({s for ss in examples.values() for s in ss})
 
     # 1. pretraining corpus: everything, documents shuffled, 2% held out
@@ -116,8 +156,12 @@ def build(out: Path, seed: int) -> None:
     eval_words, rl_words, rest = shuffled[:EVAL_WORDS], shuffled[EVAL_WORDS:EVAL_WORDS + RL_WORDS], shuffled[EVAL_WORDS + RL_WORDS:]
     sft_train_words, sft_valid_words = split_words(rest, 0.03, rng)
 
-    # 3. SFT pairs: every example sentence of a word, for the SFT words
-    sft = {name: [{"prompt": PROMPT.format(w), "response": s} for w in sorted(ws) for s in sorted(set(examples[w]))]
+    # 3. SFT pairs: every example sentence of a word, for the SFT words, phrases set into sentence frames
+    # (`as_sentence`; the frames are drawn from their own generator, so every other file and split stays
+    # what it was without them)
+    frame_rng = random.Random(seed + 1)
+    sft = {name: [{"prompt": PROMPT.format(w), "response": as_sentence(s, w, pos_of[s], verbs, frame_rng)}
+                  for w in sorted(ws) for s in sorted(set(examples[w]))]
            for name, ws in (("train", sft_train_words), ("valid", sft_valid_words))}
     for name, rows in sft.items():
         rng.shuffle(rows)

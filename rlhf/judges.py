@@ -12,6 +12,9 @@ Built-ins (`BUILTIN_JUDGES`):
 - `uses_word`: the default experiment's task judge: 1.0 when the response uses the word the prompt asks
   for ("Use the word X in a sentence.", or the `word` column) as a whole word, any case; else 0.0.
 - `uses_word_once`: the same, but 1.0 only when the word is used exactly once.
+- `word_in_sentence`: 1.0 only when the word is used exactly once in an answer that reads as a sentence
+  (`reads_as_sentence`: a clause, no word padded in twice); "the rim of the rim" and "a lipped role" fail,
+  "he was divinely interesting" passes.
 - `word_vader`: the default experiment's gold judge, the simulated person whose preferences the reward
   model learns: VADER's compound sentiment (in [-1, 1]) of a response that does the task, and -1, the
   worst score, for one that does not. Doing what was asked comes first; among answers that do, the
@@ -43,7 +46,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 __all__ = ["BUILTIN_JUDGES", "Judge", "fluency", "load_judge", "rank_pairs", "requested_word", "textblob",
-           "uses_word", "uses_word_once", "vader", "word_textblob", "word_vader"]
+           "reads_as_sentence", "uses_word", "uses_word_once", "vader", "word_in_sentence", "word_textblob",
+           "word_vader"]
 
 
 class Judge(Protocol):
@@ -141,6 +145,42 @@ def uses_word_once(prompts: list[str], responses: list[str], word: list[str] | N
     return [1.0 if n == 1 else 0.0 for n in _word_counts("uses_word_once", prompts, responses, word)]
 
 
+# A cheap clause test. A subject pronoun first ("he was led astray", "they sighted land") or a finite
+# auxiliary or copula anywhere ("the play was abstractive", "focused light can set a fire") marks a clause;
+# WordNet's phrases ("a jealous lover", "shed bitter tears") have neither. It misses clauses with a noun
+# subject and a plain verb ("the automobile reduced the demand"): a sentence judge that errs towards "no"
+# cannot be satisfied by a phrase.
+_SUBJECTS = frozenset("i you he she it we they there".split())
+_FINITE = frozenset(
+    "am is are was were has have had do does did will would can could shall should may might must "
+    "isn't aren't wasn't weren't hasn't haven't hadn't don't doesn't didn't won't wouldn't can't couldn't "
+    "shouldn't mustn't i'm you're we're they're it's he's she's that's there's".split())
+# Words a sentence may repeat ("the cat sat on the mat"); any other word written twice is padding.
+_FUNCTION_WORDS = _SUBJECTS | _FINITE | frozenset(
+    "a an the of to in on at for with by from and or but as that this these those his her its their our your "
+    "my me him them us not no so than then when if".split())
+
+
+def reads_as_sentence(response: str) -> bool:
+    """Whether a response reads as a sentence, not a phrase: at least four words, a subject pronoun first or
+    a finite auxiliary/copula anywhere, and no word but a function word ("the", "of", "was", ...) written
+    twice (padding such as "the divinely was divinely" is not a sentence). Case and punctuation are
+    ignored."""
+    words = [w.replace("\u2019", "'").lower() for w in _WORD.findall(response)]
+    if len(words) < 4 or not (words[0] in _SUBJECTS or any(w in _FINITE for w in words)):
+        return False
+    content = [w for w in words if w not in _FUNCTION_WORDS]
+    return len(content) == len(set(content))
+
+
+def word_in_sentence(prompts: list[str], responses: list[str], word: list[str] | None = None,
+                     **columns) -> list[float]:
+    """1.0 where the response uses the requested word exactly once (as `uses_word_once`) and reads as a
+    sentence (`reads_as_sentence`), else 0.0: what "Use the word X in a sentence." asks, checked cheaply."""
+    counts = _word_counts("word_in_sentence", prompts, responses, word)
+    return [1.0 if n == 1 and reads_as_sentence(r) else 0.0 for n, r in zip(counts, responses)]
+
+
 def _word_counts(judge: str, prompts: list[str], responses: list[str], word: list[str] | None) -> list[int]:
     """How often each response uses its prompt's requested word as a whole word, any case."""
     words = list(word) if word is not None else [requested_word(p) for p in prompts]
@@ -172,7 +212,8 @@ def word_textblob(prompts: list[str], responses: list[str], **columns) -> list[f
 
 
 BUILTIN_JUDGES: dict[str, Judge] = {
-    "uses_word": uses_word, "uses_word_once": uses_word_once, "word_vader": word_vader, "word_textblob": word_textblob,
+    "uses_word": uses_word, "uses_word_once": uses_word_once, "word_in_sentence": word_in_sentence,
+    "word_vader": word_vader, "word_textblob": word_textblob,
     "vader": vader, "textblob": textblob, "fluency": fluency,
 }
 """Judges a config can name without a dotted path."""

@@ -103,6 +103,31 @@ def test_uses_word_once_counts_the_same_words_and_wants_exactly_one():
         J.uses_word_once(["Write a poem."], ["roses are red"])
 
 
+def test_reads_as_sentence_wants_a_clause_without_padding():
+    sentences = ["he was divinely interesting",           # subject pronoun first
+                 "the play was abstractive",              # a copula
+                 "They found a jealous lover.",
+                 "the cat sat on the mat and the dog can't",  # function words may repeat; a contraction is finite
+                 "It\u2019s a rim thing"]                  # curly apostrophe
+    phrases = ["a jealous lover",                         # no clause
+               "the automobile reduced the demand",       # a clause the cheap test misses (plain verb)
+               "he was big",                              # three words
+               "the divinely was divinely independently",  # a content word written twice
+               "he was rim of the rim", ""]
+    assert [J.reads_as_sentence(s) for s in sentences] == [True] * 5
+    assert [J.reads_as_sentence(s) for s in phrases] == [False] * 6
+
+
+def test_word_in_sentence_wants_the_word_once_in_a_sentence():
+    prompts = ["Use the word rim in a sentence."] * 5
+    responses = ["I saw the rim of the cup.", "the rim of the rim", "I saw the brim of the cup.",
+                 "a rim of gold", "It was a rim, a rim."]
+    assert J.word_in_sentence(prompts, responses) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert J.word_in_sentence(["Use the word x in a sentence."], ["he was a big cat"], word=["cat"]) == [1.0]
+    with pytest.raises(ValueError, match=r"word_in_sentence: prompt 0 \('Write a poem.'\) names no word"):
+        J.word_in_sentence(["Write a poem."], ["roses are red"])
+
+
 def test_uses_word_prefers_the_word_column_and_refuses_prompts_without_a_word():
     # the column wins over the prompt text
     assert J.uses_word(["Use the word firm in a sentence."], ["a dog"], word=["dog"]) == [1.0]
