@@ -36,21 +36,26 @@ def diversity(responses: list[str]) -> dict[str, float]:
     unique_share near 1/N and top_share near 1. repetition: within each response, the share of its words
     that repeat an earlier word of it, averaged over responses (seq-rep-1, Welleck et al. 2019): "the rim
     of the rim" 0.4, a response that never repeats itself 0. The others compare responses with each
-    other; this one sees a policy that pads each answer with copies of a word it is paid for. Empty input
-    gives zeros.
+    other; this one sees a policy that pads each answer with copies of a word it is paid for.
+    opening_top_share: share of the most common opening, a response's first two words (lowercased, end
+    punctuation stripped): a policy that starts every answer with one frame ("We talked about ...") while
+    the rest varies. Empty input gives zeros.
     """
     if not responses:
-        return {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0, "repetition": 0.0}
+        return {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0, "repetition": 0.0,
+                "opening_top_share": 0.0}
     words = [r.lower().split() for r in responses]
     unigrams = [w for ws in words for w in ws]
     bigrams = [pair for ws in words for pair in zip(ws, ws[1:])]
     counts = Counter(responses)
+    openings = Counter(" ".join(w.strip(_PUNCTUATION) for w in ws[:2]) for ws in words)
     return {
         "distinct_1": len(set(unigrams)) / len(unigrams) if unigrams else 0.0,
         "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0,
         "unique_share": len(counts) / len(responses),
         "top_share": counts.most_common(1)[0][1] / len(responses),
         "repetition": sum(1 - len(set(ws)) / len(ws) for ws in words if ws) / len(responses),
+        "opening_top_share": openings.most_common(1)[0][1] / len(responses),
     }
 
 
@@ -178,7 +183,7 @@ def summarize(results: dict[str, dict[str, list]], roles: list[str]) -> dict[str
     """Means over prompts of one `PolicyEvaluation.run`, and the diversity of its responses.
 
     Keys: each judge role (`task` is task success), `kl` (sampled only), `response_length`, `eos_rate`,
-    `distinct_1`, `distinct_2`, `unique_share`, `top_share`, `template_top_share` (the share of the most
+    `distinct_1`, `distinct_2`, `unique_share`, `top_share`, `repetition`, `opening_top_share`, `template_top_share` (the share of the most
     common response once each prompt's own words are blanked, `templates`); greedy ones prefixed `greedy_`.
     """
     out: dict[str, float] = {}

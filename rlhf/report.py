@@ -263,6 +263,7 @@ def _evaluation_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [(r, JUDGE_LABELS.get(r, r)) for r in roles]
     rows += [("unique_share", "unique responses (share)"), ("top_share", "most common response (share)"),
              ("template_top_share", "most common frame, prompt's words blanked (share)"),
+             ("opening_top_share", "most common opening, first two words (share)"),
              ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
              ("repetition", "words repeated within a response (seq-rep-1)"), ("response_length", "length (tokens)"),
              ("eos_rate", "EOS rate")]

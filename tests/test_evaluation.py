@@ -28,12 +28,19 @@ def test_repetition_is_the_share_of_a_responses_words_that_repeat_an_earlier_one
     assert diversity(["Rim rim"])["repetition"] == 0.5  # lowercased
 
 
+def test_opening_top_share_is_the_share_of_the_most_common_first_two_words():
+    d = diversity(["We talked about a rim.", "we talked, about it", "We had to go.", "I saw", "ok", ""])
+    # openings: "we talked" x2 (case and end punctuation aside), "we had", "i saw", "ok", "" -> 2 of 6
+    assert d["opening_top_share"] == pytest.approx(2 / 6)
+    assert diversity(["I saw a rim.", "I saw a cat."])["opening_top_share"] == 1.0
+
+
 def test_diversity_of_a_collapsed_policy_and_of_nothing():
     d = diversity(["a good person"] * 9 + ["a good party"])
     assert d["unique_share"] == 0.2 and d["top_share"] == 0.9
     assert d["distinct_2"] == pytest.approx(3 / 20)  # (a good), (good person), (good party) of 20 bigrams
     assert diversity([]) == {"distinct_1": 0.0, "distinct_2": 0.0, "unique_share": 0.0, "top_share": 0.0,
-                             "repetition": 0.0}
+                             "repetition": 0.0, "opening_top_share": 0.0}
     assert diversity(["", "one"])["distinct_2"] == 0.0  # no bigram at all
 
 
