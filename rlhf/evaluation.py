@@ -183,8 +183,9 @@ def summarize(results: dict[str, dict[str, list]], roles: list[str]) -> dict[str
     """Means over prompts of one `PolicyEvaluation.run`, and the diversity of its responses.
 
     Keys: each judge role (`task` is task success), `kl` (sampled only), `response_length`, `eos_rate`,
-    `distinct_1`, `distinct_2`, `unique_share`, `top_share`, `repetition`, `opening_top_share`, `template_top_share` (the share of the most
-    common response once each prompt's own words are blanked, `templates`); greedy ones prefixed `greedy_`.
+    `distinct_1`, `distinct_2`, `unique_share`, `top_share`, `repetition`, `opening_top_share` (`diversity`),
+    `template_top_share` (the share of the most common response once each prompt's own words are blanked,
+    `templates`); greedy ones prefixed `greedy_`.
     """
     out: dict[str, float] = {}
     for mode, r in results.items():

@@ -120,7 +120,8 @@ def write_report(store, experiment, out_dir: Path) -> tuple[Path, list[str], lis
 def comparison(sections: list[StageReport], out_dir: Path) -> list[str]:
     """Every policy stage against its reference in one table, and gold against KL with each one's
     trajectory over training (Gao et al.'s over-optimisation frontier, one line per method)."""
-    roles = [r for r in ("gold", "heldout", "task", "sentence") if all(f"{r}_gain" in s.metrics for s in sections)]
+    roles = [r for r in ("gold", "heldout", "task", "sentence")
+             if all(f"{r}_gain" in s.metrics for s in sections)]
     lines = ["Each method against the reference it started from, on the same held-out prompts and seed "
              "(sampled responses; gain with its paired-bootstrap 95% interval). A gain counts only with task "
              "success kept and no collapse.", "",
