@@ -98,6 +98,12 @@ def _spell_checker():
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
 
 
+def _words(text: str) -> list[str]:
+    """The text's words (`_WORD`), lowercased, curly apostrophes made straight (the spelling dictionary and
+    the clause test's word lists spell contractions with "'")."""
+    return [w.replace("\u2019", "'").lower() for w in _WORD.findall(text)]
+
+
 def fluency(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """Share of each response's words that pyspellchecker's English dictionary knows, in [0, 1].
 
@@ -107,8 +113,7 @@ def fluency(prompts: list[str], responses: list[str], **columns) -> list[float]:
     checker = _spell_checker()
     scores = []
     for response in responses:
-        # Curly apostrophes are normalised because the dictionary spells contractions with "'".
-        words = [w.replace("\u2019", "'").lower() for w in _WORD.findall(response)]
+        words = _words(response)
         if not words:
             scores.append(0.0)
             continue
@@ -166,7 +171,7 @@ def reads_as_sentence(response: str) -> bool:
     a finite auxiliary/copula anywhere, and no word but a function word ("the", "of", "was", ...) written
     twice (padding such as "the divinely was divinely" is not a sentence). Case and punctuation are
     ignored."""
-    words = [w.replace("\u2019", "'").lower() for w in _WORD.findall(response)]
+    words = _words(response)
     if len(words) < 4 or not (words[0] in _SUBJECTS or any(w in _FINITE for w in words)):
         return False
     content = [w for w in words if w not in _FUNCTION_WORDS]
