@@ -32,7 +32,8 @@ class PPOConfig:
     """Where the value model starts (GAE only): None = the first reward model of `rewards` (its head then
     starts as the reward head), or the policy with a fresh head when every source is a function."""
     estimator: str = checked("gae", choices=tuple(ESTIMATORS))
-    """Advantage estimator: gae (value model), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
+    """Advantage estimator: gae (value model), grpo, grpo_batch_std (the batch's std instead of the group's:
+    TRL's scale_rewards="batch"), dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
     (rlhf/ppo/estimators.py). Only gae builds a value model."""
     samples_per_prompt: int = checked(1, ge=1)
     """Responses per prompt in a rollout (a group; GRPO, Dr. GRPO, RLOO and REINFORCE++-baseline use the
@@ -80,7 +81,7 @@ class PPOConfig:
     kl_estimator: str = checked("k1", choices=tuple(KL_ESTIMATORS))
     """Per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r-1) - log r)."""
     kl_coef: float = checked(0.05, ge=0)
-    """KL coefficient (initial value when adaptive). 0 without `adaptive_kl` loads no reference model."""
+    """KL coefficient (initial value when adaptive: then > 0). 0 without `adaptive_kl` loads no reference model."""
     adaptive_kl: bool = False
     """Adapt the coefficient towards `kl_target` (Ziegler et al.)."""
     kl_target: float = checked(6.0, gt=0)
@@ -88,7 +89,7 @@ class PPOConfig:
     kl_horizon: int = checked(10000, ge=1)
     """Horizon of the adaptive controller (episodes)."""
     whiten_rewards: bool = False
-    """Whiten per-token rewards over the batch (scale only)."""
+    """Whiten per-token rewards over the batch (scale only; refused with reinforce_pp_baseline)."""
     score_after_eos: bool = True
     """Place the score one position after EOS, on the state after the last action: its value is the
     value model at the EOS token (where the reward head it started from reads), GAE bootstraps through
@@ -101,7 +102,8 @@ class PPOConfig:
     lam: float = checked(0.95, ge=0, le=1)
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch (after the estimator; REINFORCE++ always does)."""
+    """Whiten advantages over the batch (after the estimator; REINFORCE++ always does). Refused with grpo,
+    grpo_batch_std, dr_grpo and rloo, whose advantages it would distort."""
     learning_rate: float = checked(3e-4, gt=0)
     """Policy learning rate."""
     value_learning_rate: float = checked(3e-4, gt=0)
@@ -143,7 +145,21 @@ class PPOConfig:
             # the rollout samples and scores in eval mode, the update runs in train mode where adapter dropout is on
             raise ValueError(f"lora.dropout: {self.lora.dropout} must be 0 in PPO: the update would train a policy "
                              "with adapter dropout on, which is not the policy that sampled the rollout; set it to 0")
-        need = ESTIMATORS[self.estimator].min_group_size
+        estimator = ESTIMATORS[self.estimator]
+        if self.whiten_rewards and estimator.reads_raw_scores:
+            raise ValueError(f"whiten_rewards: true with estimator: {self.estimator} would take the group's mean "
+                             "raw score off rewards that whitening rescaled and shifted, so the group means would "
+                             "not cancel (REINFORCE++ whitens its returns itself); set whiten_rewards: false")
+        if self.whiten_advantages and estimator.whitening_distorts:
+            raise ValueError(f"whiten_advantages: true would whiten the {self.estimator} estimator's advantages "
+                             "again over the batch, taking a token-weighted mean off group-centred advantages (and "
+                             "rescaling Dr. GRPO's, which are deliberately not divided by a std); set "
+                             "whiten_advantages: false (stages.grpo's default)")
+        if self.adaptive_kl and self.kl_coef == 0:
+            raise ValueError("kl_coef: 0 with adaptive_kl: true; the adaptive controller multiplies the coefficient, "
+                             "so from 0 it stays 0 (with a reference model loaded for nothing); start it from a "
+                             "positive kl_coef, e.g. 0.05, or turn adaptive_kl off")
+        need = estimator.min_group_size
         if self.samples_per_prompt < need:
             raise ValueError(f"samples_per_prompt: {self.samples_per_prompt}; the {self.estimator} estimator compares "
                              f"responses to the same prompt and needs at least {need}")

@@ -143,7 +143,8 @@ def test_returns_to_go_discount_and_helpers():
 def test_only_gae_needs_a_value_model():
     assert [n for n, e in ESTIMATORS.items() if e.needs_values] == ["gae"]
     assert {n: e.min_group_size for n, e in ESTIMATORS.items()} == {
-        "gae": 1, "grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp": 1, "reinforce_pp_baseline": 2}
+        "gae": 1, "grpo": 2, "grpo_batch_std": 2, "dr_grpo": 2, "rloo": 2, "reinforce_pp": 1,
+        "reinforce_pp_baseline": 2}
 
 
 # ---- loss aggregation -------------------------------------------------------------------------------
@@ -239,3 +240,95 @@ def test_whitening_with_an_all_reduce_uses_every_ranks_positions():
         t.join()
     assert torch.allclose(torch.cat(out), whole, atol=1e-6)
     assert not torch.allclose(masked_whiten(x[:3], mask[:3]), whole[:3], atol=1e-3)  # local statistics differ
+
+
+# ---- what the tests above could not see (issue 27) ----------------------------------------------------
+
+
+def test_returns_to_go_counts_a_response_that_fills_every_column():
+    # Real batches fill the last column with their longest response, whose score sits there.
+    # gamma 1: G = [1 + 2 + 4, 2 + 4, 4] = [7, 6, 4]; a loop that stopped one column early would drop the 4.
+    rewards = torch.tensor([[1.0, 2.0, 4.0]])
+    assert torch.equal(returns_to_go(rewards, torch.ones(1, 3, dtype=torch.bool), 1.0), torch.tensor([[7.0, 6.0, 4.0]]))
+
+
+def test_a_group_whose_returns_tie_gets_zero_advantage_not_nan():
+    # group 2 scores 1, 1: mean 1, std 0 -> (1 - 1) / (0 + eps) = 0 exactly, never 0/0
+    # group 1 scores 0, 2: mean 1, std sqrt(2) -> -+1 / (sqrt(2) + 1e-6)
+    rewards = torch.tensor([[0.0], [2.0], [1.0], [1.0]])
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    adv, _ = ESTIMATORS["grpo"](rewards, rewards[:, 0], mask, mask, None, 2)
+    s = math.sqrt(2) + 1e-6
+    assert torch.equal(adv[2:], torch.zeros(2, 1))
+    assert torch.allclose(adv[:, 0], torch.tensor([-1 / s, 1 / s, 0.0, 0.0]))
+
+
+def test_grpo_batch_std_divides_by_the_std_of_the_whole_batch():
+    # TRL's scale_rewards="batch": (R_i - mean_group) / std_batch. SCORES = 1, 2, 3, 6 | 0, 0, 1, 1:
+    # batch mean 14/8 = 1.75; squared deviations 0.5625 + 0.0625 + 1.5625 + 18.0625 + 3.0625 x 2 + 0.5625 x 2
+    # = 27.5, unbiased variance 27.5 / 7; deviations from the group means -2, -1, 0, 3 | -.5, -.5, .5, .5
+    adv, ret = run("grpo_batch_std")
+    std = math.sqrt(27.5 / 7 + 1e-8)
+    expected = torch.tensor([-2.0, -1, 0, 3, -0.5, -0.5, 0.5, 0.5]) / std
+    assert torch.allclose(per_sequence(adv), expected, atol=1e-6) and ret is None
+
+
+def after_eos_layout(scores=SCORES, lengths=LENGTHS, t=T + 1):
+    """The batch of the tests above as `stages.ppo` lays it out with `score_after_eos`: every row ended in
+    EOS, the episode runs one position past it and the score sits there (the response tokens have none)."""
+    response = torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)  # (8, 6)
+    episode = torch.arange(t).unsqueeze(0) < (lengths + 1).unsqueeze(1)  # one more position per row
+    rewards = torch.zeros(response.shape)
+    rewards[torch.arange(len(scores)), lengths] = scores
+    return rewards, episode, response
+
+
+@pytest.mark.parametrize("name", ["grpo", "grpo_batch_std", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"])
+def test_critic_free_estimators_read_the_score_after_eos(name):
+    # The score on the state after EOS (episode_mask) must count as much as a score on the EOS token
+    # itself: at gamma 1 the advantages of the response tokens are the same, and 0 after EOS. An estimator
+    # that summed or whitened over response_mask where episode_mask belongs would drop or dilute it.
+    rewards, episode, response = after_eos_layout()
+    adv, _ = ESTIMATORS[name](rewards, SCORES, episode, response, None, 4)
+    on_eos, _ = run(name)
+    assert torch.allclose(adv[:, :T][MASK], on_eos[MASK], atol=1e-6)
+    assert (adv[~response] == 0).all()
+    assert adv[response].abs().sum() > 1  # and not all zero
+
+
+def test_reinforce_pp_baseline_takes_the_mean_off_where_the_score_sits():
+    # gamma 0.5, the score one position after EOS; its group's mean score comes off at the same position,
+    # so every G_t = 0.5^(n - t) (score - mean): the baseline discounted like the score, not one step less.
+    rewards, episode, response = after_eos_layout()
+    adv, _ = ESTIMATORS["reinforce_pp_baseline"](rewards, SCORES, episode, response, None, 4, gamma=0.5)
+    group_means = [3.0] * 4 + [0.5] * 4
+    expected = [0.5 ** (int(LENGTHS[row]) - t) * (float(SCORES[row]) - group_means[row])
+                for row in range(8) for t in range(int(LENGTHS[row]))]
+    mean = sum(expected) / len(expected)
+    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
+    assert torch.allclose(adv[response], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
+                          atol=1e-5)
+
+
+def test_reinforce_pp_baseline_subtracts_the_mean_score_not_the_mean_return():
+    # Group 1 pays a KL penalty of 0.5 per token, group 2 none, so their mean returns differ from their
+    # mean scores by different amounts (group 1: -0.5 x mean length 2.5 = -1.25), which no whitening
+    # removes. G_t = score - group mean score - 0.5 x (tokens from t on) in group 1, score - mean in group 2.
+    kl = torch.where(torch.arange(8).unsqueeze(1) < 4, 0.5, 0.0) * MASK.float()
+    rewards = score_rewards() - kl
+    adv, _ = run("reinforce_pp_baseline", rewards=rewards)
+    group_means, penalty = [3.0] * 4 + [0.5] * 4, [0.5] * 4 + [0.0] * 4
+    expected = [float(SCORES[row]) - group_means[row] - penalty[row] * (int(LENGTHS[row]) - t)
+                for row in range(8) for t in range(int(LENGTHS[row]))]
+    mean = sum(expected) / len(expected)
+    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
+    assert torch.allclose(adv[MASK], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
+                          atol=1e-5)
+
+
+def test_sequence_sum_divides_by_the_length_limit_not_the_padded_width():
+    # A micro-batch trimmed to its longest response (3 columns) under max_new_tokens = 5:
+    # (1 + 2 + 4) / (2 sequences x 5) = 0.7; the padded width would give 7/6
+    loss = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert aggregate(loss, mask, "sequence_sum", num_sequences=2, num_tokens=3, max_len=5).item() == pytest.approx(0.7)

@@ -6,6 +6,7 @@ where it has one). They differ in the baseline that turns a return into an advan
 
     gae                     a learned value model, bootstrapped per token (Schulman et al. 2016)
     grpo                    the group's mean return, divided by the group's std (Shao et al. 2024)
+    grpo_batch_std          the group's mean return, divided by the whole batch's std (TRL's scale_rewards="batch")
     dr_grpo                 the group's mean return, no std division (Liu et al. 2025, "Dr. GRPO")
     rloo                    the mean return of the group's other K - 1 responses (Ahmadian et al. 2024)
     reinforce_pp            none: token returns-to-go whitened over the whole batch (Hu 2025, REINFORCE++)
@@ -107,6 +108,13 @@ class Estimator:
 
     needs_values: ClassVar[bool] = False
     min_group_size: ClassVar[int] = 1
+    whitening_distorts: ClassVar[bool] = False
+    """Whether whitening its advantages over the batch afterwards (`whiten_advantages`) changes what they
+    mean: a token-weighted mean taken off group-centred advantages, Dr. GRPO's unscaled ones rescaled.
+    The stage config refuses the two together."""
+    reads_raw_scores: ClassVar[bool] = False
+    """Whether it subtracts a statistic of `scores` from `rewards`, which must then hold the scores unscaled:
+    the stage config refuses `whiten_rewards` with it."""
 
     def __call__(self, rewards: torch.Tensor, scores: torch.Tensor, episode_mask: torch.Tensor,
                  response_mask: torch.Tensor, values: torch.Tensor | None, group_size: int,
@@ -126,22 +134,36 @@ class GAE(Estimator):
 
 
 class GroupNormalised(Estimator):
-    """GRPO (`scale=True`): (R_i - mean_g) / (std_g + eps); Dr. GRPO (`scale=False`): R_i - mean_g.
+    """GRPO (`scale="group"`): (R_i - mean_g) / (std_g + eps); Dr. GRPO (`scale=None`): R_i - mean_g;
+    `scale="batch"`: (R_i - mean_g) / std over the whole batch (all processes' rows), TRL's
+    `scale_rewards="batch"`.
 
     Dividing by the group's std weighs prompts whose responses all score alike (too easy or too hard)
-    as much as the others, and is the "difficulty bias" Dr. GRPO removes.
+    as much as the others, and is the "difficulty bias" Dr. GRPO removes. With the KL in the reward
+    (`kl_penalty: reward`), R_i is the score plus the sequence's KL penalty: a group whose scores tie has
+    a std of KL noise alone, and dividing by it blows that noise up to unit scale (advantages of order 1
+    from nothing but KL). GRPO's default puts the KL in the loss, where R_i is the score; with the KL in
+    the reward prefer `dr_grpo` or `grpo_batch_std`, whose divisor does not shrink with one group.
     """
 
     min_group_size = 2
+    whitening_distorts = True
 
-    def __init__(self, scale: bool, eps: float = 1e-6):
+    def __init__(self, scale: str | None, eps: float = 1e-6):
+        if scale not in ("group", "batch", None):
+            raise ValueError(f"scale must be 'group', 'batch' or None, got {scale!r}")
         self.scale, self.eps = scale, eps
 
     def __call__(self, rewards, scores, episode_mask, response_mask, values, group_size, whiten=masked_whiten,
                  gamma=1.0, lam=0.95):
         returns = sequence_returns(rewards, episode_mask)  # (B,)
+        if self.scale == "batch":
+            # whitening over the batch gives (R_i - mean_batch) / std_batch; its group means come off next,
+            # leaving (R_i - mean_g) / std_batch, with `whiten`'s all-reduce over processes
+            every = torch.ones_like(returns, dtype=torch.bool).unsqueeze(1)  # (B, 1)
+            returns = whiten(returns.unsqueeze(1), every).squeeze(1)
         advantages = group_mean_baseline(returns, group_size)
-        if self.scale:
+        if self.scale == "group":
             advantages = advantages / (group_std(returns, group_size) + self.eps)
         return _broadcast(advantages, response_mask), None
 
@@ -150,6 +172,7 @@ class LeaveOneOut(Estimator):
     """RLOO: R_i minus the mean return of the other responses to the same prompt."""
 
     min_group_size = 2
+    whitening_distorts = True
 
     def __call__(self, rewards, scores, episode_mask, response_mask, values, group_size, whiten=masked_whiten,
                  gamma=1.0, lam=0.95):
@@ -161,12 +184,16 @@ class ReinforcePP(Estimator):
     """REINFORCE++: per-token returns-to-go of the KL-penalised rewards, whitened over the global batch.
 
     With `group_baseline`, each sequence's score first has its group's mean score taken off, at the
-    episode's last position where the score sits (REINFORCE++-baseline, as OpenRLHF does it).
+    episode's last position where the score sits (REINFORCE++-baseline, as OpenRLHF does it). The mean
+    is of `scores` as given, so `rewards` must hold them unscaled: the stage config refuses
+    `whiten_rewards` with it (whitened rewards hold the score rescaled and shifted, and the raw group
+    mean would no longer cancel it).
     """
 
     def __init__(self, group_baseline: bool):
         self.group_baseline = group_baseline
         self.min_group_size = 2 if group_baseline else 1
+        self.reads_raw_scores = group_baseline
 
     def __call__(self, rewards, scores, episode_mask, response_mask, values, group_size, whiten=masked_whiten,
                  gamma=1.0, lam=0.95):
@@ -181,8 +208,9 @@ class ReinforcePP(Estimator):
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": GAE(),
-    "grpo": GroupNormalised(scale=True),
-    "dr_grpo": GroupNormalised(scale=False),
+    "grpo": GroupNormalised(scale="group"),
+    "grpo_batch_std": GroupNormalised(scale="batch"),
+    "dr_grpo": GroupNormalised(scale=None),
     "rloo": LeaveOneOut(),
     "reinforce_pp": ReinforcePP(group_baseline=False),
     "reinforce_pp_baseline": ReinforcePP(group_baseline=True),
