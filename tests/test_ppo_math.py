@@ -138,6 +138,15 @@ def test_k3_is_clamped_as_verl_does():
     close(kl_k3(logp, d, max_log_ratio=1.0, max_kl=100.0)[:, :3], [[0.7182818285, 0.3678794412, 0.7182818285]])
 
 
+
+def test_k3_has_no_gradient_once_the_clamp_holds():
+    # k3 = r - 1 - log r reaches 10 at r = 13.61 (log r = 2.6109, pi/ref = 0.0735): d/dlogp k3 = 1 - r
+    # below that, 0 past it. d = 2.6: 1 - e^2.6 = -12.4637; d = 2.62: clamped, 0.
+    logp = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[2.6, 2.62]], dtype=torch.float64)
+    kl_k3(logp, ref).sum().backward()
+    close(logp.grad, [[1 - math.exp(2.6), 0.0]])
+
 def test_kl_estimators_zero_when_equal_and_k3_nonnegative():
     g = torch.Generator().manual_seed(1)
     logp = -torch.rand(8, 16, generator=g) * 5.0

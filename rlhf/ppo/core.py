@@ -241,6 +241,11 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, max_log_ratio: flo
     policy has made rare but the reference still likes (d = 30) would cost e^30 ~ 1e13 and swamp every
     score, so, as veRL's `low_var_kl` does, d is clamped to [-max_log_ratio, max_log_ratio] and the
     estimate to [0, max_kl] (the lower bound only removes rounding below 0). Shapes (B, T) -> (B, T).
+
+    A clamped token has no gradient: at max_kl = 10 the estimate is flat once r > 13.6, that is once
+    pi(y) / ref(y) < 0.073 (d > 2.61), so the KL term stops pulling back exactly the tokens the policy
+    has pushed far below the reference, and only the policy loss moves them. (On the other side it
+    clamps at d < -11, pi(y) / ref(y) > 6e4.) Raise `max_kl` to keep that pull for longer.
     """
     log_ratio = (ref_logprobs - logprobs).clamp(-max_log_ratio, max_log_ratio)  # (B, T), log r
     return (torch.expm1(log_ratio) - log_ratio).clamp(0.0, max_kl)
