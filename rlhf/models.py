@@ -155,8 +155,13 @@ def external_fingerprint(ref: str) -> str:
 
     A local directory is fingerprinted by its config and the names and sizes of its files (hashing
     gigabytes of weights on every plan would be slow); a hub id by its name, since the user pins a
-    revision by naming it (`owner/model@rev`).
+    revision by naming it (`owner/model@rev`); a GGUF file by its content (`rlhf.gguf.source_key`), which is
+    also the key of its converted artifact.
     """
+    from rlhf import gguf
+
+    if gguf.is_gguf(ref):
+        return gguf.source_key(ref)
     path = Path(ref)
     if path.is_dir():
         h = hashlib.sha256()

@@ -170,8 +170,12 @@ class Pipeline:
 
         self.check(until, force)  # nothing trains, and nothing is written, unless every check passes
         barrier()
+        plan = self.plan(until, force)
+        if is_main_process():  # GGUF inputs become store artifacts once, before the stages that read them
+            self.convert_sources([step.stage for step in plan if step.will_run])
+        barrier()
         results = []
-        for step in self.plan(until, force):
+        for step in plan:
             if not step.will_run:
                 log.info("%s: up to date (key %s)", step.name, step.key)
                 if is_main_process():
@@ -184,6 +188,18 @@ class Pipeline:
             manifest = step.stage.run()
             results.append(StageResult(step.name, step.key, True, time.time() - t0, manifest["metrics"]))
         return results
+
+
+    def convert_sources(self, stages: list[Stage]) -> None:
+        """Convert every GGUF file that these stages read into its artifact, once (rlhf/gguf.py)."""
+        from rlhf.gguf import materialize
+
+        done: set[str] = set()
+        for stage in stages:
+            for ref in stage.input_refs.values():
+                if ref.converted and ref.key not in done:
+                    materialize(self.store, str(ref.external), ref.key, self.experiment.config.name)
+                    done.add(ref.key)
 
 
 def upstream_of(experiment: Experiment, name: str) -> dict[str, str | None]:

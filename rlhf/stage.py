@@ -47,7 +47,8 @@ class InputRef:
     """Where a stage input comes from: an upstream stage's artifact, or a model from outside.
 
     `stage` is set for upstream stages (then `key` is that stage's artifact key); otherwise `external`
-    is a hub id or a local Hugging Face directory, and `key` is its fingerprint.
+    is a hub id or a local Hugging Face directory, and `key` is its fingerprint, or a GGUF file, and `key`
+    is the artifact it is converted into (rlhf/gguf.py).
     """
 
     field: str
@@ -57,6 +58,13 @@ class InputRef:
 
     def describe(self) -> str:
         return f"{self.stage} ({self.key})" if self.stage else f"{self.external} ({self.key})"
+
+    @property
+    def converted(self) -> bool:
+        """A GGUF file, read through its converted artifact in the store."""
+        from rlhf.gguf import is_gguf
+
+        return self.stage is None and is_gguf(self.external)
 
 
 class Stage:
@@ -162,11 +170,17 @@ class Stage:
         ref = self.input_refs[field]
         if ref.stage is not None:
             return str(self.store.local_dir(ref.key))
+        if ref.converted:  # converted on first use (the pipeline does it before the first stage runs)
+            from rlhf.gguf import materialize
+
+            return str(materialize(self.store, ref.external, ref.key, self.experiment.name))
         return ref.external  # type: ignore[return-value]
 
     def input_manifest(self, field: str) -> dict[str, Any] | None:
         ref = self.input_refs[field]
-        return self.store.manifest(ref.key) if ref.stage is not None else None
+        if ref.stage is not None or (ref.converted and self.store.exists(ref.key)):
+            return self.store.manifest(ref.key)
+        return None
 
     # ---- cheap preconditions, before anything trains (override `check` to add yours) -------------
 
@@ -205,14 +219,24 @@ class Stage:
                     self.check_judge(spec, f"evaluation.judges.{role}", ev.prompts, top=True)
 
     def check_inputs(self) -> None:
-        """Outside model inputs: an existing Hugging Face directory, or a plausible hub id (not fetched)."""
+        """Outside model inputs: an existing Hugging Face directory, a plausible hub id (not fetched), or a
+        GGUF file that transformers can read (`rlhf.gguf.check_source`; skipped once it is converted)."""
         for field, ref in self.input_refs.items():
             if ref.stage is not None:
                 continue
             where, value = self.where(field), str(ref.external)
+            if ref.converted:
+                if not self.store.exists(ref.key):
+                    from rlhf.gguf import check_source
+
+                    try:
+                        check_source(value)
+                    except ConfigError as e:
+                        raise ConfigError(f"{where}: {e}") from None
+                continue
             path = Path(value).expanduser()
-            fix = ("name an upstream stage, a local Hugging Face model directory or a hub id such as "
-                   "EleutherAI/pythia-160m")
+            fix = ("name an upstream stage, a local Hugging Face model directory, a .gguf file or a hub id "
+                   "such as EleutherAI/pythia-160m")
             if path.is_dir():
                 if not (path / "config.json").is_file():
                     raise ConfigError(f"{where}: {value} has no config.json, so it is not a Hugging Face model "
