@@ -9,12 +9,17 @@ A source is a *function* when it is a built-in judge name (rlhf/judges.py) or a 
 `columns` are the prompt rows' other fields (a checkable task ships its answers in the prompts file:
 `{"prompt": ..., "answer": ...}` gives `answer=[...]`). Anything else is a *reward model*: an upstream
 stage's artifact, a hub id or a local directory, scored at the response's last real token (the EOS).
-A function that raises, returns the wrong count, NaN or a non-number stops the stage with an error
-naming the function and the row (`rlhf.judges.load_judge` checks every call).
+A function that raises, returns anything but a sequence of finite real numbers, one per response (a
+string, a dict, None, a number as text), or a reward model that scores NaN or infinity stops the stage
+with an error naming the function or model, the row, its prompt and its response (`load_reward_function`,
+`Rewards.score`).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +38,74 @@ def model_sources(rewards: dict[str, float]) -> list[str]:
     return [name for name in rewards if not is_function(name)]
 
 
+def checked_scores(out: Any, where: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """`out`, a reward function's return value, as one float per response, or a ValueError that starts with
+    `where` and names the row, its prompt and its response.
+
+    A list or tuple (or a 1-D numpy array or tensor) of real numbers is accepted: ints, floats, bools and
+    numpy scalars. A string is refused (a str is a sequence of characters: "123" would read as 1, 2, 3),
+    and so are a dict, None, text that looks like a number and NaN or infinity.
+    """
+    if hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays, tensors
+        out = out.tolist()
+    if isinstance(out, (str, bytes, Mapping)) or not isinstance(out, Sequence):
+        shown = f" ({out!r:.40})" if isinstance(out, (str, bytes)) else ""
+        raise ValueError(f"{where} returned {'None' if out is None else 'a ' + type(out).__name__}{shown}, not a list "
+                         f"of numbers; it must return one number per response (a list of {len(responses)} here)")
+    if len(out) != len(responses):
+        raise ValueError(f"{where} returned {len(out)} scores for {len(responses)} responses; it must return exactly "
+                         "one score per response")
+    scores = []
+    for i, s in enumerate(out):
+        if getattr(s, "ndim", None) == 0 and hasattr(s, "item"):  # a 0-dim tensor or array
+            s = s.item()
+        if not isinstance(s, numbers.Real) or not math.isfinite(float(s)):
+            kind = "" if isinstance(s, numbers.Real) else f", a {type(s).__name__}" if s is not None else ""
+            raise ValueError(f"{where} scored row {i} (prompt {prompts[i]!r}, response {responses[i]!r}) as "
+                             f"{s!r}{kind}; reward functions must return finite real numbers")
+        scores.append(float(s))
+    return scores
+
+
+def load_reward_function(spec: str, field: str) -> Callable[..., list[float]]:
+    """The reward function `spec` names (a built-in judge or `package.module:function`), set at `field`.
+
+    Called as `fn(prompts, responses, **columns)`, it hands the function the prompt columns its signature
+    takes and checks what it returns with `checked_scores`. When the function raises, each row is tried
+    alone, so that the error names the row it fails on.
+    """
+    from rlhf.judges import _accepted_columns, load_judge
+
+    # load_judge imports the function (or instantiates the class) and names what is wrong with `spec`;
+    # its wrapper converts the output with float(), which would take "0.5" and "123", so call what it wraps.
+    judge = load_judge(spec, field)
+    fn = getattr(judge, "__wrapped__", judge)
+    take = _accepted_columns(fn)
+    where = f"{field}: reward function {spec!r}"
+
+    def call(prompts, responses, **columns):
+        return fn(list(prompts), list(responses), **take(columns))
+
+    def reward(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+        for name, values in columns.items():
+            if len(values) != len(responses):
+                raise ValueError(f"{where}: column {name!r} has {len(values)} values for {len(responses)} responses")
+        try:
+            out = call(prompts, responses, **columns)
+        except Exception as e:
+            for i in range(len(responses)):  # find the row it fails on
+                try:
+                    call(prompts[i : i + 1], responses[i : i + 1], **{k: v[i : i + 1] for k, v in columns.items()})
+                except Exception as row_error:
+                    raise ValueError(f"{where} raised on row {i} (prompt {prompts[i]!r}, response {responses[i]!r}): "
+                                     f"{type(row_error).__name__}: {row_error}") from row_error
+            raise ValueError(f"{where} failed on a batch of {len(responses)} responses (each row alone passes): "
+                             f"{type(e).__name__}: {e}") from e
+        return checked_scores(out, where, prompts, responses)
+
+    return reward
+
+
 @dataclass
 class RewardSource:
     """One weighted term of the reward."""
@@ -42,7 +115,7 @@ class RewardSource:
     weight: float
     """Its weight in the sum."""
     judge: Any = None
-    """The checked function (`load_judge`) for a function source."""
+    """The checked function (`load_reward_function`) for a function source."""
     model: Any = None
     """The reward model (AutoModelForSequenceClassification) for a model source."""
     mean: float = 0.0
@@ -69,12 +142,22 @@ class Rewards:
         score at the last real token (the stage passes its packed or padded forward). Functions see the
         decoded `responses` with their `prompts` and the prompt rows' `columns`. The raw total sums
         weight x raw score; the total uses each model's normalisation.
+
+        `score_model` is the stage's forward and may return anything; a score that is NaN or infinite stops
+        the stage here, naming the model and the row, before it poisons every advantage.
         """
         device = response_ids.device
         raw, total, raw_total = [], torch.zeros(len(responses), device=device), torch.zeros(len(responses), device=device)
         for s in self.sources:
             if s.model is not None:
                 values = score_model(s.model, query_ids, query_mask, response_ids, response_mask).float()
+                bad = (~torch.isfinite(values)).nonzero()
+                if len(bad):
+                    i = int(bad[0])
+                    raise ValueError(f"reward model {s.name!r} scored row {i} (prompt {prompts[i]!r}, response "
+                                     f"{responses[i]!r}) as {values[i].item()}; its weights or inputs are broken "
+                                     "(a NaN in the checkpoint, an overflow in half precision): check the model, or "
+                                     "run it in float32")
             else:
                 values = torch.tensor(s.judge(prompts, responses, **columns), dtype=torch.float32, device=device)
             raw.append(values)

@@ -51,7 +51,7 @@ from rlhf.ppo.aggregation import aggregate
 from rlhf.ppo.estimators import ESTIMATORS
 from rlhf.ppo.packing import pack, use_packed_attention
 from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
-from rlhf.rewards import RewardSource, Rewards, is_function, model_sources
+from rlhf.rewards import RewardSource, Rewards, is_function, load_reward_function, model_sources
 from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
 from rlhf.stage import Stage, StageError
 from rlhf.tokenizer import tokenizer_facts
@@ -83,11 +83,32 @@ class PPOStage(Stage):
         return {"prompts": self.config.prompts}
 
     def check(self) -> None:
-        """Also before anything trains: every reward function loads and scores two rows of the prompts."""
+        """Also before anything trains: every reward function loads and scores two rows of the prompts with
+        one finite real number each (`check_judge` would take the text "0.5" for a number)."""
         super().check()
         for name in self.config.rewards:
             if is_function(name):
                 self.check_judge(name, "rewards", self.config.prompts)
+                self.check_reward_function(name)
+
+    def check_reward_function(self, name: str) -> None:
+        """The reward function `name` returns what the stage accepts (`load_reward_function`) on the first
+        two rows of the prompts."""
+        from rlhf.data import sample_rows
+        from rlhf.errors import ConfigError
+        from rlhf.stage import SAMPLE_RESPONSES
+
+        key = f"stages.{self.stage_name}.rewards"
+        rows = sample_rows(self.config.prompts, "prompts", len(SAMPLE_RESPONSES))
+        if not rows:
+            return
+        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+        try:
+            load_reward_function(name, key)([r["prompt"] for r in rows], list(SAMPLE_RESPONSES[: len(rows)]), **columns)
+        except ValueError as e:
+            origin = self.config_origin(key) if self.config_origin else None
+            raise ConfigError(f"{origin + ': ' if origin else ''}{e} (checked on the first {len(rows)} prompts of "
+                              f"{self.config.prompts} before anything ran)") from None
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
@@ -156,13 +177,12 @@ class PPOStage(Stage):
 
     def build_rewards(self, models: dict) -> Rewards:
         """The weighted reward sources: each reward model with its manifest's normalisation, each function
-        loaded and checked (rlhf.judges.load_judge)."""
-        from rlhf.judges import load_judge
-
+        loaded and its every call checked (rlhf.rewards.load_reward_function)."""
         c, sources = self.config, []
         for name, weight in c.rewards.items():
             if is_function(name):
-                sources.append(RewardSource(name, weight, judge=load_judge(name, f"stages.{self.stage_name}.rewards")))
+                sources.append(RewardSource(name, weight,
+                                            judge=load_reward_function(name, f"stages.{self.stage_name}.rewards")))
                 continue
             stats = (self.input_manifest(f"rewards.{name}") or {}).get("metrics", {})
             mean, std = (stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)) if c.normalize_score else (0, 1)

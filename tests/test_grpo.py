@@ -125,11 +125,16 @@ def test_gradient_accumulation_equals_the_full_minibatch_in_every_mode(upstream,
     # rows of different lengths, so micro-batches hold different token counts
     lengths = torch.arange(8) % traj.response_ids.shape[1] + 1
     mask = torch.arange(traj.response_ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-    traj = traj._replace(response_mask=mask, episode_mask=full.episode_mask(mask, traj.has_eos))
+    # Scores that differ within each group: the untrained policy rarely ends in EOS, so every row would get
+    # the no-EOS score -1, every advantage would be 0 and the test would compare a zero gradient with zero.
+    scores = torch.tensor([0.0, 1.0, 3.0, -1.0, 2.0, 2.0, 0.5, -2.0])
+    traj = traj._replace(response_mask=mask, episode_mask=full.episode_mask(mask, traj.has_eos), scores=scores)
     rewards, _ = full.compute_rewards(traj)
     advantages, returns = full.compute_advantages(rewards, traj)
+    assert advantages.abs().sum() > 1
     g_full, g_accum = _gradients(full, traj, advantages, returns), _gradients(accum, traj, advantages, returns)
     assert g_full.keys() == g_accum.keys() and g_full
+    assert sum(g.norm() for g in g_full.values()) > 1e-3  # not zero against zero
     for name in g_full:
         assert torch.allclose(g_full[name], g_accum[name], rtol=1e-4, atol=1e-7), name
 
@@ -147,8 +152,9 @@ def test_a_grpo_run_publishes_a_policy_without_value_model(upstream):
 
 
 @pytest.mark.parametrize("fn,message", [
-    ("test_grpo:nan_reward", r"judge 'test_grpo:nan_reward' scored row 0 .* as nan"),
-    ("test_grpo:raising_reward", r"judge 'test_grpo:raising_reward' failed .*the answer key is missing"),
+    ("test_grpo:nan_reward", r"reward function 'test_grpo:nan_reward' scored row 0 \(prompt .*, response .*\) as nan"),
+    ("test_grpo:raising_reward", r"reward function 'test_grpo:raising_reward' raised on row 0 \(prompt .*, response "
+                                 r".*\): RuntimeError: the answer key is missing"),
 ])
 def test_a_broken_reward_function_stops_the_stage_naming_it(upstream, fn, message):
     stage = open_stage(upstream, f"stages.grpo.rewards={{{fn}: 1.0}}")
