@@ -195,9 +195,11 @@ def _captured_gradients(stage, traj, advantages, returns):
     grads = {}
 
     def capture():
-        for name, p in list(stage.policy.named_parameters()) + list(stage.value_model.named_parameters()):
-            if p.grad is not None:
-                grads[name] = p.grad.detach().clone()
+        # keyed by model too: the policy's parameter names are the value model's (model.layers.0...)
+        for model, module in (("policy", stage.policy), ("value", stage.value_model)):
+            for name, p in module.named_parameters():
+                if p.grad is not None:
+                    grads[model, name] = p.grad.detach().clone()
 
     stage.optimizer.step = capture  # look at the accumulated gradient instead of stepping
     torch.manual_seed(3)
@@ -226,6 +228,8 @@ def test_gradient_accumulation_equals_full_batch(upstream, after_eos):
     g_full = _captured_gradients(full, traj, advantages, returns)
     g_accum = _captured_gradients(accum, traj, advantages, returns)
     assert g_full.keys() == g_accum.keys() and g_full
+    for model in ("policy", "value"):  # both compared, and neither is zero against zero
+        assert sum(g.norm() for (m, _), g in g_full.items() if m == model) > 1e-3, model
     for name in g_full:
         assert torch.allclose(g_full[name], g_accum[name], rtol=1e-4, atol=1e-7), name
 
