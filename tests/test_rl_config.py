@@ -22,7 +22,8 @@ def test_reinforce_pp_baseline_with_whitened_rewards_is_refused(workdir):
     # prompts, one-token responses scored 0, 1 | 10, 11, KL 0 gave advantages 0.848, 0.884, -0.884, -0.848
     # (the worse answer to the first prompt pushed up) instead of -0.866, 0.866, -0.866, 0.866.
     block = {"estimator": "reinforce_pp_baseline", "samples_per_prompt": 2, "whiten_rewards": True}
-    refused(workdir, "ppo", block, r"e\.yaml: stages\.ppo\.whiten_rewards: .*reinforce_pp_baseline.*set whiten_rewards: false")
+    refused(workdir, "ppo", block,
+            r"e\.yaml: stages\.ppo\.whiten_rewards: .*reinforce_pp_baseline.*set whiten_rewards: false")
     PPOConfig(estimator="reinforce_pp_baseline", samples_per_prompt=2)  # without it: fine
     PPOConfig(estimator="reinforce_pp", whiten_rewards=True)  # no group mean to get wrong
     PPOConfig(whiten_rewards=True)  # GAE
