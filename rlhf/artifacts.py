@@ -6,6 +6,8 @@ Layout under the root (a local path or any fsspec URL):
     aliases/<experiment>/<stage>   a text file holding the key the experiment last produced
     tmp/                      artifacts being built (local roots only; renamed into artifacts/ when done)
     work/<key>/               resumable training state of a stage that has not finished yet
+    evaluations/<key>.json    the held-out evaluation of a starting policy, shared by the policy stages
+                              that start from it (`rlhf.evaluation.reference_results`)
 
 An artifact without a manifest does not exist: readers check for manifest.json, writers put it last.
 On a local root the whole directory appears at once by rename, so a crash never leaves a half artifact.
@@ -102,7 +104,7 @@ class ArtifactStore:
         if root.exists():
             if not root.is_dir():
                 return f"{self.url} is a file, not a directory"
-            for sub in ("artifacts", "aliases", "work", "tmp"):
+            for sub in ("artifacts", "aliases", "work", "tmp", "evaluations"):
                 if (root / sub).exists() and not (root / sub).is_dir():
                     return f"{root / sub} is a file where the store keeps a directory"
             if not os.access(root, os.W_OK | os.X_OK):
@@ -224,6 +226,27 @@ class ArtifactStore:
                 path.rmdir()
 
     # ---- aliases -------------------------------------------------------------------------------
+
+    def read_evaluation(self, key: str) -> dict[str, Any] | None:
+        """The evaluation kept under `key` (`write_evaluation`), or None."""
+        try:
+            with self.fs.open(self._path("evaluations", f"{key}.json"), "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):  # none yet, or unreadable: measured again
+            return None
+
+    def write_evaluation(self, key: str, results: dict[str, Any]) -> None:
+        """Keep an evaluation's results under `key`, whole or not at all."""
+        path = self._path("evaluations", f"{key}.json")
+        blob = json.dumps(results)
+        if self.is_local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex[:8]}"
+            Path(tmp).write_text(blob)
+            os.replace(tmp, path)
+        else:
+            self.fs.makedirs(self._path("evaluations"), exist_ok=True)
+            self.fs.pipe_file(path, blob.encode())
 
     def set_alias(self, experiment: str, stage: str, key: str) -> None:
         """Point `<experiment>/<stage>` at `key`."""

@@ -95,18 +95,24 @@ def _num(x: float) -> str:
 
 def checked(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
             lt: float | None = None, le: float | None = None, choices: tuple | None = None,
-            finite: bool = False, hint: str = "", affects_result: bool = True, **kwargs: Any) -> Any:
+            finite: bool = False, hint: str = "", affects_result: bool = True, keyed_when_set: bool = False,
+            **kwargs: Any) -> Any:
     """A config field with the values it accepts (see `Bounds`), checked when an experiment loads.
 
     `learning_rate: float = checked(1e-3, gt=0)`; `gamma: float = checked(1.0, ge=0, le=1)`;
     `kl_estimator: str = checked("k1", choices=("k1", "k3"))`. A field that may be None skips the check
     when it is None. Other keyword arguments go to `dataclasses.field` (e.g. `default_factory`).
+
+    `keyed_when_set`: the field enters artifact keys only when it differs from its default, so that a
+    field added later leaves the keys of every artifact built before it (at that default) as they were.
     """
     meta: dict[str, Any] = {}
     if (gt, ge, lt, le, choices) != (None,) * 5 or finite:
         meta["bounds"] = Bounds(gt, ge, lt, le, tuple(choices) if choices is not None else None, finite, hint)
     if not affects_result:
         meta["affects_result"] = False
+    if keyed_when_set:
+        meta["keyed_when_set"] = True
     return field(default=default, metadata=meta, **kwargs)
 
 
@@ -164,6 +170,7 @@ def result_config(cfg: Any) -> Any:
             f.name: result_config(getattr(cfg, f.name))
             for f in dataclasses.fields(cfg)
             if f.metadata.get("affects_result", True)
+            and not (f.metadata.get("keyed_when_set") and getattr(cfg, f.name) == f.default)
         }
     if isinstance(cfg, (list, tuple)):
         return [result_config(v) for v in cfg]
@@ -212,6 +219,9 @@ class EvalConfig:
     """Also decode greedily and judge those responses (what a user of the model sees by default)."""
     batch_size: int = checked(64, ge=1)
     """Prompts per generate call."""
+    bf16_sampling: bool = checked(False, keyed_when_set=True)
+    """Generate under bfloat16 autocast (faster on CPUs with AVX512-BF16 and on GPUs); judges and KL are
+    computed as before, KL in float32 (rlhf.sampling.generate)."""
     num_logged_samples: int = logging_only(8, ge=0)
     """Prompts whose responses the manifest and the report show side by side."""
 

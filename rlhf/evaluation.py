@@ -145,7 +145,7 @@ class PolicyEvaluation:
             torch.manual_seed(self.seed)
             for chunk in batches(self.prompts, c.batch_size):
                 enc = encode_prompts(tokenizer, chunk, policy.device)
-                seqs = generate(policy, config, **enc)
+                seqs = generate(policy, config, bf16=c.bf16_sampling, **enc)
                 q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
                 r_ids = seqs[:, q_ids.shape[1]:]
                 r_mask = response_mask_from_eos(r_ids, eos)
@@ -172,6 +172,34 @@ class PolicyEvaluation:
                 row[_name(mode, "after" if before is not None else "response")] = after[mode]["responses"][i]
             rows.append(row)
         return rows
+
+
+def reference_results(store, policy_key: str, evaluation: PolicyEvaluation, seed: int,
+                      measure: Callable[[], dict]) -> dict[str, dict[str, list]]:
+    """The evaluation of a policy stage's starting policy, measured once and shared.
+
+    Every policy stage compares itself with the policy it started from, on the same prompts and seed, so
+    PPO, GRPO and DPO from one SFT model would each measure the same thing again (~85 s a stage on the
+    default experiment). The results are kept in the store under a key of the starting policy's key, the
+    evaluation settings, the prompts and the seed; `measure()` runs only when none is kept. The KL of the
+    reference to itself is 0 and is not kept.
+    """
+    import json
+
+    from rlhf.artifacts import content_key, digest
+    from rlhf.config import result_config
+    from rlhf.distributed import process_state
+
+    state = process_state()
+    key = content_key({"policy": policy_key, "evaluation": result_config(evaluation.config), "seed": seed,
+                       "prompts": digest(json.dumps(evaluation.prompts)), "processes": state.num_processes})
+    kept = store.read_evaluation(key)
+    if kept is not None:
+        return kept
+    results = measure()
+    if state.is_main_process:
+        store.write_evaluation(key, {mode: {k: v for k, v in r.items() if k != "kl"} for mode, r in results.items()})
+    return results
 
 
 def _name(mode: str, metric: str) -> str:

@@ -78,8 +78,13 @@ def generation_config(
     )
 
 
-def generate(model, config: GenerationConfig, **inputs) -> torch.Tensor:
+def generate(model, config: GenerationConfig, bf16: bool = False, **inputs) -> torch.Tensor:
     """`model.generate(**inputs)` under `config` and no other generation setting: sequences (B, P + R).
+
+    `bf16`: sample under bfloat16 autocast (the weights stay float32). On a CPU with AVX512-BF16 this
+    generated SmolLM2-135M ~1.6x faster (64 prompts x 48 tokens on 2 cores: 372 against 226 new tokens/s);
+    the tokens come from a slightly different distribution than the float32 model's, which every
+    logprob, KL and update still computes in float32 (as an inference engine's samples are trained on).
 
     `generate` fills every field `config` leaves unset from the model's own generation config, and some
     processors are off only while their field is unset (`bad_words_ids`, `suppress_tokens`,
@@ -91,7 +96,8 @@ def generate(model, config: GenerationConfig, **inputs) -> torch.Tensor:
     own = holder.generation_config
     holder.generation_config = config
     try:
-        return model.generate(**inputs, generation_config=config)
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model.generate(**inputs, generation_config=config)
     finally:
         holder.generation_config = own
 
@@ -112,8 +118,10 @@ def sample(
     top_p: float = 1.0,
     batch_size: int = 64,
     progress: bool = False,
+    bf16: bool = False,
 ) -> list[Sample]:
-    """Sample one response per prompt (greedy when temperature is 0), under these settings alone."""
+    """Sample one response per prompt (greedy when temperature is 0), under these settings alone
+    (`bf16`: under bfloat16 autocast, see `generate`)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -124,7 +132,7 @@ def sample(
     chunks = list(batches(prompts, batch_size))
     for chunk in tqdm(chunks, desc="sampling", disable=not progress or len(chunks) < 2):
         enc = encode_prompts(tokenizer, chunk, model.device)
-        seqs = generate(model, config, **enc)
+        seqs = generate(model, config, bf16=bf16, **enc)
         responses = seqs[:, enc["input_ids"].shape[1] :]
         for prompt, ids in zip(chunk, responses.tolist()):
             ended = eos in ids

@@ -25,7 +25,7 @@ import torch
 
 from rlhf.config import checked, logging_only
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
-from rlhf.evaluation import PolicyEvaluation, compare, summarize
+from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm
 from rlhf.preferences import check_input as check_preference_input
 from rlhf.preferences import conversational, load_preferences, outside_data_files
@@ -238,7 +238,8 @@ class DPOStage(Stage):
     def train(self) -> dict:
         # The reference policy's evaluation: the model is still the policy input here (a resumed run loads
         # its checkpoint inside trainer.train), so a rerun measures the same baseline.
-        self.baseline = self.evaluation.run(self.model, self.tokenizer)
+        self.baseline = reference_results(self.store, self.input_refs["policy"].key, self.evaluation, self.seed,
+                                          lambda: self.evaluation.run(self.model, self.tokenizer))
         metrics = train_from_last_checkpoint(self)
         # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so users get a plain checkpoint.
         self.full_state, self.model = finished_weights(self)

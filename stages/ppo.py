@@ -29,7 +29,7 @@ import torch
 
 from rlhf.checkpoints import CheckpointDir, write_atomic
 from rlhf.data import load_rows
-from rlhf.evaluation import PolicyEvaluation, compare, summarize
+from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
 from rlhf.models import count_parameters, disable_dropout, load_causal_lm, verify_checkpoint, whole_models
 from rlhf.ppo import (
@@ -272,7 +272,7 @@ class PPOStage(Stage):
             policy.eval()
             # the stage's settings alone: the checkpoint's generation_config must not reshape what is sampled
             config = generation_config(tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
-            seqs = generate(policy, config, **enc, **self.launch.generate_extra())
+            seqs = generate(policy, config, bf16=c.bf16_sampling, **enc, **self.launch.generate_extra())
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         response_ids = seqs[:, query_ids.shape[1] :]
         response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
@@ -459,7 +459,8 @@ class PPOStage(Stage):
         if baseline_file.exists():
             self.baseline = json.loads(baseline_file.read_text())
         else:
-            self.baseline = self.judge_policy(greedy=None)
+            self.baseline = reference_results(self.store, self.input_refs["policy"].key, self.evaluation, self.seed,
+                                              lambda: self.judge_policy(greedy=None))
             if acc.is_main_process:
                 write_atomic(baseline_file, json.dumps(self.baseline))
         resumed_from = self.progress.step

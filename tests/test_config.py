@@ -335,3 +335,25 @@ def test_the_comparison_runs_the_very_stages_of_the_configs_it_copies():
     sources = {config: keys(config) for config, _ in copied.values()}
     for stage, (config, own) in copied.items():
         assert compare[stage] == sources[config][own], f"compare.yaml's {stage} is not {config}'s {own}"
+
+
+def test_a_field_keyed_when_set_leaves_keys_alone_at_its_default():
+    from dataclasses import dataclass
+
+    from rlhf.config import checked, result_config
+
+    @dataclass
+    class Cfg:
+        lr: float = checked(1e-3, gt=0)
+        fast: bool = checked(False, keyed_when_set=True)
+
+    assert result_config(Cfg()) == {"lr": 1e-3}  # the key of every artifact built before `fast` existed
+    assert result_config(Cfg(fast=True)) == {"lr": 1e-3, "fast": True}
+    # the sampling switches added for the released-model experiment are such fields
+    from rlhf.config import EvalConfig
+    from stages.ppo_config import PPOConfig
+    from stages.preferences import PreferencesConfig
+
+    for cfg in (EvalConfig(), PPOConfig(), PreferencesConfig()):
+        assert "bf16_sampling" not in result_config(cfg)
+        assert result_config(type(cfg)(bf16_sampling=True))["bf16_sampling"] is True

@@ -82,3 +82,33 @@ def test_summarize_and_compare_name_every_number():
     assert "template_top_share" not in m  # only a run that knows its prompts has templates
     after["sampled"]["templates"] = ["a good _", "a good _", "a good _", "a _ sun"]
     assert compare(before, after, ["task", "gold"], seed=0)["template_top_share"] == 0.75
+
+
+def test_the_starting_policys_evaluation_is_measured_once_per_policy_settings_and_prompts(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf.artifacts import ArtifactStore
+    from rlhf.config import EvalConfig
+    from rlhf.evaluation import reference_results
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"sampled": {"responses": ["a", "b"], "gold": [0.5, -1.0], "kl": [0.0, 0.0]}}
+
+    evaluation = SimpleNamespace(config=EvalConfig(num_prompts=2), prompts=["p1", "p2"])
+    first = reference_results(store, "sftkey", evaluation, 0, measure)
+    assert first["sampled"]["kl"] == [0.0, 0.0] and len(calls) == 1
+    # a second stage from the same policy: read back, without the reference's KL to itself
+    assert reference_results(store, "sftkey", evaluation, 0, measure) == {
+        "sampled": {"responses": ["a", "b"], "gold": [0.5, -1.0]}}
+    assert len(calls) == 1
+    # another policy, seed, setting or prompt list is measured anew
+    reference_results(store, "otherkey", evaluation, 0, measure)
+    reference_results(store, "sftkey", evaluation, 1, measure)
+    reference_results(store, "sftkey", SimpleNamespace(config=EvalConfig(num_prompts=2, max_new_tokens=8),
+                                                       prompts=["p1", "p2"]), 0, measure)
+    reference_results(store, "sftkey", SimpleNamespace(config=evaluation.config, prompts=["p1"]), 0, measure)
+    assert len(calls) == 5
