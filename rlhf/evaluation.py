@@ -131,6 +131,9 @@ class PolicyEvaluation:
     def _decode(self, policy, tokenizer, temperature: float, reference, reference_context) -> dict[str, list]:
         from rlhf.ppo.core import masked_sum, response_mask_from_eos
         from rlhf.ppo.rollout import policy_forward
+        from tqdm.auto import tqdm
+
+        from rlhf.distributed import process_state
         from rlhf.sampling import batches, encode_prompts, generate, generation_config
 
         c, eos = self.config, tokenizer.eos_token_id
@@ -143,7 +146,10 @@ class PolicyEvaluation:
         config = generation_config(tokenizer, max_new_tokens=c.max_new_tokens, temperature=temperature)
         with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
-            for chunk in batches(self.prompts, c.batch_size):
+            chunks = list(batches(self.prompts, c.batch_size))
+            mode = "sampled" if temperature > 0 else "greedy"
+            for chunk in tqdm(chunks, desc=f"evaluation ({mode})", leave=False,
+                              disable=len(chunks) < 2 or not process_state().is_main_process):
                 enc = encode_prompts(tokenizer, chunk, policy.device)
                 seqs = generate(policy, config, bf16=c.bf16_sampling, **enc)
                 q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
@@ -192,7 +198,7 @@ def reference_results(store, policy_key: str, evaluation: PolicyEvaluation, seed
 
     state = process_state()
     key = content_key({"policy": policy_key, "evaluation": result_config(evaluation.config), "seed": seed,
-                       "prompts": digest(json.dumps(evaluation.prompts)), "processes": state.num_processes})
+                       "prompts": digest(json.dumps(list(evaluation.prompts))), "processes": state.num_processes})
     kept = store.read_evaluation(key)
     if kept is not None:
         return kept

@@ -118,21 +118,31 @@ def write_report(store, experiment, out_dir: Path) -> tuple[Path, list[str], lis
 
 
 def comparison(sections: list[StageReport], out_dir: Path) -> list[str]:
-    """Every policy stage against its reference in one table, and gold against KL with each one's
-    trajectory over training (Gao et al.'s over-optimisation frontier, one line per method)."""
-    roles = [r for r in ("gold", "heldout", "task", "sentence")
-             if all(f"{r}_gain" in s.metrics for s in sections)]
+    """Every policy stage against its reference in one table per decoding (sampled, greedy), and gold
+    against KL with each one's trajectory over training (Gao et al.'s over-optimisation frontier, one
+    line per method). The judge roles are the experiment's own, in its order."""
     lines = ["Each method against the reference it started from, on the same held-out prompts and seed "
-             "(sampled responses; gain with its paired-bootstrap 95% interval). A gain counts only with task "
-             "success kept and no collapse.", "",
-             "| method | " + " | ".join(f"{JUDGE_LABELS.get(r, r)} gain" for r in roles)
-             + " | KL | unique responses | distinct-2 |", "|---" * (len(roles) + 4) + "|"]
-    for s in sections:
-        m = s.metrics
-        gains = [f"{m[f'{r}_gain']:+.3f} ({m[f'{r}_gain_ci'][0]:+.3f}, {m[f'{r}_gain_ci'][1]:+.3f})" for r in roles]
-        lines.append(f"| {s.name} | " + " | ".join(gains) + f" | {_fmt(m.get('kl'))} | "
-                     f"{_fmt(m.get('unique_share_ref'))} -> {_fmt(m.get('unique_share'))} | "
-                     f"{_fmt(m.get('distinct_2_ref'))} -> {_fmt(m.get('distinct_2'))} |")
+             "(gain with its paired-bootstrap 95% interval). A gain counts only with task success kept and "
+             "no collapse."]
+    for mode, prefix in (("sampled", ""), ("greedy", "greedy_")):
+        roles = [k[len(prefix):-len("_gain")] for k in sections[0].metrics
+                 if k.startswith(prefix) and k.endswith("_gain") and (prefix or not k.startswith("greedy_"))
+                 and all(k in s.metrics for s in sections)]
+        if not roles:
+            continue
+        kl = " KL |" if mode == "sampled" else ""
+        lines += ["", f"{mode.capitalize()} responses:", "",
+                  "| method | " + " | ".join(f"{JUDGE_LABELS.get(r, r)} gain" for r in roles)
+                  + f" |{kl} unique responses | distinct-2 | most common opening |",
+                  "|---" * (len(roles) + 4 + bool(kl)) + "|"]
+        for s in sections:
+            m = s.metrics
+            gains = [f"{m[f'{prefix}{r}_gain']:+.3f} ({m[f'{prefix}{r}_gain_ci'][0]:+.3f}, "
+                     f"{m[f'{prefix}{r}_gain_ci'][1]:+.3f})" for r in roles]
+            shifts = [f"{_fmt(m.get(f'{prefix}{k}_ref'))} -> {_fmt(m.get(f'{prefix}{k}'))}"
+                      for k in ("unique_share", "distinct_2", "opening_top_share")]
+            kl_cell = f" {_fmt(m.get('kl'))} |" if kl else ""
+            lines.append(f"| {s.name} | " + " | ".join(gains) + f" |{kl_cell} " + " | ".join(shifts) + " |")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     for s in sections:

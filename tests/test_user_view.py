@@ -59,9 +59,9 @@ def test_report_writes_every_plot_it_names(finished, capsys):
     for heading in ("## Stages", "## Training losses", "## sft", "## preferences", "## reward", "## ppo",
                     "## ppo_short", "## dpo", "## Comparison of the alignment methods"):
         assert heading in md
-    # the comparison: one row per policy stage against its reference
+    # the comparison: one row per policy stage against its reference, in a table per decoding
     comparison = md.split("## Comparison of the alignment methods")[1]
-    assert all(comparison.count(f"| {name} | ") == 1 for name in ("ppo", "ppo_short", "dpo"))
+    assert all(comparison.count(f"| {name} | ") == 2 for name in ("ppo", "ppo_short", "dpo"))  # sampled, greedy
     # every policy's shared evaluation: task success and diversity beside the judges, sampled and greedy
     for row in ("| task success | sampled |", "| task success | greedy |", "| unique responses (share) | greedy |",
                 "| gold judge | sampled |", "| KL to reference"):
