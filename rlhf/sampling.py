@@ -95,10 +95,17 @@ def generate(model, config: GenerationConfig, bf16: bool = False, **inputs) -> t
     holder = model.get_base_model() if hasattr(model, "get_base_model") else model
     own = holder.generation_config
     holder.generation_config = config
+    # Autocast keeps its bfloat16 copy of a weight for the whole call only for leaf tensors that require
+    # grad; frozen weights (LoRA's base model, a reference) would be cast again at every new token.
+    frozen = [p for p in model.parameters() if bf16 and not p.requires_grad and p.dtype == torch.float32]
     try:
-        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
             return model.generate(**inputs, generation_config=config)
     finally:
+        for p in frozen:
+            p.requires_grad_(False)
         holder.generation_config = own
 
 

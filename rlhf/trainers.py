@@ -52,7 +52,7 @@ class TrainerSettings:
     max_grad_norm: float = checked(1.0, ge=0)
     """Gradient clipping norm (0: no clipping)."""
     bf16: bool = False
-    """bf16 mixed precision (GPUs that support it)."""
+    """bf16 mixed precision (GPUs that support it, and CPUs: autocast, ~1.5x faster steps on AVX512-BF16)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
     on by default; off here, since on the small default models it only costs time)."""
@@ -91,6 +91,8 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
         weight_decay=c.weight_decay,
         max_grad_norm=c.max_grad_norm,
         bf16=c.bf16,
+        # bf16 on a machine without a GPU: the Trainer autocasts on the CPU only when told it runs there
+        use_cpu=c.bf16 and not torch.cuda.is_available(),
         activation_checkpointing=c.gradient_checkpointing,  # transformers 5's name; the old one only warns
         logging_steps=c.logging_steps,
         save_steps=c.save_steps,
