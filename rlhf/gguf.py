@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,7 @@ def materialize(store: ArtifactStore, value: str, key: str, experiment: str = ""
     digest = file_digest(path)
     log.info("%s: converting %s (%s, %s) into the store as %s", value, path.name, header["architecture"],
              "/".join(header["tensor_types"]), key)
+    started = time.time()
     with store.staging(key) as out:
         info = convert(path, out)
         verify_reload(info["model"], out, AutoModelForCausalLM, info["tokenizer"])
@@ -225,7 +227,7 @@ def materialize(store: ArtifactStore, value: str, key: str, experiment: str = ""
             "metrics": {"parameters": params},
             "headline": (f"{header['name'] or path.stem}: {info['architecture']} of {params / 1e6:.1f}M parameters "
                          f"from GGUF ({'/'.join(header['tensor_types'])}, dequantized to float32)"),
-            "tokenizer_digest": tokenizer_digest(tok),
+            "tokenizer_digest": tokenizer_digest(tok), "seconds": round(time.time() - started, 1),
             "special_tokens": {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id},
         }
         store.publish(out, key, manifest)

@@ -40,9 +40,10 @@ import difflib
 import functools
 import inspect
 import math
+import numbers
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["BUILTIN_JUDGES", "Judge", "fluency", "load_judge", "rank_pairs", "requested_word", "textblob",
@@ -296,6 +297,36 @@ def _accepted_columns(fn: Callable) -> Callable[[dict], dict]:
     return lambda columns: {k: v for k, v in columns.items() if k in names}
 
 
+def checked_scores(out: Any, where: str, prompts: Sequence[str], responses: Sequence[str],
+                   what: str = "judges") -> list[float]:
+    """`out`, a judge's or reward function's return value, as one float per response, or a ValueError that starts with
+    `where` and names the row, its prompt and its response.
+
+    A list or tuple (or a 1-D numpy array or tensor) of real numbers is accepted: ints, floats, bools and
+    numpy scalars. A string is refused (a str is a sequence of characters: "123" would read as 1, 2, 3),
+    and so are a dict, None, text that looks like a number and NaN or infinity.
+    """
+    if hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays, tensors
+        out = out.tolist()
+    if isinstance(out, (str, bytes, Mapping)) or not isinstance(out, Sequence):
+        shown = f" ({out!r:.40})" if isinstance(out, (str, bytes)) else ""
+        raise ValueError(f"{where} returned {'None' if out is None else 'a ' + type(out).__name__}{shown}, not a list "
+                         f"of numbers; it must return one number per response (a list of {len(responses)} here)")
+    if len(out) != len(responses):
+        raise ValueError(f"{where} returned {len(out)} scores for {len(responses)} responses; it must return exactly "
+                         "one score per response")
+    scores = []
+    for i, s in enumerate(out):
+        if getattr(s, "ndim", None) == 0 and hasattr(s, "item"):  # a 0-dim tensor or array
+            s = s.item()
+        if not isinstance(s, numbers.Real) or not math.isfinite(float(s)):
+            kind = "" if isinstance(s, numbers.Real) else f", a {type(s).__name__}" if s is not None else ""
+            raise ValueError(f"{where} scored row {i} (prompt {prompts[i]!r}, response {responses[i]!r}) as "
+                             f"{s!r}{kind}; {what} must return finite real numbers")
+        scores.append(float(s))
+    return scores
+
+
 def _checked(fn: Callable, spec: str, field: str) -> Judge:
     """`fn` called with the columns it takes, its output checked: one finite float per response."""
     if getattr(fn, "_rlhf_checked", False):
@@ -313,20 +344,7 @@ def _checked(fn: Callable, spec: str, field: str) -> Judge:
         except Exception as e:
             raise ValueError(f"{where} failed on a batch of {len(responses)} responses "
                              f"(first prompt {prompts[0] if prompts else None!r}): {type(e).__name__}: {e}") from e
-        try:
-            scores = [float(s) for s in out]
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} must return a list of numbers, one per response ({e})") from None
-        if len(scores) != len(responses):
-            raise ValueError(
-                f"{where} returned {len(scores)} scores for {len(responses)} responses; "
-                f"it must return exactly one score per response"
-            )
-        bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
-        if bad is not None:
-            raise ValueError(f"{where} scored row {bad} (prompt {prompts[bad]!r}, response {responses[bad]!r}) "
-                             f"as {scores[bad]}; judges must return finite numbers")
-        return scores
+        return checked_scores(out, where, prompts, responses)
 
     judge._rlhf_checked = True  # type: ignore[attr-defined]
     return judge

@@ -130,17 +130,19 @@ def comparison(sections: list[StageReport], out_dir: Path) -> list[str]:
                  and all(k in s.metrics for s in sections)]
         if not roles:
             continue
+        known = list(JUDGE_LABELS)  # the usual roles first, in their order; any other after them
+        roles.sort(key=lambda r: (known.index(r) if r in known else len(known), r))
         kl = " KL |" if mode == "sampled" else ""
         lines += ["", f"{mode.capitalize()} responses:", "",
                   "| method | " + " | ".join(f"{JUDGE_LABELS.get(r, r)} gain" for r in roles)
-                  + f" |{kl} unique responses | distinct-2 | most common opening |",
-                  "|---" * (len(roles) + 4 + bool(kl)) + "|"]
+                  + f" |{kl} unique responses | distinct-2 | repetition | EOS rate | most common opening |",
+                  "|---" * (len(roles) + 6 + bool(kl)) + "|"]
         for s in sections:
             m = s.metrics
             gains = [f"{m[f'{prefix}{r}_gain']:+.3f} ({m[f'{prefix}{r}_gain_ci'][0]:+.3f}, "
                      f"{m[f'{prefix}{r}_gain_ci'][1]:+.3f})" for r in roles]
             shifts = [f"{_fmt(m.get(f'{prefix}{k}_ref'))} -> {_fmt(m.get(f'{prefix}{k}'))}"
-                      for k in ("unique_share", "distinct_2", "opening_top_share")]
+                      for k in ("unique_share", "distinct_2", "repetition", "eos_rate", "opening_top_share")]
             kl_cell = f" {_fmt(m.get('kl'))} |" if kl else ""
             lines.append(f"| {s.name} | " + " | ".join(gains) + f" |{kl_cell} " + " | ".join(shifts) + " |")
     plt = _pyplot()

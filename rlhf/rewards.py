@@ -17,9 +17,7 @@ with an error naming the function or model, the row, its prompt and its response
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,35 +36,6 @@ def model_sources(rewards: dict[str, float]) -> list[str]:
     return [name for name in rewards if not is_function(name)]
 
 
-def checked_scores(out: Any, where: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-    """`out`, a reward function's return value, as one float per response, or a ValueError that starts with
-    `where` and names the row, its prompt and its response.
-
-    A list or tuple (or a 1-D numpy array or tensor) of real numbers is accepted: ints, floats, bools and
-    numpy scalars. A string is refused (a str is a sequence of characters: "123" would read as 1, 2, 3),
-    and so are a dict, None, text that looks like a number and NaN or infinity.
-    """
-    if hasattr(out, "tolist") and not isinstance(out, (str, bytes)):  # numpy arrays, tensors
-        out = out.tolist()
-    if isinstance(out, (str, bytes, Mapping)) or not isinstance(out, Sequence):
-        shown = f" ({out!r:.40})" if isinstance(out, (str, bytes)) else ""
-        raise ValueError(f"{where} returned {'None' if out is None else 'a ' + type(out).__name__}{shown}, not a list "
-                         f"of numbers; it must return one number per response (a list of {len(responses)} here)")
-    if len(out) != len(responses):
-        raise ValueError(f"{where} returned {len(out)} scores for {len(responses)} responses; it must return exactly "
-                         "one score per response")
-    scores = []
-    for i, s in enumerate(out):
-        if getattr(s, "ndim", None) == 0 and hasattr(s, "item"):  # a 0-dim tensor or array
-            s = s.item()
-        if not isinstance(s, numbers.Real) or not math.isfinite(float(s)):
-            kind = "" if isinstance(s, numbers.Real) else f", a {type(s).__name__}" if s is not None else ""
-            raise ValueError(f"{where} scored row {i} (prompt {prompts[i]!r}, response {responses[i]!r}) as "
-                             f"{s!r}{kind}; reward functions must return finite real numbers")
-        scores.append(float(s))
-    return scores
-
-
 def load_reward_function(spec: str, field: str) -> Callable[..., list[float]]:
     """The reward function `spec` names (a built-in judge or `package.module:function`), set at `field`.
 
@@ -74,7 +43,7 @@ def load_reward_function(spec: str, field: str) -> Callable[..., list[float]]:
     takes and checks what it returns with `checked_scores`. When the function raises, each row is tried
     alone, so that the error names the row it fails on.
     """
-    from rlhf.judges import _accepted_columns, load_judge
+    from rlhf.judges import _accepted_columns, checked_scores, load_judge
 
     # load_judge imports the function (or instantiates the class) and names what is wrong with `spec`;
     # its wrapper converts the output with float(), which would take "0.5" and "123", so call what it wraps.
@@ -101,7 +70,7 @@ def load_reward_function(spec: str, field: str) -> Callable[..., list[float]]:
                                      f"{type(row_error).__name__}: {row_error}") from row_error
             raise ValueError(f"{where} failed on a batch of {len(responses)} responses (each row alone passes): "
                              f"{type(e).__name__}: {e}") from e
-        return checked_scores(out, where, prompts, responses)
+        return checked_scores(out, where, prompts, responses, what="reward functions")
 
     return reward
 

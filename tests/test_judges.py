@@ -388,3 +388,13 @@ def test_rank_pairs_with_vader_prefers_the_positive_sentence():
                        [["It is a day.", POSITIVE, NEGATIVE]], vader, margin=0.5)
     assert pairs == [{"prompt": 'Use the word "day" in a sentence.', "chosen": POSITIVE, "rejected": NEGATIVE,
                       "margin": pytest.approx(0.8616 + 0.8176, abs=1e-9)}]
+
+
+def test_a_judge_that_returns_text_is_refused_with_its_row():
+    from rlhf.judges import _checked
+
+    judge = _checked(lambda prompts, responses: ["1", "0.5"], "text_judge", "evaluation.judges.gold")
+    # float("0.5") would have taken it; a judge's scores are numbers, as a reward function's are
+    with pytest.raises(ValueError, match=r"^evaluation\.judges\.gold: judge 'text_judge' scored row 0 "
+                                         r"\(prompt 'p1', response 'r1'\) as '1', a str"):
+        judge(["p1", "p2"], ["r1", "r2"])

@@ -105,6 +105,7 @@ def test_the_plan_refuses_a_reward_function_that_returns_text(workdir, tiny_data
 
     cfg = ppo_config(tiny_data, str(workdir / "store"), rewards={"test_rewards:strings": 1.0})
     stage = Pipeline(load_experiment(write_config(workdir / "e.yaml", cfg))).stages["ppo"]
-    with pytest.raises(ConfigError, match=r"e\.yaml: stages\.ppo\.rewards: reward function 'test_rewards:strings' "
+    # the judge check of the plan sees it first (every judge's output goes through `checked_scores`)
+    with pytest.raises(ConfigError, match=r"e\.yaml: stages\.ppo\.rewards: judge 'test_rewards:strings' "
                                           r"scored row 0 .* as '15', a str; .* before anything ran"):
         stage.check()
