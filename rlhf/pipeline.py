@@ -189,7 +189,6 @@ class Pipeline:
             results.append(StageResult(step.name, step.key, True, time.time() - t0, manifest["metrics"]))
         return results
 
-
     def convert_sources(self, stages: list[Stage]) -> None:
         """Convert every GGUF file that these stages read into its artifact, once (rlhf/gguf.py)."""
         from rlhf.gguf import materialize

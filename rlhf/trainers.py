@@ -52,7 +52,8 @@ class TrainerSettings:
     max_grad_norm: float = checked(1.0, ge=0)
     """Gradient clipping norm (0: no clipping)."""
     bf16: bool = False
-    """bf16 mixed precision (GPUs that support it, and CPUs: autocast, ~1.5x faster steps on AVX512-BF16)."""
+    """bf16 mixed precision (GPUs that support it; on a CPU, autocast: a LoRA reward-model step of
+    SmolLM2-135M, 8 pairs, took 1.8-2.3 s with it against 2.3 s without on AVX512-BF16, one run each)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory for about a third more compute (TRL turns it
     on by default; off here, since on the small default models it only costs time)."""
