@@ -237,28 +237,23 @@ class ArtifactStore:
 
     def write_evaluation(self, key: str, results: dict[str, Any]) -> None:
         """Keep an evaluation's results under `key`, whole or not at all."""
-        path = self._path("evaluations", f"{key}.json")
-        blob = json.dumps(results)
-        if self.is_local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex[:8]}"
-            Path(tmp).write_text(blob)
-            os.replace(tmp, path)
-        else:
-            self.fs.makedirs(self._path("evaluations"), exist_ok=True)
-            self.fs.pipe_file(path, blob.encode())
+        self._write_text(json.dumps(results), "evaluations", f"{key}.json")
 
     def set_alias(self, experiment: str, stage: str, key: str) -> None:
         """Point `<experiment>/<stage>` at `key`."""
-        path = self._path("aliases", experiment, stage)
+        self._write_text(key + "\n", "aliases", experiment, stage)
+
+    def _write_text(self, text: str, *parts: str) -> None:
+        """Write the file at `parts` under the root whole (a local file by rename), its directory created."""
+        path = self._path(*parts)
         if self.is_local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{uuid.uuid4().hex[:8]}"
-            Path(tmp).write_text(key + "\n")
+            Path(tmp).write_text(text)
             os.replace(tmp, path)
         else:
-            self.fs.makedirs(self._path("aliases", experiment), exist_ok=True)
-            self.fs.pipe_file(path, (key + "\n").encode())
+            self.fs.makedirs(self._path(*parts[:-1]), exist_ok=True)
+            self.fs.pipe_file(path, text.encode())
 
     def alias(self, experiment: str, stage: str) -> str | None:
         """The key `<experiment>/<stage>` points at, or None."""

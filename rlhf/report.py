@@ -120,7 +120,8 @@ def write_report(store, experiment, out_dir: Path) -> tuple[Path, list[str], lis
 def comparison(sections: list[StageReport], out_dir: Path) -> list[str]:
     """Every policy stage against its reference in one table per decoding (sampled, greedy), and gold
     against KL with each one's trajectory over training (Gao et al.'s over-optimisation frontier, one
-    line per method). The judge roles are the experiment's own, in its order."""
+    line per method). The judge roles are those every section has: gold, held-out, task, ... first (the
+    order of `JUDGE_LABELS`), any other after them by name."""
     lines = ["Each method against the reference it started from, on the same held-out prompts and seed "
              "(gain with its paired-bootstrap 95% interval). A gain counts only with task success kept and "
              "no collapse."]

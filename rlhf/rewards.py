@@ -45,8 +45,8 @@ def load_reward_function(spec: str, field: str) -> Callable[..., list[float]]:
     """
     from rlhf.judges import _accepted_columns, checked_scores, load_judge
 
-    # load_judge imports the function (or instantiates the class) and names what is wrong with `spec`;
-    # its wrapper converts the output with float(), which would take "0.5" and "123", so call what it wraps.
+    # load_judge imports the function (or instantiates the class) and names what is wrong with `spec`; the
+    # function it wraps is called here, so that errors name a reward function and a raising one its row.
     judge = load_judge(spec, field)
     fn = getattr(judge, "__wrapped__", judge)
     take = _accepted_columns(fn)

@@ -103,10 +103,7 @@ def test_reinforce_pp_whitens_returns_to_go_over_the_batch():
     for row in range(8):
         n = int(LENGTHS[row])
         expected += [float(SCORES[row]) - 0.1 * (n - t) for t in range(n)]  # plain loop: G_t
-    mean = sum(expected) / len(expected)
-    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
-    assert torch.allclose(adv[MASK], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
-                          atol=1e-5)
+    assert torch.allclose(adv[MASK], whitened(expected), atol=1e-5)
     assert (adv[~MASK] == 0).all()
 
 
@@ -118,10 +115,7 @@ def test_reinforce_pp_baseline_takes_the_groups_mean_score_off_first():
     for row in range(8):
         n = int(LENGTHS[row])
         expected += [float(SCORES[row]) - group_means[row] - 0.1 * (n - t) for t in range(n)]
-    mean = sum(expected) / len(expected)
-    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
-    assert torch.allclose(adv[MASK], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
-                          atol=1e-5)
+    assert torch.allclose(adv[MASK], whitened(expected), atol=1e-5)
 
 
 def test_returns_to_go_discount_and_helpers():
@@ -296,6 +290,13 @@ def test_critic_free_estimators_read_the_score_after_eos(name):
     assert adv[response].abs().sum() > 1  # and not all zero
 
 
+def whitened(values: list[float]) -> torch.Tensor:
+    """(g - mean) / sqrt(var + 1e-8), the unbiased variance: `masked_whiten` by hand."""
+    mean = sum(values) / len(values)
+    var = sum((g - mean) ** 2 for g in values) / (len(values) - 1)
+    return torch.tensor([(g - mean) / math.sqrt(var + 1e-8) for g in values])
+
+
 def test_reinforce_pp_baseline_takes_the_mean_off_where_the_score_sits():
     # gamma 0.5, the score one position after EOS; its group's mean score comes off at the same position,
     # so every G_t = 0.5^(n - t) (score - mean): the baseline discounted like the score, not one step less.
@@ -304,10 +305,7 @@ def test_reinforce_pp_baseline_takes_the_mean_off_where_the_score_sits():
     group_means = [3.0] * 4 + [0.5] * 4
     expected = [0.5 ** (int(LENGTHS[row]) - t) * (float(SCORES[row]) - group_means[row])
                 for row in range(8) for t in range(int(LENGTHS[row]))]
-    mean = sum(expected) / len(expected)
-    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
-    assert torch.allclose(adv[response], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
-                          atol=1e-5)
+    assert torch.allclose(adv[response], whitened(expected), atol=1e-5)
 
 
 def test_reinforce_pp_baseline_subtracts_the_mean_score_not_the_mean_return():
@@ -320,10 +318,7 @@ def test_reinforce_pp_baseline_subtracts_the_mean_score_not_the_mean_return():
     group_means, penalty = [3.0] * 4 + [0.5] * 4, [0.5] * 4 + [0.0] * 4
     expected = [float(SCORES[row]) - group_means[row] - penalty[row] * (int(LENGTHS[row]) - t)
                 for row in range(8) for t in range(int(LENGTHS[row]))]
-    mean = sum(expected) / len(expected)
-    std = math.sqrt(sum((g - mean) ** 2 for g in expected) / (len(expected) - 1))
-    assert torch.allclose(adv[MASK], torch.tensor([(g - mean) / math.sqrt(std ** 2 + 1e-8) for g in expected]),
-                          atol=1e-5)
+    assert torch.allclose(adv[MASK], whitened(expected), atol=1e-5)
 
 
 def test_sequence_sum_divides_by_the_length_limit_not_the_padded_width():
