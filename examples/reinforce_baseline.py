@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.config import checked
+from rlhf.schema import checked
 from rlhf.ppo import masked_sum
 from stages.ppo import PPOConfig, PPOStage
 

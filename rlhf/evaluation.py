@@ -193,8 +193,8 @@ def reference_results(store, policy_key: str, evaluation: PolicyEvaluation, seed
     import json
 
     from rlhf.artifacts import content_key, digest
-    from rlhf.config import result_config
     from rlhf.distributed import process_state
+    from rlhf.schema import result_config
 
     state = process_state()
     key = content_key({"policy": policy_key, "evaluation": result_config(evaluation.config), "seed": seed,

@@ -260,7 +260,7 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
         )
 
     # Shared with stage classes: same syntax, and it resolves modules from the working directory.
-    from rlhf.config import import_object
+    from rlhf.schema import import_object
     from rlhf.errors import ConfigError
 
     obj = import_object(spec, what=f"{field}: judge")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhf.config import checked
 from rlhf.errors import StageError
+from rlhf.schema import checked
 
 
 @dataclass
@@ -148,30 +147,6 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     """Number of (unique) parameters."""
     # under ZeRO-3 a parameter holds only this rank's shard; `ds_numel` is its whole size
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def external_fingerprint(ref: str) -> str:
-    """Identity of a model from outside the store, for artifact keys.
-
-    A local directory is fingerprinted by its config and the names and sizes of its files (hashing
-    gigabytes of weights on every plan would be slow); a hub id by its name, since the user pins a
-    revision by naming it (`owner/model@rev`); a GGUF file by its content (`rlhf.gguf.source_key`), which is
-    also the key of its converted artifact.
-    """
-    from rlhf import gguf
-
-    if gguf.is_gguf(ref):
-        return gguf.source_key(ref)
-    path = Path(ref)
-    if path.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(path.rglob("*")):
-            if f.is_file():
-                h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
-                if f.suffix == ".json" and f.stat().st_size < 1 << 20:
-                    h.update(f.read_bytes())
-        return "dir:" + h.hexdigest()[:16]
-    return "hub:" + ref
 
 
 def probe_ids(tokenizer, length: int = 24) -> torch.Tensor:

@@ -3,15 +3,16 @@ run, then run what is out of date."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rlhf.artifacts import ArtifactStore
 from rlhf.config import Experiment, registered_stages
 from rlhf.errors import ERRORS, ConfigError, one_message
-from rlhf.models import external_fingerprint
 from rlhf.stage import InputRef, Stage
 
 log = logging.getLogger("rlhf")
@@ -199,6 +200,30 @@ class Pipeline:
                 if ref.converted and ref.key not in done:
                     materialize(self.store, str(ref.external), ref.key, self.experiment.config.name)
                     done.add(ref.key)
+
+
+def external_fingerprint(ref: str) -> str:
+    """Identity of a model from outside the store, for artifact keys.
+
+    A local directory is fingerprinted by its config and the names and sizes of its files (hashing
+    gigabytes of weights on every plan would be slow); a hub id by its name, since the user pins a
+    revision by naming it (`owner/model@rev`); a GGUF file by its content (`rlhf.gguf.source_key`), which is
+    also the key of its converted artifact.
+    """
+    from rlhf import gguf
+
+    if gguf.is_gguf(ref):
+        return gguf.source_key(ref)
+    path = Path(ref)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.rglob("*")):
+            if f.is_file():
+                h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
+                if f.suffix == ".json" and f.stat().st_size < 1 << 20:
+                    h.update(f.read_bytes())
+        return "dir:" + h.hexdigest()[:16]
+    return "hub:" + ref
 
 
 def upstream_of(experiment: Experiment, name: str) -> dict[str, str | None]:

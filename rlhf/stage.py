@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from rlhf.artifacts import ArtifactStore, cache_root, code_version, content_key, library_versions
-from rlhf.config import (  # noqa: F401  (the registry used to live here; still importable from here)
-    ENTRY_POINT_GROUP, ExperimentConfig, as_dict, registered_stages, result_config, stage_class)
 from rlhf.errors import ConfigError, DataError, StageError
+from rlhf.schema import ExperimentConfig, as_dict, result_config
 
 log = logging.getLogger("rlhf")
 

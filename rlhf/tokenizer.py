@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rlhf.artifacts import digest
-from rlhf.config import checked
+from rlhf.schema import checked
 
 log = logging.getLogger("rlhf")
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import ExperimentConfig
+from rlhf.schema import ExperimentConfig
 
 
 def _plain(value: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rlhf.config import checked, logging_only
+from rlhf.schema import checked, logging_only
 
 log = logging.getLogger("rlhf")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.config import checked, logging_only
+from rlhf.schema import checked, logging_only
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
 from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.config import checked
+from rlhf.schema import checked
 from rlhf.ppo.aggregation import AGGREGATIONS
 from rlhf.ppo.estimators import ESTIMATORS
 from stages.ppo import PPOStage

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rlhf.config import checked, logging_only
+from rlhf.schema import checked, logging_only
 from rlhf.models import LoraSettings
 from rlhf.ppo import kl_k1, kl_k3
 from rlhf.ppo.aggregation import AGGREGATIONS

@@ -27,7 +27,7 @@ from rlhf.data import load_rows
 from rlhf.models import load_causal_lm, whole_models
 from rlhf.preferences import (HUMAN, ONPOLICY, SAMPLES, SPLITS, by_source, pair_row, read_pairs, read_preferences,
                               write_jsonl)
-from rlhf.config import checked
+from rlhf.schema import checked
 from rlhf.sampling import sample
 from rlhf.stage import Stage, StageError
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.checkpoints import write_aside, write_atomic
-from rlhf.config import checked
+from rlhf.schema import checked
 from rlhf.data import load_rows, pack_texts
 from rlhf.models import ModelConfig, build_causal_lm, count_parameters, verify_reload
 from rlhf.stage import Stage

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.config import checked
+from rlhf.schema import checked
 from rlhf.data import load_rows
 from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, whole_models
 from rlhf.preferences import check_input as check_preference_input

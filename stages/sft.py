@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.config import checked
+from rlhf.schema import checked
 from rlhf.data import load_rows, to_messages
 from rlhf.evaluation import PolicyEvaluation, summarize
 from rlhf.models import LoraSettings, count_parameters, load_causal_lm

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO, tiny_config, write_config
-from rlhf.config import ConfigError, load_experiment, result_config
+from rlhf.config import ConfigError, load_experiment
+from rlhf.schema import result_config
 from stages.pretrain import PretrainConfig, PretrainStage
 
 
@@ -150,30 +151,60 @@ def test_result_config_leaves_out_logging_fields():
 # ---- the modules' imports ----------------------------------------------------------------------------------
 
 
-def test_no_module_level_import_cycle_in_rlhf():
+def _imports() -> dict[str, set[str]]:
+    """Every module of rlhf/ and stages/ -> the modules it imports anywhere in its file, inside functions too
+    (a lazy import still runs, and still ties the two modules together), with their packages (importing
+    `rlhf.ppo.core` runs `rlhf/ppo/__init__.py`) but not its own (they are imported before it runs)."""
     import ast
 
-    graph: dict[str, set[str]] = {}
-    for f in (REPO / "rlhf").rglob("*.py"):
+    out: dict[str, set[str]] = {}
+    for f in [*(REPO / "rlhf").rglob("*.py"), *(REPO / "stages").rglob("*.py")]:
         mod = ".".join(f.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-        deps = set()
-        for node in ast.parse(f.read_text()).body:  # module level only: imports inside functions are lazy
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names}
+                names |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                deps.add(node.module)
-        graph[mod] = {d for d in deps if d.startswith("rlhf")}
+                names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}  # `from rlhf import x`
+        with_packages = {".".join(n.split(".")[:i]) for n in names for i in range(1, n.count(".") + 2)}
+        out[mod] = {n for n in with_packages if n != mod and not mod.startswith(n + ".")}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    """`_imports` restricted to the modules of rlhf/ and stages/."""
+    imports = _imports()
+    return {mod: deps & imports.keys() for mod, deps in imports.items()}
+
+
+def test_no_import_cycle():
+    graph = _graph()
+    state: dict[str, str] = {}  # "open" while on the path being walked, "done" once every path from it was
 
     def visit(mod: str, path: list[str]) -> None:
-        for dep in graph.get(mod, ()):
-            assert dep not in path, f"import cycle: {' -> '.join([*path, dep])}"
-            visit(dep, [*path, dep])
+        state[mod] = "open"
+        for dep in sorted(graph[mod]):
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join([*path[path.index(dep):], dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[mod] = "done"
 
-    for mod in graph:
-        visit(mod, [mod])
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
 
 
-@pytest.mark.parametrize("module", ["rlhf.errors", "rlhf.config", "rlhf.stage", "rlhf.tracking", "rlhf.distributed"])
+def test_imports_run_from_higher_layers_to_lower_ones_only():
+    graph = _graph()
+    # the leaf every module may import: config helpers and the experiment's settings, on the errors alone
+    assert graph["rlhf.errors"] == set() and graph["rlhf.schema"] == {"rlhf.errors"}
+    # the library knows no stage
+    upward = {mod: sorted(d for d in deps if d.split(".")[0] == "stages")
+              for mod, deps in graph.items() if mod.split(".")[0] == "rlhf"}
+    assert {mod: deps for mod, deps in upward.items() if deps} == {}
+
+
+@pytest.mark.parametrize("module", ["rlhf.errors", "rlhf.schema", "rlhf.config", "rlhf.stage", "rlhf.tracking", "rlhf.distributed"])
 def test_each_module_imports_alone(module):
     import subprocess
     import sys
@@ -190,7 +221,6 @@ def test_old_import_paths_still_work():
 
     assert stage.StageError is errors.StageError and config.ConfigError is errors.ConfigError
     assert data.DataError is errors.DataError and distributed.LaunchError is errors.LaunchError
-    assert stage.stage_class is config.stage_class and stage.registered_stages is config.registered_stages
 
 
 # ---- declared ranges -------------------------------------------------------------------------------------
@@ -203,7 +233,8 @@ def _config_classes() -> set[type]:
     import tomllib
 
     from examples.reinforce_baseline import ReinforceBaselineConfig
-    from rlhf.config import ExperimentConfig, nested_config_class, stage_class
+    from rlhf.config import stage_class
+    from rlhf.schema import ExperimentConfig, nested_config_class
 
     registered = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["rlhf.stages"]
     roots = {ExperimentConfig, ReinforceBaselineConfig}
@@ -235,7 +266,7 @@ def test_every_numeric_config_field_declares_its_range():
     import dataclasses
     import typing
 
-    from rlhf.config import field_bounds
+    from rlhf.schema import field_bounds
 
     classes = _config_classes()
     assert {"PretrainConfig", "SFTConfig", "RewardConfig", "PreferencesConfig", "DPOConfig", "PPOConfig", "GRPOConfig",
@@ -244,13 +275,13 @@ def test_every_numeric_config_field_declares_its_range():
         c.__name__ for c in classes}
     missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
                if _is_numeric(typing.get_type_hints(cls)[f.name]) and field_bounds(f) is None]
-    assert missing == [], f"declare a range with rlhf.config.checked(...) for: {', '.join(sorted(missing))}"
+    assert missing == [], f"declare a range with rlhf.schema.checked(...) for: {', '.join(sorted(missing))}"
 
 
 def test_defaults_are_within_their_declared_ranges():
     import dataclasses
 
-    from rlhf.config import field_bounds
+    from rlhf.schema import field_bounds
 
     for cls in _config_classes():
         for f in dataclasses.fields(cls):
@@ -260,7 +291,7 @@ def test_defaults_are_within_their_declared_ranges():
 
 
 def test_bounds_describe_and_allow():
-    from rlhf.config import Bounds
+    from rlhf.schema import Bounds
 
     assert Bounds(gt=0).describe() == "> 0" and not Bounds(gt=0).allows(0) and Bounds(gt=0).allows(1e-9)
     assert Bounds(ge=0, le=1).describe() == "in [0, 1]" and Bounds(ge=0, le=1).allows(1)
@@ -340,7 +371,7 @@ def test_the_comparison_runs_the_very_stages_of_the_configs_it_copies():
 def test_a_field_keyed_when_set_leaves_keys_alone_at_its_default():
     from dataclasses import dataclass
 
-    from rlhf.config import checked, result_config
+    from rlhf.schema import checked, result_config
 
     @dataclass
     class Cfg:
@@ -350,7 +381,7 @@ def test_a_field_keyed_when_set_leaves_keys_alone_at_its_default():
     assert result_config(Cfg()) == {"lr": 1e-3}  # the key of every artifact built before `fast` existed
     assert result_config(Cfg(fast=True)) == {"lr": 1e-3, "fast": True}
     # the sampling switches added for the released-model experiment are such fields
-    from rlhf.config import EvalConfig
+    from rlhf.schema import EvalConfig
     from stages.ppo_config import PPOConfig
     from stages.preferences import PreferencesConfig
 

@@ -88,7 +88,7 @@ def test_the_starting_policys_evaluation_is_measured_once_per_policy_settings_an
     from types import SimpleNamespace
 
     from rlhf.artifacts import ArtifactStore
-    from rlhf.config import EvalConfig
+    from rlhf.schema import EvalConfig
     from rlhf.evaluation import reference_results
 
     store = ArtifactStore(str(tmp_path / "store"))

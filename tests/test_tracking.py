@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rlhf.config import ExperimentConfig, TrackingConfig
+from rlhf.schema import ExperimentConfig, TrackingConfig
 from rlhf.tracking import Tracker
 
 
