@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import LaunchError, StageError, rank_prefix  # noqa: F401  (rank_prefix: used to live here)
+from rlhf.errors import LaunchError, StageError
 
 LAUNCHED_ENV = "RLHF_LAUNCHED"
 """Set in the processes `rlhf run --launch` starts, so they never launch again."""

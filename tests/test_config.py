@@ -216,13 +216,6 @@ def test_each_module_imports_alone(module):
         assert out.stdout.strip() == "False", f"{module} imports torch"
 
 
-def test_old_import_paths_still_work():
-    from rlhf import config, data, distributed, errors, stage
-
-    assert stage.StageError is errors.StageError and config.ConfigError is errors.ConfigError
-    assert data.DataError is errors.DataError and distributed.LaunchError is errors.LaunchError
-
-
 # ---- declared ranges -------------------------------------------------------------------------------------
 
 
