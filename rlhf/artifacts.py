@@ -89,6 +89,13 @@ class ArtifactStore:
         # Remote artifacts are copied here before from_pretrained reads them.
         self.cache = cache_root(cache_dir) / content_key({"root": self.url})
 
+    @classmethod
+    def for_experiment(cls, config: Any, root: str | None = None) -> ArtifactStore:
+        """The store an experiment's settings name (`rlhf.schema.ExperimentConfig`: `store`, with its
+        `cache_dir`); `root` replaces the store root (`rlhf status --store`). Every command opens the
+        experiment's store through here, so none of them drops a setting."""
+        return cls(root or config.store, config.cache_dir)
+
     def __repr__(self) -> str:
         return f"ArtifactStore({self.url!r})"
 

@@ -27,14 +27,13 @@ def resolve_model(ref: str, config: str | None = None) -> str:
 
     if Path(ref).is_dir():
         return ref
-    store_root, experiment, policies = "artifacts", None, []
+    store, experiment, policies = ArtifactStore("artifacts"), None, []
     if config:
         from rlhf.config import load_experiment
 
         exp = load_experiment(config)
-        store_root, experiment = exp.config.store, exp.config.name
+        store, experiment = ArtifactStore.for_experiment(exp.config), exp.config.name
         policies = [name for name, spec in exp.stages.items() if spec.cls.kind == "policy"]
-    store = ArtifactStore(store_root)
     candidates = [f"{experiment}/{ref}"] if experiment and "/" not in ref else []
     candidates.append(ref)
     for candidate in candidates:

@@ -138,8 +138,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.config:
         from rlhf.config import load_experiment
 
-        cfg = load_experiment(args.config, args.overrides).config
-        store = ArtifactStore(args.store or cfg.store, cfg.cache_dir)
+        store = ArtifactStore.for_experiment(load_experiment(args.config, args.overrides).config, args.store)
     else:
         store = ArtifactStore(args.store or "artifacts")
     keys = store.keys()
@@ -169,7 +168,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     experiment = load_experiment(args.config, args.overrides)
     cfg = experiment.config
-    store = ArtifactStore(cfg.store, cfg.cache_dir)
+    store = ArtifactStore.for_experiment(cfg)
     out = Path(args.out or Path("reports") / cfg.name)
     try:
         path, plots, missing = write_report(store, experiment, out)

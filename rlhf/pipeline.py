@@ -43,8 +43,7 @@ class Pipeline:
 
     def __init__(self, experiment: Experiment, store: ArtifactStore | None = None):
         self.experiment = experiment
-        cfg = experiment.config
-        self.store = store or ArtifactStore(cfg.store, cfg.cache_dir)
+        self.store = store or ArtifactStore.for_experiment(experiment.config)
         self.order = self._order()
         self.stages = self._instantiate()
 

@@ -94,3 +94,22 @@ def test_same_key_keeps_the_first_unless_replaced(tmp_path, kind):
     files = sorted(p.name for p in store.local_dir("k").iterdir())
     assert files == ["manifest.json", "only-in-forced.txt"]  # nothing of the first artifact is left
     assert store.keys() == ["k"]
+
+
+def test_every_command_opens_the_experiment_store_with_its_cache_dir(tmp_path):
+    """`ArtifactStore.for_experiment` is the one way the commands open an experiment's store; `rlhf chat`'s
+    own copy once dropped `cache_dir`, so a remote policy was copied into the default cache instead."""
+    from rlhf.chat import resolve_model
+    from rlhf.schema import ExperimentConfig
+
+    root, cache = f"memory://store-{uuid.uuid4().hex}", tmp_path / "cache"
+    store = ArtifactStore.for_experiment(ExperimentConfig(store=root, cache_dir=str(cache)))
+    assert store.url == root and store.cache.parent == cache
+    assert ArtifactStore.for_experiment(ExperimentConfig(store=root), str(tmp_path / "other")).url == str(tmp_path / "other")
+    with store.staging("k1") as out:
+        (out / "config.json").write_text("{}")
+        store.publish(out, "k1", {"stage": "sft", "kind": "policy"})
+    store.set_alias("exp", "sft", "k1")
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: exp\nstore: {root}\ncache_dir: {cache}\nstages: {{}}\n")
+    assert resolve_model("sft", str(config)).startswith(str(cache))
