@@ -102,7 +102,8 @@ def add_grpo_args(p) -> None:
     p.add_argument("--out", required=True, help="directory for the final policy")
     p.add_argument("--json", help="where to write the result")
     p.add_argument("--reward", default="uses_word",
-                   help="the reward function: a built-in judge of rlhf/judges.py, given the prompt rows' columns")
+                   help="the reward function: a judge's name (rlhf/judges.py, or registered: tasks/words.py), "
+                        "given the prompt rows' columns")
     p.add_argument("--steps", type=int, default=60, help="rollouts (each: sample, score, then the updates)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per rollout")
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt")

@@ -1,7 +1,7 @@
 """The one measure of "reward reached" for GRPO, for every framework: sample one response per held-out
 prompt from a saved policy (the first N rows of the prompts file, seeded, the training temperature and
 length, through our chat template and sampling) and score it with the training's reward function, by
-default the task's check `uses_word` (rlhf/judges.py; the rows' "word" column names the word). Also
+default the task's check `uses_word` (tasks/words.py; the rows' "word" column names the word). Also
 reports the EOS rate and the mean length. Runs in the project's virtualenv."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--reward", default="uses_word", help="a built-in judge of rlhf/judges.py")
+    p.add_argument("--reward", default="uses_word", help="a judge's name (rlhf/judges.py, or registered: tasks/words.py)")
     p.add_argument("--json")
     a = p.parse_args()
     import torch

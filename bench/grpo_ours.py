@@ -1,6 +1,6 @@
 """Our GRPO stage (stages/grpo.py, run through the pipeline's config loading) on a given SFT policy and
-prompts file, rewarded by a function of rlhf/judges.py (`--reward`, by default the task's check
-`uses_word`, which reads the prompts' "word" column); prints and writes one JSON result.
+prompts file, rewarded by a judge function (`--reward`, by default the task's check `uses_word` of
+tasks/words.py, which reads the prompts' "word" column); prints and writes one JSON result.
 
 Only the training loop is timed (`train()`, without the stage's baseline evaluation, which is the same work
 for every framework and is done afterwards by bench/eval_task.py). The loop logs where each step's time

@@ -1,6 +1,6 @@
 """TRL's `GRPOTrainer` (TRL 1.16, a dependency of the project) on the same SFT policy, prompts, reward
 function and settings as bench/grpo_ours.py; prints and writes the same JSON fields. Runs in the
-project's virtualenv (it imports the reward function from rlhf/judges.py).
+project's virtualenv (it loads the reward function with rlhf/judges.py's load_judge).
 
 Setting by setting (ours: stages.grpo, built by bench/grpo_ours.py; TRL: GRPOConfig, `trl_config` below):
 
@@ -98,7 +98,7 @@ def trl_config(a) -> dict:
 
 
 def reward_function(name: str, columns: list[str]):
-    """The judge `name` of rlhf/judges.py in TRL's reward-function signature, under its own name (TRL logs
+    """The judge `name` (rlhf.judges.load_judge) in TRL's reward-function signature, under its own name (TRL logs
     rewards/<name>/mean). TRL passes conversational prompts and completions as lists of messages, and the
     dataset's columns with its own extras (trainer_state, log_metric, ...) as keyword arguments; the judge
     gets the texts and the dataset `columns`, as our stage gives them."""

@@ -230,7 +230,7 @@ def grpo_report(res: dict, add: Callable[[str], None], measured: Callable[[str],
     add(f"## GRPO: our stage vs TRL {trl} `trl.GRPOTrainer`\n")
     measured("grpo")
     advantages = "(r - group mean) / group std" if hp["estimator"] == "grpo" else "r - group mean"
-    reward = f"`{hp['reward']}` (rlhf/judges.py" + (", 1 when the response uses the word its prompt asks for"
+    reward = f"`{hp['reward']}` (tasks/words.py" + (", 1 when the response uses the word its prompt asks for"
                                                     if hp["reward"] == "uses_word" else "") + ")"
     add(f"Same SFT policy ({s['config']}), prompts data/prompts/train.jsonl.gz, reward the function {reward}, no "
         f"reward model; {hp['steps']} steps of {hp['prompts-per-step']} prompts x {hp['group-size']} responses, "

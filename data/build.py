@@ -90,12 +90,12 @@ VERB_PHRASE_FRAMES = ("I wanted to {}.", "They will {}.", "We had to {}.")
 
 
 def as_sentence(example: str, word: str, pos: str, verbs: set[str], rng: random.Random) -> str:
-    """The example itself if it reads as a sentence (rlhf.judges.reads_as_sentence) or has no shape that a
+    """The example itself if it reads as a sentence (tasks.words.reads_as_sentence) or has no shape that a
     frame fits; else the example in a frame drawn from `rng`: a noun or adjective example opening with a
     determiner ("a jealous lover" -> "It was a jealous lover."), an adjective example opening with the
     adjective `word` ("livid bruises" -> "I saw livid bruises."), a verb example opening with a verb lemma
     ("seek an education" -> "I wanted to seek an education.")."""
-    from rlhf.judges import reads_as_sentence
+    from tasks.words import reads_as_sentence
 
     if reads_as_sentence(example):
         return example
@@ -171,10 +171,10 @@ def build(out: Path, seed: int) -> None:
     write_jsonl_gz(out / "prompts/eval.jsonl.gz", [{"prompt": PROMPT.format(w), "word": w} for w in eval_words])
     write_jsonl_gz(out / "prompts/train.jsonl.gz", [{"prompt": PROMPT.format(w), "word": w} for w in rl_words])
 
-    # 5. preferences on the SFT words, ranked by the gold judge (rlhf.judges.word_vader: VADER's tone of a
+    # 5. preferences on the SFT words, ranked by the gold judge (tasks.words.word_vader: VADER's tone of a
     # response that uses the word, -1 for one that does not): tone pairs (two examples of the word) and
     # task pairs (an example of the word against an example of another word that lacks it)
-    from rlhf.judges import word_vader
+    from tasks.words import word_vader
 
     all_sentences = sorted({s for w in usable for s in examples[w]})
     pairs = []

@@ -2,26 +2,15 @@
 
 A judge is any callable `(prompts: list[str], responses: list[str], **columns) -> list[float]` returning
 one score per response, higher meaning better. `columns` are the prompt rows' other fields (a prompts file
-of `{"prompt", "word"}` rows gives `word=[...]`, one value per response), so a checkable task ships its
+of `{"prompt", "answer"}` rows gives `answer=[...]`, one value per response), so a checkable task ships its
 answers beside its prompts; a judge that takes only `(prompts, responses)` is called without them. It
 takes whole batches so a judge backed by a model can score many responses in one call; the built-ins
 here simply loop.
 
-Built-ins (`BUILTIN_JUDGES`):
+Built-ins (`BUILTIN_JUDGES`), for any prompt:
 
-- `uses_word`: the default experiment's task judge: 1.0 when the response uses the word the prompt asks
-  for ("Use the word X in a sentence.", or the `word` column) as a whole word, any case; else 0.0.
-- `uses_word_once`: the same, but 1.0 only when the word is used exactly once.
-- `word_in_sentence`: 1.0 only when the word is used exactly once in an answer that reads as a sentence
-  (`reads_as_sentence`: a clause, no word padded in twice); "the rim of the rim" and "a lipped role" fail,
-  "he was divinely interesting" passes.
-- `word_vader`: the default experiment's gold judge, the simulated person whose preferences the reward
-  model learns: VADER's compound sentiment (in [-1, 1]) of a response that does the task, and -1, the
-  worst score, for one that does not. Doing what was asked comes first; among answers that do, the
-  more positive one wins.
-- `word_textblob`: the same with TextBlob's polarity: the held-out judge nothing is trained on, so a gain
-  here is not just the policy exploiting VADER's lexicon.
-- `vader`, `textblob`: the two tones alone, prompt ignored.
+- `vader`, `textblob`: the tone of the response (VADER's compound sentiment, TextBlob's polarity, both in
+  [-1, 1]), prompt ignored.
 - `fluency`: the share of the response's words that a spelling dictionary knows, in [0, 1]; it catches a
   policy that drifts into gibberish while pleasing the sentiment judges.
 
@@ -29,7 +18,11 @@ None of them downloads anything: VADER and TextBlob's default (pattern) analyzer
 inside their packages, and pyspellchecker ships its word list. Their imports are deferred to first use
 so that `import rlhf.judges` stays cheap.
 
-`load_judge` turns a config string (a built-in name or a dotted path to a user's callable) into a judge;
+An experiment brings the judges of its task: registered by name as entry points of the `rlhf.judges`
+group (pyproject.toml registers the default experiment's, tasks/words.py), a config names them like the
+built-ins; any other callable by its dotted path.
+
+`load_judge` turns a config string (a judge's name or a dotted path to a user's callable) into a judge;
 `rank_pairs` turns K sampled responses per prompt into preference pairs, the on-policy preference
 collection of InstructGPT with a judge in place of the labellers.
 """
@@ -46,9 +39,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-__all__ = ["BUILTIN_JUDGES", "Judge", "fluency", "load_judge", "rank_pairs", "requested_word", "textblob",
-           "reads_as_sentence", "uses_word", "uses_word_once", "vader", "word_in_sentence", "word_textblob",
-           "word_vader"]
+__all__ = ["BUILTIN_JUDGES", "ENTRY_POINT_GROUP", "Judge", "checked_scores", "fluency", "judge_names", "load_judge",
+           "rank_pairs", "registered_judges", "split_words", "textblob", "vader"]
 
 
 class Judge(Protocol):
@@ -99,9 +91,9 @@ def _spell_checker():
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
 
 
-def _words(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
     """The text's words (`_WORD`), lowercased, curly apostrophes made straight (the spelling dictionary and
-    the clause test's word lists spell contractions with "'")."""
+    word lists spell contractions with "'")."""
     return [w.replace("\u2019", "'").lower() for w in _WORD.findall(text)]
 
 
@@ -114,7 +106,7 @@ def fluency(prompts: list[str], responses: list[str], **columns) -> list[float]:
     checker = _spell_checker()
     scores = []
     for response in responses:
-        words = _words(response)
+        words = split_words(response)
         if not words:
             scores.append(0.0)
             continue
@@ -124,105 +116,19 @@ def fluency(prompts: list[str], responses: list[str], **columns) -> list[float]:
     return scores
 
 
-# "Use the word X in a sentence." (quotes around X allowed, as in earlier versions of the data)
-_ASKED_WORD = re.compile(r"""\buse the word ["“']?([^\s"”']+)["”']? in a sentence""", re.IGNORECASE)
+BUILTIN_JUDGES: dict[str, Judge] = {"vader": vader, "textblob": textblob, "fluency": fluency}
+"""The library's own judges, which a config names without a dotted path."""
+
+ENTRY_POINT_GROUP = "rlhf.judges"
+"""Entry points of this group register an experiment's judges by name (`name = "package.module:function"`),
+so that a config names them as it names the built-ins."""
 
 
-def requested_word(prompt: str) -> str | None:
-    """The word a prompt of the default task asks for ("Use the word X in a sentence."), or None."""
-    match = _ASKED_WORD.search(prompt)
-    return match.group(1) if match else None
+def registered_judges() -> dict[str, str]:
+    """Judge names registered through the `rlhf.judges` entry points, with their dotted paths."""
+    from importlib import metadata
 
-
-def uses_word(prompts: list[str], responses: list[str], word: list[str] | None = None, **columns) -> list[float]:
-    """1.0 where the response uses the requested word as a whole word (any case), else 0.0.
-
-    The word is the prompt row's `word` column when the prompts file has one, else the X of "Use the
-    word X in a sentence." in the prompt. "firm" counts in "Firm ground." and "a firm's books", not in
-    "firmly" or "infirm": the task is to use the word, not a longer one that contains its letters.
-    """
-    return [1.0 if n >= 1 else 0.0 for n in _word_counts("uses_word", prompts, responses, word)]
-
-
-def uses_word_once(prompts: list[str], responses: list[str], word: list[str] | None = None,
-                   **columns) -> list[float]:
-    """1.0 where the response uses the requested word exactly once (as `uses_word` counts words), else 0.0:
-    "the rim of the rim" uses "rim" but pads the answer with a copy of it."""
-    return [1.0 if n == 1 else 0.0 for n in _word_counts("uses_word_once", prompts, responses, word)]
-
-
-# A cheap clause test. A subject pronoun first ("he was led astray", "they sighted land") or a finite
-# auxiliary or copula anywhere ("the play was abstractive", "focused light can set a fire") marks a clause;
-# WordNet's phrases ("a jealous lover", "shed bitter tears") have neither. It misses clauses with a noun
-# subject and a plain verb ("the automobile reduced the demand"): a sentence judge that errs towards "no"
-# cannot be satisfied by a phrase.
-_SUBJECTS = frozenset("i you he she it we they there".split())
-_FINITE = frozenset(
-    "am is are was were has have had do does did will would can could shall should may might must "
-    "isn't aren't wasn't weren't hasn't haven't hadn't don't doesn't didn't won't wouldn't can't couldn't "
-    "shouldn't mustn't i'm you're we're they're it's he's she's that's there's".split())
-# Words a sentence may repeat ("the cat sat on the mat"); any other word written twice is padding.
-_FUNCTION_WORDS = _SUBJECTS | _FINITE | frozenset(
-    "a an the of to in on at for with by from and or but as that this these those his her its their our your "
-    "my me him them us not no so than then when if".split())
-
-
-def reads_as_sentence(response: str) -> bool:
-    """Whether a response reads as a sentence, not a phrase: at least four words, a subject pronoun first or
-    a finite auxiliary/copula anywhere, and no word but a function word ("the", "of", "was", ...) written
-    twice (padding such as "the divinely was divinely" is not a sentence). Case and punctuation are
-    ignored."""
-    words = _words(response)
-    if len(words) < 4 or not (words[0] in _SUBJECTS or any(w in _FINITE for w in words)):
-        return False
-    content = [w for w in words if w not in _FUNCTION_WORDS]
-    return len(content) == len(set(content))
-
-
-def word_in_sentence(prompts: list[str], responses: list[str], word: list[str] | None = None,
-                     **columns) -> list[float]:
-    """1.0 where the response uses the requested word exactly once (as `uses_word_once`) and reads as a
-    sentence (`reads_as_sentence`), else 0.0: what "Use the word X in a sentence." asks, checked cheaply."""
-    counts = _word_counts("word_in_sentence", prompts, responses, word)
-    return [1.0 if n == 1 and reads_as_sentence(r) else 0.0 for n, r in zip(counts, responses)]
-
-
-def _word_counts(judge: str, prompts: list[str], responses: list[str], word: list[str] | None) -> list[int]:
-    """How often each response uses its prompt's requested word as a whole word, any case."""
-    words = list(word) if word is not None else [requested_word(p) for p in prompts]
-    counts = []
-    for i, (w, response) in enumerate(zip(words, responses)):
-        if not isinstance(w, str) or not w.strip():
-            raise ValueError(f"{judge}: prompt {i} ({prompts[i]!r}) names no word; give the prompts file a "
-                             '"word" column or phrase the prompt as "Use the word X in a sentence."')
-        pattern = rf"(?<![^\W_]){re.escape(w.strip())}(?![^\W_])"
-        counts.append(len(re.findall(pattern, response, flags=re.IGNORECASE)))
-    return counts
-
-
-def _on_task(tone: Judge, prompts: list[str], responses: list[str], columns: dict) -> list[float]:
-    """`tone`'s score where the response does the task (`uses_word`), the worst score -1 where it does not."""
-    done = uses_word(prompts, responses, **columns)
-    scores = tone(prompts, responses)
-    return [s if ok else -1.0 for s, ok in zip(scores, done)]
-
-
-def word_vader(prompts: list[str], responses: list[str], **columns) -> list[float]:
-    """VADER compound of a response that uses the requested word, -1 for one that does not (in [-1, 1])."""
-    return _on_task(vader, prompts, responses, columns)
-
-
-def word_textblob(prompts: list[str], responses: list[str], **columns) -> list[float]:
-    """TextBlob polarity of a response that uses the requested word, -1 for one that does not (in [-1, 1])."""
-    return _on_task(textblob, prompts, responses, columns)
-
-
-BUILTIN_JUDGES: dict[str, Judge] = {
-    "uses_word": uses_word, "uses_word_once": uses_word_once, "word_in_sentence": word_in_sentence,
-    "word_vader": word_vader, "word_textblob": word_textblob,
-    "vader": vader, "textblob": textblob, "fluency": fluency,
-}
-"""Judges a config can name without a dotted path."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 # ---- loading judges from config ------------------------------------------------------------------------
@@ -231,10 +137,11 @@ BUILTIN_JUDGES: dict[str, Judge] = {
 def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
     """The judge a config value names, wrapped so that every call is checked.
 
-    `spec` is a key of `BUILTIN_JUDGES` or a dotted path to a user's callable, `package.module:function`
-    or `package.module.function`, importable from the working directory or `PYTHONPATH`. A class found
-    there is instantiated once with no arguments (so a judge can load a model in `__init__`), and its
-    instance is the judge. A callable passed in place of a string is wrapped the same way.
+    `spec` is a key of `BUILTIN_JUDGES`, a name an experiment registered (`registered_judges`), or a dotted
+    path to a user's callable, `package.module:function` or `package.module.function`, importable from the
+    working directory or `PYTHONPATH`. A class found there is instantiated once with no arguments (so a
+    judge can load a model in `__init__`), and its instance is the judge. A callable passed in place of a
+    string is wrapped the same way.
 
     The returned judge takes `(prompts, responses, **columns)` and hands the function only the columns
     its signature names (all of them if it takes `**kwargs`). A judge that raises, returns a non-number,
@@ -245,25 +152,30 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
         return _checked(spec, getattr(spec, "__name__", type(spec).__name__), field)
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(
-            f"{field}: expected a judge name ({_builtin_names()}) or a dotted path 'package.module:function', "
+            f"{field}: expected a judge name ({_names(judge_names())}) or a dotted path 'package.module:function', "
             f"got {spec!r}"
         )
     spec = spec.strip()
     if spec in BUILTIN_JUDGES:
         return _checked(BUILTIN_JUDGES[spec], spec, field)
-    if ":" not in spec and "." not in spec:
-        close = difflib.get_close_matches(spec, list(BUILTIN_JUDGES), n=1)
+    registered = registered_judges()
+    if ":" not in spec and "." not in spec and spec not in registered:
+        names = judge_names()
+        close = difflib.get_close_matches(spec, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"{field}: unknown judge {spec!r}; built-in judges are {_builtin_names()}, or give a dotted path "
+            f"{field}: unknown judge {spec!r}; judges by name are {_names(names)}, or give a dotted path "
             f"'package.module:function' to your own{hint}"
         )
 
     # Shared with stage classes: same syntax, and it resolves modules from the working directory.
-    from rlhf.schema import import_object
     from rlhf.errors import ConfigError
+    from rlhf.schema import import_object
 
-    obj = import_object(spec, what=f"{field}: judge")
+    if spec in registered:
+        obj = import_object(registered[spec], what=f"{field}: judge {spec!r}, registered as")
+    else:
+        obj = import_object(spec, what=f"{field}: judge")
     if isinstance(obj, type):
         try:
             obj = obj()
@@ -280,8 +192,13 @@ def load_judge(spec: str | Judge, field: str = "judge") -> Judge:
     return _checked(obj, spec, field)
 
 
-def _builtin_names() -> str:
-    return ", ".join(repr(name) for name in BUILTIN_JUDGES)
+def judge_names() -> list[str]:
+    """Every judge a config can name without a dotted path: the built-ins, then the registered ones."""
+    return [*BUILTIN_JUDGES, *sorted(set(registered_judges()) - set(BUILTIN_JUDGES))]
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 def _accepted_columns(fn: Callable) -> Callable[[dict], dict]:

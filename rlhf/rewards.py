@@ -2,10 +2,10 @@
 
 An RL stage's `rewards:` maps sources to weights:
 
-    rewards: {reward: 1.0, my_rewards:uses_word: 0.5, word_vader: 0.2}
+    rewards: {reward: 1.0, my_rewards:has_answer: 0.5, fluency: 0.2}
 
-A source is a *function* when it is a built-in judge name (rlhf/judges.py) or a dotted path
-`package.module:function`; it is called as `fn(prompts, responses, **columns) -> list[float]`, where
+A source is a *function* when it is a judge's name (a built-in or a registered one, rlhf/judges.py) or a
+dotted path `package.module:function`; it is called as `fn(prompts, responses, **columns) -> list[float]`, where
 `columns` are the prompt rows' other fields (a checkable task ships its answers in the prompts file:
 `{"prompt": ..., "answer": ...}` gives `answer=[...]`). Anything else is a *reward model*: an upstream
 stage's artifact, a hub id or a local directory, scored at the response's last real token (the EOS).
@@ -25,10 +25,10 @@ import torch
 
 
 def is_function(spec: str) -> bool:
-    """Whether a `rewards:` key names a function (a built-in judge or `module:function`) or a model."""
-    from rlhf.judges import BUILTIN_JUDGES
+    """Whether a `rewards:` key names a function (a judge's name or `module:function`) or a model."""
+    from rlhf.judges import judge_names
 
-    return spec in BUILTIN_JUDGES or ":" in spec
+    return spec in judge_names() or ":" in spec
 
 
 def model_sources(rewards: dict[str, float]) -> list[str]:
@@ -37,7 +37,7 @@ def model_sources(rewards: dict[str, float]) -> list[str]:
 
 
 def load_reward_function(spec: str, field: str) -> Callable[..., list[float]]:
-    """The reward function `spec` names (a built-in judge or `package.module:function`), set at `field`.
+    """The reward function `spec` names (a judge's name or `package.module:function`), set at `field`.
 
     Called as `fn(prompts, responses, **columns)`, it hands the function the prompt columns its signature
     takes and checks what it returns with `checked_scores`. When the function raises, each row is tried

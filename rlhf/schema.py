@@ -182,14 +182,15 @@ class EvalConfig:
     so their numbers compare across stages and against the reference policy prompt by prompt."""
 
     prompts: str = "data/prompts/eval.jsonl.gz"
-    """Held-out prompts ({"prompt"} rows; other fields, e.g. "word", reach the judges as columns)."""
+    """Held-out prompts ({"prompt"} rows; other fields, e.g. "answer", reach the judges as columns)."""
     num_prompts: int = checked(512, ge=1)
     """How many of them (the first N); at least 256 for numbers worth quoting."""
     judges: dict[str, str | None] = field(default_factory=lambda: {
-        "gold": "word_vader", "heldout": "word_textblob", "task": "uses_word", "fluency": "fluency"})
-    """Role -> judge (a built-in name or `package.module:function`; null drops a role). `gold` is the simulated
-    person the experiment optimises for, never seen by the policy; `heldout` a second judge nothing trains on;
-    `task` scores whether the response does what the prompt asked (1 = yes), reported as task success."""
+        "gold": "vader", "heldout": "textblob", "fluency": "fluency"})
+    """Role -> judge (a judge's name, built-in or registered, or `package.module:function`; null drops a role;
+    an experiment's roles are added to these). `gold` is the simulated person the experiment optimises for,
+    never seen by the policy; `heldout` a second judge nothing trains on; `task` scores whether the response
+    does what the prompt asked (1 = yes), reported as task success; any other role is reported by its name."""
     max_new_tokens: int = checked(32, ge=1)
     """Response length limit."""
     temperature: float = checked(1.0, gt=0, hint="greedy responses are decoded beside the sampled ones "
@@ -207,7 +208,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not self.judges.get("gold"):
-            raise ValueError("evaluation.judges.gold: every experiment needs a gold judge (e.g. word_vader)")
+            raise ValueError("evaluation.judges.gold: every experiment needs a gold judge (e.g. vader)")
 
 
 @dataclass

@@ -153,7 +153,8 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
                                 stats_prompts=str(data["prompts"]))
     runs = str(Path(store).parent / "runs")
     evaluation = {"prompts": str(data["prompts"]), "num_prompts": 8, "max_new_tokens": 8, "batch_size": 8,
-                  "num_logged_samples": 2}
+                  "num_logged_samples": 2,
+                  "judges": {"gold": "word_vader", "heldout": "word_textblob", "task": "uses_word", "fluency": "fluency"}}
     return {"name": "test", "seed": 0, "store": store, "tracking": {"wandb": "disabled", "dir": runs},
             "evaluation": evaluation, "stages": {name: blocks[name] for name in stages}}
 

@@ -39,7 +39,8 @@ def test_as_sentence_frames_phrases_by_their_part_of_speech(example, word, pos, 
 
 
 def test_every_frame_is_a_sentence_with_the_word_once_and_no_tone():
-    from rlhf.judges import vader, word_in_sentence
+    from rlhf.judges import vader
+    from tasks.words import word_in_sentence
 
     frames = build.NOUN_PHRASE_FRAMES + build.BARE_NOUN_PHRASE_FRAMES + build.VERB_PHRASE_FRAMES
     filled = [f.format("see a rim") if f in build.VERB_PHRASE_FRAMES else f.format("a rim") for f in frames]

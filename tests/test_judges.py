@@ -75,78 +75,6 @@ def test_builtins_return_one_float_per_response_and_accept_empty_batches():
         assert judge([], [], word=[]) == []
 
 
-# ---- the default task: use the requested word ------------------------------------------------------
-
-
-def test_requested_word_is_read_from_the_prompt_with_or_without_quotes():
-    assert J.requested_word("Use the word firm in a sentence.") == "firm"
-    assert J.requested_word('Use the word "firm" in a sentence.') == "firm"
-    assert J.requested_word("use THE word Zukerman in a sentence please") == "Zukerman"
-    assert J.requested_word("Write a poem.") is None
-
-
-def test_uses_word_counts_whole_words_in_any_case_only():
-    prompts = ["Use the word firm in a sentence."] * 7
-    responses = ["you must stand firm", "Firm ground.", "a firm's books", "(firm)", "firmly", "infirm", "firm-ish"]
-    # whole word, any case, punctuation around it allowed; "firmly" and "infirm" are other words;
-    # "firm-ish": the hyphen is not a letter, so "firm" stands as a word there
-    assert J.uses_word(prompts, responses) == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
-
-
-def test_uses_word_once_counts_the_same_words_and_wants_exactly_one():
-    prompts = ["Use the word rim in a sentence."] * 6
-    responses = ["a rim", "the rim of the rim", "Rim, rim!", "rims and a brim", "the rim's edge", ""]
-    assert J.uses_word(prompts, responses) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
-    assert J.uses_word_once(prompts, responses) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    assert J.load_judge("uses_word_once", "stages.ppo.rewards") is not None
-    with pytest.raises(ValueError, match=r"uses_word_once: prompt 0 \('Write a poem.'\) names no word"):
-        J.uses_word_once(["Write a poem."], ["roses are red"])
-
-
-def test_reads_as_sentence_wants_a_clause_without_padding():
-    sentences = ["he was divinely interesting",           # subject pronoun first
-                 "the play was abstractive",              # a copula
-                 "They found a jealous lover.",
-                 "the cat sat on the mat and the dog can't",  # function words may repeat; a contraction is finite
-                 "It\u2019s a rim thing"]                  # curly apostrophe
-    phrases = ["a jealous lover",                         # no clause
-               "the automobile reduced the demand",       # a clause the cheap test misses (plain verb)
-               "he was big",                              # three words
-               "the divinely was divinely independently",  # a content word written twice
-               "he was rim of the rim", ""]
-    assert [J.reads_as_sentence(s) for s in sentences] == [True] * 5
-    assert [J.reads_as_sentence(s) for s in phrases] == [False] * 6
-
-
-def test_word_in_sentence_wants_the_word_once_in_a_sentence():
-    prompts = ["Use the word rim in a sentence."] * 5
-    responses = ["I saw the rim of the cup.", "the rim of the rim", "I saw the brim of the cup.",
-                 "a rim of gold", "It was a rim, a rim."]
-    assert J.word_in_sentence(prompts, responses) == [1.0, 0.0, 0.0, 0.0, 0.0]
-    assert J.word_in_sentence(["Use the word x in a sentence."], ["he was a big cat"], word=["cat"]) == [1.0]
-    with pytest.raises(ValueError, match=r"word_in_sentence: prompt 0 \('Write a poem.'\) names no word"):
-        J.word_in_sentence(["Write a poem."], ["roses are red"])
-
-
-def test_uses_word_prefers_the_word_column_and_refuses_prompts_without_a_word():
-    # the column wins over the prompt text
-    assert J.uses_word(["Use the word firm in a sentence."], ["a dog"], word=["dog"]) == [1.0]
-    with pytest.raises(ValueError, match=r"uses_word: prompt 0 \('Write a poem.'\) names no word"):
-        J.uses_word(["Write a poem."], ["roses are red"])
-
-
-def test_gold_judge_puts_the_task_first_and_tone_second():
-    prompt = "Use the word day in a sentence."
-    # VADER compounds (vaderSentiment 3.3.2): POSITIVE 0.8616, NEGATIVE -0.8176, "a day" 0.0
-    scores = J.word_vader([prompt] * 4, [POSITIVE, "a day", "This day is a terrible, awful mistake.", NEGATIVE])
-    assert scores[0] == pytest.approx(0.8616)  # uses "day", positive
-    assert scores[1] == 0.0  # uses "day", neutral
-    assert -1.0 < scores[2] < 0.0  # uses "day", negative: still better than not doing the task
-    assert scores[3] == -1.0  # does not use "day": the worst score, whatever its tone
-    tb = J.word_textblob([prompt] * 2, [POSITIVE, NEGATIVE])
-    assert tb == [pytest.approx(0.75), -1.0]
-
-
 def test_builtins_work_offline_without_corpora(monkeypatch, tmp_path):
     """Nothing downloads: sockets refuse to connect and NLTK sees only an empty data directory."""
     import nltk
@@ -228,6 +156,21 @@ def test_load_dotted_path_to_class_instantiates_once():
 def test_load_wraps_callables_once():
     judge = load_judge(length_judge)
     assert judge.__wrapped__ is length_judge and load_judge(judge) is judge
+
+
+def test_registered_names_load_the_experiments_judges(monkeypatch):
+    """pyproject.toml registers the default experiment's judges (tasks/words.py) under the names its YAML uses."""
+    from tasks import words
+
+    for name in ("uses_word", "uses_word_once", "word_in_sentence", "word_vader", "word_textblob"):
+        assert load_judge(name).__wrapped__ is getattr(words, name)
+        assert name in J.judge_names() and name not in BUILTIN_JUDGES
+    monkeypatch.setattr(J, "registered_judges", lambda: {"longest": f"{__name__}:length_judge",
+                                                         "gone": "no_such_module:judge"})
+    assert load_judge("longest", "evaluation.judges.gold")(["p"], ["abc"]) == [3.0]
+    with pytest.raises(ValueError, match=r"^evaluation.judges.task: judge 'gone', registered as 'no_such_module:judge': "
+                                         r"cannot import module 'no_such_module'"):
+        load_judge("gone", "evaluation.judges.task")
 
 
 def test_unknown_name_suggests_close_match():

@@ -81,7 +81,7 @@ def test_a_reward_function_returning_anything_but_numbers_is_refused(fn, message
 def test_numbers_of_any_kind_are_accepted():
     assert score("test_rewards:fine").tolist() == [0.5, 1.0, 1.0]  # numpy, ints and bools are numbers
     assert score("test_rewards:tensor_scores").tolist() == [0.5, 1.0, 2.0]
-    assert score("uses_word").shape == (3,)  # a built-in judge, with its columns
+    assert score("uses_word").shape == (3,)  # a registered judge (tasks/words.py), with its columns
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
