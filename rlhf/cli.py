@@ -57,26 +57,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
     cmd, env = launch_command(args.launch, ["-m", "rlhf.cli", *_without_launch(args.argv)])
     # every precondition once here, so a bad setting ends before any process starts
     _load(args.config, args.overrides).check(until=args.until, force=tuple(args.force))
-    _warn_if_ppo_cannot_fit(args)
+    _warn_if_memory_short(args)
     log.info("launching: %s", " ".join(cmd))
     return subprocess.run(cmd, env=env).returncode
 
 
-def _warn_if_ppo_cannot_fit(args: argparse.Namespace) -> None:
+def _warn_if_memory_short(args: argparse.Namespace) -> None:
     """Before launching, the memory plan's warning (best effort: a plan that cannot be made is skipped)."""
-    from rlhf.memory import DEFAULT_PROMPT_TOKENS, available_memory, plan_ppo_memory
+    from rlhf.memory import DEFAULT_PROMPT_TOKENS, available_memory, plan_memory
 
     try:
         pipeline = _load(args.config, args.overrides)
-        est, settings = plan_ppo_memory(pipeline, args.launch, prompt_tokens=DEFAULT_PROMPT_TOKENS)
+        est, settings = plan_memory(pipeline, args.launch, prompt_tokens=DEFAULT_PROMPT_TOKENS)
         avail, where = available_memory(settings)
-    except Exception as e:  # no PPO stage, a hub config not reachable: the run itself will say more
+    except Exception as e:  # no RL stage, a hub config not reachable: the run itself will say more
         log.debug("memory plan skipped: %s", e)
         return
     if est.total > avail:
-        log.warning("warning: PPO needs about %.1f GiB per process (a floor; prompts of %d tokens) but %s has "
-                    "%.1f GiB; see `rlhf plan %s --memory --launch %s`", est.total / (1 << 30), est.prompt_tokens,
-                    where, avail / (1 << 30), args.config, args.launch)
+        log.warning("warning: stages.%s needs about %.1f GiB per process (a floor; prompts of %d tokens) but %s "
+                    "has %.1f GiB; see `rlhf plan %s --memory --launch %s`", est.stage, est.total / (1 << 30),
+                    est.prompt_tokens, where, avail / (1 << 30), args.config, args.launch)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,19 +113,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def memory_plan(pipeline, launch: str | None, prompt_tokens: int) -> int:
     """Print the RL stage's memory table; 1 (with a warning) when it does not fit the device, else 0."""
-    from rlhf.memory import available_memory, format_table, plan_ppo_memory
+    from rlhf.memory import available_memory, format_table, plan_memory
 
     try:
-        est, settings = plan_ppo_memory(pipeline, launch, prompt_tokens)
-    except (OSError, ValueError) as e:  # a hub config that cannot be fetched offline, no PPO stage
+        est, settings = plan_memory(pipeline, launch, prompt_tokens)
+    except (OSError, ValueError) as e:  # a hub config that cannot be fetched offline, no RL stage
         print(f"error: memory plan: {e}", file=sys.stderr)
         return 2
     table, fits = format_table(est, settings, available_memory(settings))
     print(f"\n{table}")
-    bound = "stages.ppo.max_prompt_tokens" if est.prompt_tokens != prompt_tokens else "--prompt-tokens"
+    bound = est.prompt_bound if est.prompt_bound and est.prompt_tokens != prompt_tokens else "--prompt-tokens"
     print(f"  (assumes prompts of {est.prompt_tokens} tokens; set {bound})")
     if not fits:
-        print("warning: the RL stage needs more memory per process than is available; use more processes, "
+        print(f"warning: stages.{est.stage} needs more memory per process than is available; use more processes, "
               "ZeRO-3 or FSDP (configs/accelerate/), LoRA, or a smaller rollout_batch_size or micro-batch",
               file=sys.stderr)
         return 1
@@ -245,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_args(plan)
     plan.add_argument("--until", metavar="STAGE")
     plan.add_argument("--force", metavar="STAGE", action="append", default=[])
-    plan.add_argument("--memory", action="store_true", help="estimate PPO's memory per process and warn if it cannot fit")
+    plan.add_argument("--memory", action="store_true",
+                      help="estimate the RL stage's memory per process and warn if it cannot fit")
     plan.add_argument("--launch", metavar="FILE", help="the Accelerate launch config the memory plan is for")
     plan.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
-                      help="prompt length the memory plan assumes where stages.ppo.max_prompt_tokens is not set")
+                      help="prompt length the memory plan assumes where the RL stage sets no bound of its own")
     plan.set_defaults(fn=cmd_plan)
 
     status = sub.add_parser("status", help="list the artifacts in a store with their lineage")

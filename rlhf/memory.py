@@ -29,7 +29,34 @@ from pathlib import Path
 
 GIB = 1 << 30
 DEFAULT_PROMPT_TOKENS = 256
-"""The prompt length a plan assumes when neither the command line nor stages.ppo.max_prompt_tokens says."""
+"""The prompt length a plan assumes when neither the command line nor the stage's own bound says."""
+
+
+@dataclass(frozen=True)
+class RLMemoryPlan:
+    """What an RL stage tells the memory plan about itself (`Stage.memory_plan`). Models are named as in the
+    stage's config: an upstream stage, a hub id or a local directory."""
+
+    policy: str
+    """The model the stage trains."""
+    rewards: list[str]
+    """The reward models it scores with ([] when every reward is a function)."""
+    value: str | None
+    """The model its value model starts from; None for an estimator without one."""
+    rollout_batch_size: int
+    """Rollout rows per step, over all processes."""
+    micro_batch_size: int
+    """Rows per training forward, over all processes."""
+    response_tokens: int
+    """The longest response it generates."""
+    prompt_tokens: int | None = None
+    """Its bound on prompt length; None: the plan assumes `--prompt-tokens`."""
+    prompt_tokens_setting: str = "max_prompt_tokens"
+    """The setting of its block that bounds prompt length (named in the plan's note)."""
+    lora: tuple[int, int] | None = None
+    """(rank, number of target modules) when it trains LoRA adapters; None: the whole policy."""
+    reference: bool = True
+    """Whether it holds a frozen reference (False without a KL term)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +107,11 @@ class MemoryEstimate:
     params: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     """The prompt length the estimate assumed."""
+    stage: str = ""
+    """The stage it is for."""
+    prompt_bound: str = ""
+    """The stage's setting that gave `prompt_tokens` (`stages.<stage>.max_prompt_tokens`); "" when the plan
+    assumed it."""
 
     @property
     def total(self) -> int:
@@ -109,7 +141,7 @@ def estimate_ppo_memory(
     `reward`: the reward model's shape, several (a list), or None when every reward is a function.
     `value`: the value model's shape, True for the shape of the (first) reward model, or None/False for
     an estimator without one. `reference`: whether a frozen reference is held (False without a KL term).
-    `rollout_batch_size` and `micro_batch_size` are global (over all processes), as in PPOConfig;
+    `rollout_batch_size` and `micro_batch_size` are global (over all processes), as in an RL stage's config;
     `lora_trainable` is the adapter parameter count when the policy trains LoRA adapters (its reference
     is then the policy itself with adapters off, so there is no reference copy).
     """
@@ -200,11 +232,12 @@ def launch_settings(path: str | None) -> LaunchSettings:
                           name=f"{Path(path).name}: {what}, {n} process(es), mixed precision {cfg.get('mixed_precision', 'no')}")
 
 
-def model_config_for(pipeline, value: str):
+def model_config_for(pipeline, value: str, trained_by: str = ""):
     """The transformers config of the model a stage input names, without loading weights.
 
     An upstream stage's artifact if it exists; otherwise the model that stage starts from (for
     pretraining, the architecture its config describes); a hub id or local directory by its config.json.
+    `trained_by` is the stage whose plan asks, for the message when none of these says.
     """
     from transformers import AutoConfig
 
@@ -221,9 +254,10 @@ def model_config_for(pipeline, value: str):
     for fname in type(stage).inputs:
         upstream = getattr(stage.config, fname, None)
         if upstream:
-            return model_config_for(pipeline, upstream)
+            return model_config_for(pipeline, upstream, trained_by)
     raise ValueError(f"{pipeline.experiment.source}: stages.{value}: cannot tell which model this stage trains "
-                     f"(no model config and no input model); name a hub id or local directory in stages.ppo.policy")
+                     f"(no model config and no input model); name a hub id or local directory as the model "
+                     f"stages.{trained_by or value} starts from")
 
 
 def available_memory(launch: LaunchSettings) -> tuple[int, str]:
@@ -241,31 +275,29 @@ def available_memory(launch: LaunchSettings) -> tuple[int, str]:
     return psutil.virtual_memory().total // launch.num_processes, where
 
 
-def plan_ppo_memory(pipeline, launch_file: str | None, prompt_tokens: int) -> tuple[MemoryEstimate, LaunchSettings]:
-    """The RL stage of `pipeline` (the last one, if several) under `launch_file`, estimated."""
-    from rlhf.ppo.estimators import ESTIMATORS
-    from rlhf.rewards import model_sources
-
-    rl = [s for s in pipeline.stages.values() if hasattr(s.config, "rollout_batch_size")]
-    if not rl:
-        raise ValueError(f"{pipeline.experiment.source}: no RL stage under stages:; the memory plan covers RL stages "
-                         f"(add a ppo or grpo block, or run `rlhf plan` without --memory)")
-    c = rl[-1].config
+def plan_memory(pipeline, launch_file: str | None, prompt_tokens: int) -> tuple[MemoryEstimate, LaunchSettings]:
+    """The memory per process of the stage of `pipeline` that describes its memory (`Stage.memory_plan`; the
+    last one, if several) under `launch_file`, estimated."""
+    planned = [(s, plan) for s in pipeline.stages.values() if (plan := s.memory_plan()) is not None]
+    if not planned:
+        raise ValueError(f"{pipeline.experiment.source}: no stage under stages: describes its memory (RL stages do, "
+                         f"through Stage.memory_plan); run `rlhf plan` without --memory")
+    stage, p = planned[-1]
     launch = launch_settings(launch_file)
-    policy = shape_from_config(model_config_for(pipeline, c.policy))
-    rewards = [shape_from_config(model_config_for(pipeline, name), sequence_classification=True)
-               for name in model_sources(c.rewards)]
+    policy = shape_from_config(model_config_for(pipeline, p.policy, stage.stage_name))
+    rewards = [shape_from_config(model_config_for(pipeline, name, stage.stage_name), sequence_classification=True)
+               for name in p.rewards]
     value = None
-    if ESTIMATORS[c.estimator].needs_values:
-        start = c.value_model or (model_sources(c.rewards) or [c.policy])[0]
-        value = shape_from_config(model_config_for(pipeline, start), sequence_classification=True)
-    lora = lora_params(policy, c.lora.r, len(c.lora.target_modules)) if c.lora.enabled else None
-    prompt_tokens = c.max_prompt_tokens or prompt_tokens  # no prompt is longer than the stage's bound
-    est = estimate_ppo_memory(policy, rewards, launch, rollout_batch_size=c.rollout_batch_size,
-                              micro_batch_size=c.micro_batch_size, prompt_tokens=prompt_tokens,
-                              response_tokens=c.max_new_tokens, lora_trainable=lora, value=value,
-                              reference=c.uses_reference)
-    est.prompt_tokens = prompt_tokens
+    if p.value is not None:
+        value = shape_from_config(model_config_for(pipeline, p.value, stage.stage_name), sequence_classification=True)
+    lora = lora_params(policy, *p.lora) if p.lora is not None else None
+    prompt_tokens = p.prompt_tokens or prompt_tokens  # no prompt is longer than the stage's bound
+    est = estimate_ppo_memory(policy, rewards, launch, rollout_batch_size=p.rollout_batch_size,
+                              micro_batch_size=p.micro_batch_size, prompt_tokens=prompt_tokens,
+                              response_tokens=p.response_tokens, lora_trainable=lora, value=value,
+                              reference=p.reference)
+    est.prompt_tokens, est.stage = prompt_tokens, stage.stage_name
+    est.prompt_bound = f"stages.{stage.stage_name}.{p.prompt_tokens_setting}" if p.prompt_tokens else ""
     return est, launch
 
 
@@ -275,7 +307,7 @@ def _size(b: int) -> str:
 
 def format_table(est: MemoryEstimate, launch: LaunchSettings, available: tuple[int, str] | None) -> tuple[str, bool]:
     """The table `rlhf plan --memory` prints, and whether the run fits."""
-    lines = [f"RL stage memory per process ({launch.name})", ""]
+    lines = [f"stages.{est.stage}: memory per process ({launch.name})", ""]
     for name, count in est.params.items():
         lines.append(f"  {name:<36} {count / 1e6:>12.2f}M parameters")
     lines.append("")

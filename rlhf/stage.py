@@ -387,6 +387,11 @@ class Stage:
         the manifest, the logged rows, and `plot()` for figures); [] for none."""
         return []
 
+    def memory_plan(self) -> Any:
+        """What `rlhf plan --memory` needs to estimate this stage's memory per process (an
+        `rlhf.memory.RLMemoryPlan`: its models, batch sizes and lengths), or None: not estimated."""
+        return None
+
     # ---- the shared run ------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:

@@ -606,3 +606,18 @@ class PPOStage(Stage):
                                                       ("before", "reference, sampled"),
                                                       ("after", f"{section.name}, sampled")])
         return lines
+
+    def memory_plan(self):
+        """This stage's models, batch sizes and lengths, for `rlhf plan --memory` (rlhf/memory.py)."""
+        from rlhf.memory import RLMemoryPlan
+        from rlhf.ppo.estimators import ESTIMATORS
+        from rlhf.rewards import model_sources
+
+        c = self.config
+        rewards = model_sources(c.rewards)
+        value = (c.value_model or (rewards or [c.policy])[0]) if ESTIMATORS[c.estimator].needs_values else None
+        return RLMemoryPlan(policy=c.policy, rewards=rewards, value=value, rollout_batch_size=c.rollout_batch_size,
+                            micro_batch_size=c.micro_batch_size, response_tokens=c.max_new_tokens,
+                            prompt_tokens=c.max_prompt_tokens, prompt_tokens_setting="max_prompt_tokens",
+                            lora=(c.lora.r, len(c.lora.target_modules)) if c.lora.enabled else None,
+                            reference=c.uses_reference)

@@ -95,10 +95,10 @@ def test_plan_memory_prints_a_table_and_warns_when_it_cannot_fit(workdir, tiny_d
     launch = str(REPO / "configs" / "accelerate" / "cpu-ddp.yaml")
     assert main(["plan", str(path), "--memory", "--launch", launch]) == 0
     out = capsys.readouterr().out
-    assert "RL stage memory per process (cpu-ddp.yaml: CPU DDP, 2 process(es)" in out and "KV cache (generation)" in out
+    assert "stages.ppo: memory per process (cpu-ddp.yaml: CPU DDP, 2 process(es)" in out and "KV cache (generation)" in out
     # 2**24 rollout rows: the KV cache and logits alone are hundreds of gigabytes per process
     assert main(["plan", str(path), "--memory", "--launch", launch, "stages.ppo.rollout_batch_size=16777216"]) == 1
-    assert "warning: the RL stage needs more memory per process than is available" in capsys.readouterr().err
+    assert "warning: stages.ppo needs more memory per process than is available" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("launch", ["single", "ddp", "zero2", "zero3", "fsdp"])
@@ -109,23 +109,24 @@ def test_every_gpu_launch_config_gives_a_plan(workdir, tiny_data, launch, capsys
 
 
 def test_run_with_launch_warns_before_launching_what_cannot_fit(workdir, tiny_data, caplog):
-    from rlhf.cli import _warn_if_ppo_cannot_fit, build_parser
+    from rlhf.cli import _warn_if_memory_short, build_parser
 
     path = write_config(workdir / "exp.yaml", ppo_config(tiny_data, str(workdir / "store")))
     launch = str(REPO / "configs" / "accelerate" / "cpu-ddp.yaml")
     fits = build_parser().parse_args(["run", str(path), "--launch", launch])
     too_big = build_parser().parse_args(["run", str(path), "stages.ppo.rollout_batch_size=16777216", "--launch", launch])
     with caplog.at_level("WARNING", logger="rlhf"):
-        _warn_if_ppo_cannot_fit(fits)
+        _warn_if_memory_short(fits)
         assert not caplog.records
-        _warn_if_ppo_cannot_fit(too_big)
-    assert "PPO needs about" in caplog.text and "rlhf plan" in caplog.text
+        _warn_if_memory_short(too_big)
+    assert "warning: stages.ppo needs about" in caplog.text and "rlhf plan" in caplog.text
 
 
 def test_plan_memory_without_an_rl_stage_names_the_file(tiny_yaml, capsys):
     assert main(["plan", str(tiny_yaml), "--memory"]) == 2
     err = capsys.readouterr().err
-    assert f"error: memory plan: {tiny_yaml}: no RL stage" in err and "without --memory" in err
+    assert f"error: memory plan: {tiny_yaml}: no stage under stages: describes its memory" in err
+    assert "without --memory" in err
 
 
 def test_plan_memory_takes_the_prompt_bound_from_the_config(workdir, tiny_data, capsys):
@@ -134,3 +135,14 @@ def test_plan_memory_takes_the_prompt_bound_from_the_config(workdir, tiny_data, 
     assert "assumes prompts of 256 tokens; set --prompt-tokens" in capsys.readouterr().out
     assert main(["plan", str(path), "--memory", "stages.ppo.max_prompt_tokens=40"]) == 0
     assert "assumes prompts of 40 tokens; set stages.ppo.max_prompt_tokens" in capsys.readouterr().out
+
+
+def test_plan_memory_names_the_stage_it_plans(workdir, tiny_data, capsys):
+    """The plan comes from the stage's own description (`Stage.memory_plan`), whatever the block is called."""
+    cfg = ppo_config(tiny_data, str(workdir / "store"))
+    cfg["stages"]["rlvr"] = {**cfg["stages"].pop("ppo"), "class": "stages.grpo:GRPOStage", "max_prompt_tokens": 40}
+    path = write_config(workdir / "exp.yaml", cfg)
+    assert main(["plan", str(path), "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "stages.rlvr: memory per process" in out and "set stages.rlvr.max_prompt_tokens" in out
+    assert "value weights" not in out  # GRPO's estimator has no value model
