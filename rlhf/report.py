@@ -16,9 +16,15 @@ from typing import Any
 
 log = logging.getLogger("rlhf")
 
-JUDGE_LABELS = {"gold": "gold judge", "heldout": "held-out judge", "task": "task success",
-                "sentence": "the word once in a sentence", "fluency": "fluency"}
-"""How the report names the evaluation's judge roles (other roles appear under their own name)."""
+JUDGE_LABELS = {"gold": "gold judge", "heldout": "held-out judge", "task": "task success"}
+"""How the report names the judge roles every experiment's evaluation knows (`rlhf.schema.EvalConfig.judges`);
+an experiment's own roles (`fluency`, `tone`, ...) appear under their own names, after these."""
+
+
+def ordered_roles(roles) -> list[str]:
+    """Judge roles in report order: those of `JUDGE_LABELS` first, in its order; any other after them by name."""
+    known = list(JUDGE_LABELS)
+    return sorted(roles, key=lambda r: (known.index(r) if r in known else len(known), r))
 
 
 @dataclass
@@ -120,19 +126,16 @@ def write_report(store, experiment, out_dir: Path) -> tuple[Path, list[str], lis
 def comparison(sections: list[StageReport], out_dir: Path) -> list[str]:
     """Every policy stage against its reference in one table per decoding (sampled, greedy), and gold
     against KL with each one's trajectory over training (Gao et al.'s over-optimisation frontier, one
-    line per method). The judge roles are those every section has: gold, held-out, task, ... first (the
-    order of `JUDGE_LABELS`), any other after them by name."""
+    line per method). The judge roles are those every section has, in `ordered_roles` order."""
     lines = ["Each method against the reference it started from, on the same held-out prompts and seed "
              "(gain with its paired-bootstrap 95% interval). A gain counts only with task success kept and "
              "no collapse."]
     for mode, prefix in (("sampled", ""), ("greedy", "greedy_")):
-        roles = [k[len(prefix):-len("_gain")] for k in sections[0].metrics
-                 if k.startswith(prefix) and k.endswith("_gain") and (prefix or not k.startswith("greedy_"))
-                 and all(k in s.metrics for s in sections)]
+        roles = ordered_roles(k[len(prefix):-len("_gain")] for k in sections[0].metrics
+                              if k.startswith(prefix) and k.endswith("_gain") and (prefix or not k.startswith("greedy_"))
+                              and all(k in s.metrics for s in sections))
         if not roles:
             continue
-        known = list(JUDGE_LABELS)  # the usual roles first, in their order; any other after them
-        roles.sort(key=lambda r: (known.index(r) if r in known else len(known), r))
         kl = " KL |" if mode == "sampled" else ""
         lines += ["", f"{mode.capitalize()} responses:", "",
                   "| method | " + " | ".join(f"{JUDGE_LABELS.get(r, r)} gain" for r in roles)
@@ -270,18 +273,22 @@ def evaluation_table(m: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _evaluation_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
-    roles = [k[: -len("_gain")] for k in m if k.endswith("_gain") and not k.startswith("greedy_")]
-    if not roles:  # a policy without a reference: the judge roles are the keys the judges wrote
-        roles = [r for r in JUDGE_LABELS if r in m]
-    rows = [(r, JUDGE_LABELS.get(r, r)) for r in roles]
-    rows += [("unique_share", "unique responses (share)"), ("top_share", "most common response (share)"),
+_MEASURES = [("unique_share", "unique responses (share)"), ("top_share", "most common response (share)"),
              ("template_top_share", "most common frame, prompt's words blanked (share)"),
              ("opening_top_share", "most common opening, first two words (share)"),
              ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
              ("repetition", "words repeated within a response (seq-rep-1)"), ("response_length", "length (tokens)"),
              ("eos_rate", "EOS rate")]
-    return rows
+"""What the evaluation measures of every policy beside its judges (`rlhf.evaluation.summarize`), as reported."""
+
+
+def _evaluation_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
+    roles = [k[: -len("_gain")] for k in m if k.endswith("_gain") and not k.startswith("greedy_")]
+    if not roles:  # a policy without a reference: the judge roles are the means both decodings have
+        measures = {k for k, _ in _MEASURES}
+        roles = ordered_roles(k for k, v in m.items() if isinstance(v, (int, float)) and f"greedy_{k}" in m
+                              and not k.startswith("greedy_") and k not in measures) or [r for r in JUDGE_LABELS if r in m]
+    return [(r, JUDGE_LABELS.get(r, r)) for r in roles] + _MEASURES
 
 
 def comparison_table(m: dict[str, Any], before: str, after: str) -> list[str]:
