@@ -30,7 +30,7 @@ def main() -> None:
 
     from rlhf.judges import load_judge
     from rlhf.ppo import response_mask_from_eos
-    from rlhf.ppo.rollout import score_at_eos
+    from rlhf.rollout import score_at_eos
     from rlhf.sampling import batches, encode_prompts, generate, generation_config
     from rlhf.tokenizer import load_tokenizer
 

@@ -130,7 +130,7 @@ class PolicyEvaluation:
 
     def _decode(self, policy, tokenizer, temperature: float, reference, reference_context) -> dict[str, list]:
         from rlhf.ppo.core import masked_sum, response_mask_from_eos
-        from rlhf.ppo.rollout import policy_forward
+        from rlhf.rollout import policy_forward
         from tqdm.auto import tqdm
 
         from rlhf.distributed import process_state

@@ -15,7 +15,7 @@ import time
 import torch
 
 from rlhf.ppo.core import masked_whiten
-from rlhf.ppo.rollout import PerTokenHead
+from rlhf.rollout import PerTokenHead
 from rlhf.errors import StageError
 
 

@@ -49,8 +49,8 @@ from rlhf.ppo import (
 )
 from rlhf.ppo.aggregation import aggregate
 from rlhf.ppo.estimators import ESTIMATORS
-from rlhf.ppo.packing import pack, use_packed_attention
-from rlhf.ppo.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
+from rlhf.packing import pack, use_packed_attention
+from rlhf.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
 from rlhf.rewards import RewardSource, Rewards, is_function, load_reward_function, model_sources
 from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
 from rlhf.stage import Stage, StageError

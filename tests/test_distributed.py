@@ -43,7 +43,7 @@ from conftest import REPO, make_tiny_data, ppo_config, write_config
 from rlhf.config import load_experiment
 from rlhf.distributed import launch_command
 from rlhf.pipeline import Pipeline
-from rlhf.ppo.rollout import Trajectory
+from rlhf.rollout import Trajectory
 
 sys.path.insert(0, str(REPO / "tests" / "helpers"))  # ppo_update_step: the update both runs make
 

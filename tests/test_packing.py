@@ -1,4 +1,4 @@
-"""Packed sequences (rlhf/ppo/packing.py): the PPO forwards on a batch's real tokens only must give the
+"""Packed sequences (rlhf/packing.py): the PPO forwards on a batch's real tokens only must give the
 padded forwards' numbers, keep each sequence to itself, and refuse to run where they cannot be exact."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlhf.ppo import with_state_after_eos
-from rlhf.ppo.packing import pack, unpack, use_packed_attention
-from rlhf.ppo.rollout import PerTokenHead, policy_forward, score_at_eos, value_forward
+from rlhf.packing import pack, unpack, use_packed_attention
+from rlhf.rollout import PerTokenHead, policy_forward, score_at_eos, value_forward
 
 VOCAB = 64
 

@@ -14,7 +14,7 @@ from conftest import write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo import last_token_index, logprobs_from_logits, policy_loss, response_mask_from_eos
-from rlhf.ppo.rollout import policy_forward
+from rlhf.rollout import policy_forward
 from rlhf.sampling import encode_prompts
 
 
@@ -161,7 +161,7 @@ def tiny_gpt2(vocab_size: int):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_left_padding_gives_the_same_logprobs(upstream, packed):
-    from rlhf.ppo.packing import use_packed_attention
+    from rlhf.packing import use_packed_attention
     from rlhf.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(sft_path(upstream)))

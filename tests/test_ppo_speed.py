@@ -9,7 +9,7 @@ import torch
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo import logprobs_from_logits
-from rlhf.ppo.rollout import Trajectory, policy_forward, sequence_inputs, trim_padding
+from rlhf.rollout import Trajectory, policy_forward, sequence_inputs, trim_padding
 
 
 def _traj(query_mask, response_mask) -> Trajectory:

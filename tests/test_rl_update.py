@@ -18,7 +18,7 @@ import torch
 
 from rlhf.launch import RLLaunch
 from rlhf.ppo import FixedKLController, with_state_after_eos
-from rlhf.ppo.rollout import Trajectory, policy_forward
+from rlhf.rollout import Trajectory, policy_forward
 from stages.ppo import PPOStage
 from stages.ppo_config import PPOConfig
 
@@ -190,7 +190,7 @@ def test_the_whole_minibatch_gradient_is_that_of_the_plain_losses(kl_penalty):
     # policy_loss (token mean over the batch's response tokens) + coef x k3 (KL in the loss) + vf_coef x
     # value_loss (mean over the episode positions, the state after EOS included), written out here.
     from rlhf.ppo import kl_k3, masked_sum, policy_loss, value_loss
-    from rlhf.ppo.rollout import value_forward
+    from rlhf.rollout import value_forward
 
     whole = gradient({"kl_penalty": kl_penalty}, ranks=1, accumulation=1, with_value=True)
     policy, value = tiny_models()

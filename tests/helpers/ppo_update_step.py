@@ -22,7 +22,7 @@ import torch
 
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
-from rlhf.ppo.rollout import PerTokenHead, Trajectory
+from rlhf.rollout import PerTokenHead, Trajectory
 
 
 SGD_LR = 0.1

@@ -62,7 +62,7 @@ class Packed(NamedTuple):
             raise RuntimeError(
                 "a packed forward never reached the packed attention, so its sequences would attend to each "
                 "other: the model's attention does not go through transformers' attention interface, or "
-                "use_packed_attention was not called on it. Set stages.ppo.pack_sequences=false for this model.")
+                "use_packed_attention was not called on it. Set the RL stage's pack_sequences=false for this model.")
 
 
 def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
@@ -101,12 +101,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         if attention_mask is None and positions is not None and query.shape[2] > 1 and bool((positions[:, 1:] == 0).any()):
             # a packed row outside `Packed.active`: e.g. a gradient-checkpointing recompute in the backward
             raise RuntimeError("packed sequences reached attention outside a packed forward (gradient "
-                               "checkpointing is not supported with stages.ppo.pack_sequences)")
+                               "checkpointing is not supported with the RL stage's pack_sequences)")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if query.shape[0] != 1 or key.shape[2] != query.shape[2] or kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise RuntimeError("packed attention supports one packed row of full causal self-attention; "
-                           "set stages.ppo.pack_sequences=false for this model")
+                           "set the RL stage's pack_sequences=false for this model")
     state["calls"] += 1
     sequence, position, (n, t) = state["sequence"], state["position"], state["shape"]
 

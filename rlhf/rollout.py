@@ -5,7 +5,7 @@ the sequence is `[pad.. prompt | response ..pad]` of length P + R and the respon
 column P. Position ids come from the attention mask, so padding never shifts a token's position.
 The logits at column P - 1 + t predict response token t; the value of the state before token t is
 read at the same column. With `packed=True` the forwards below run on the same batch packed into one
-row of its real tokens instead (rlhf/ppo/packing.py); results come back in this layout.
+row of its real tokens instead (rlhf/packing.py); results come back in this layout.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf.ppo.core import entropy_from_logits, last_token_index, logprobs_from_logits
-from rlhf.ppo.packing import Packed, pack, unpack
+from rlhf.packing import Packed, pack, unpack
 
 
 class Trajectory(NamedTuple):
@@ -71,7 +71,7 @@ def policy_forward(model, query_ids, query_mask, response_ids, response_mask, te
 
     With `entropy_grad=False` the entropy is a statistic only: computed without autograd, so none of
     its (B, R, V) intermediates are kept for a backward pass that would never use them.
-    With `packed=True` the forward runs on the batch's real tokens only (rlhf/ppo/packing.py; the model
+    With `packed=True` the forward runs on the batch's real tokens only (rlhf/packing.py; the model
     must have `use_packed_attention`); padding positions of the results are 0. `packed` may also be the
     batch's `Packed` layout already made (one packing for every forward over a rollout batch).
     """
