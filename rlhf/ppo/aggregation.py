@@ -14,7 +14,7 @@ token's own sequence and on counts of the whole minibatch (its sequences S and t
 So a micro-batch's contribution, with the counts of the whole minibatch, sums over micro-batches and
 ranks to the loss of the whole minibatch: gradient accumulation and N processes change nothing. The
 mistakes peers made here (a mean per micro-batch, a count per rank, padding counted in a denominator)
-all break that sum; tests/test_rl_math.py checks it against the whole minibatch. Data-parallel wrappers
+all break that sum; tests/test_ppo_aggregation.py checks it against the whole minibatch. Data-parallel wrappers
 average gradients over ranks, so callers pass counts already divided by the number of ranks
 (`RLLaunch.minibatch_count`).
 """

@@ -1,19 +1,20 @@
-"""Golden tests for the PPO math in rlhf.ppo.
+"""Golden tests for the PPO math in rlhf.ppo.core: masked reductions and whitening, the KL estimators,
+log-probabilities and entropy, response masks and rewards, GAE, and the policy and value losses.
 
-Expected values are derived by hand; the arithmetic is written next to each one. Padding positions
-hold large or NaN values on purpose, so a function that ignored its mask would fail.
+Expected values are derived by hand, with the arithmetic written next to each one, or come from a plain
+loop (GAE; TRL 1.12.0's advantages, transcribed). Padding positions hold large or NaN values on purpose,
+so a function that ignored its mask would fail.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
 from rlhf.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
     apply_no_eos_penalty,
     compute_rewards,
     entropy_from_logits,
@@ -104,6 +105,34 @@ def test_masked_whiten_gives_zero_mean_unit_variance_on_random_data():
     close(masked_mean(w, mask), 0.0, atol=1e-12)
     close(masked_var(w, mask), 1.0, atol=1e-6)
     assert torch.all(w[~mask] == 0)
+
+
+def test_whitening_with_an_all_reduce_uses_every_ranks_positions():
+    """Two threads stand for two ranks; their all-reduce sums what both pass in. Each whitens its half
+    with the statistics of the whole batch."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 4)
+    mask = torch.rand(6, 4) > 0.3
+    whole = masked_whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def all_reduce(t):
+            slots[r] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        rows = slice(3 * r, 3 * r + 3)
+        out[r] = masked_whiten(x[rows], mask[rows], all_reduce=all_reduce)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(out), whole, atol=1e-6)
+    assert not torch.allclose(masked_whiten(x[:3], mask[:3]), whole[:3], atol=1e-3)  # local statistics differ
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,58 +530,3 @@ def test_explained_variance():
     close(explained_variance(values, returns, mask), 0.85)
     # predicting the constant mean explains nothing: EV = 0
     close(explained_variance(torch.full((1, 5), 2.5), returns, mask), 0.0)
-
-
-# --------------------------------------------------------------------------------------------------
-# KL controllers
-# --------------------------------------------------------------------------------------------------
-
-
-def test_fixed_kl_controller():
-    ctl = FixedKLController(0.05)
-    ctl.update(current_kl=100.0, n_steps=256)
-    assert ctl.value == 0.05
-    other = FixedKLController(1.0)
-    other.load_state_dict(ctl.state_dict())
-    assert other.value == 0.05
-
-
-@pytest.mark.parametrize(
-    "current_kl,expected",
-    [
-        # target 6, horizon 10000, n_steps 256, value 0.2; value *= 1 + clip(kl/6 - 1, -0.2, 0.2) * 256 / 10000
-        (6.6, 0.2 * (1 + 0.1 * 0.0256)),  # error 6.6/6 - 1 = 0.1 -> 0.2 * 1.00256 = 0.200512
-        (5.4, 0.2 * (1 - 0.1 * 0.0256)),  # error -0.1 -> 0.2 * 0.99744 = 0.199488
-        (12.0, 0.2 * (1 + 0.2 * 0.0256)),  # error 1.0 clipped to 0.2 -> 0.2 * 1.00512 = 0.201024
-        (0.0, 0.2 * (1 - 0.2 * 0.0256)),  # error -1.0 clipped to -0.2 -> 0.2 * 0.99488 = 0.198976
-        (6.0, 0.2),  # on target: unchanged
-    ],
-)
-def test_adaptive_kl_controller_update(current_kl, expected):
-    ctl = AdaptiveKLController(init_value=0.2, target=6.0, horizon=10000)
-    ctl.update(current_kl=current_kl, n_steps=256)
-    assert ctl.value == pytest.approx(expected, abs=1e-12)
-
-
-def test_adaptive_kl_controller_state_dict_round_trip():
-    ctl = AdaptiveKLController(init_value=0.2, target=6.0, horizon=10000)
-    for kl in (9.0, 7.5, 2.0):
-        ctl.update(kl, n_steps=512)
-    resumed = AdaptiveKLController(init_value=0.2, target=6.0, horizon=10000)
-    resumed.load_state_dict(ctl.state_dict())
-    assert resumed.value == ctl.value != 0.2
-    # Both continue identically after the resume.
-    ctl.update(8.0, n_steps=512)
-    resumed.update(8.0, n_steps=512)
-    assert resumed.value == ctl.value
-
-
-def test_kl_controllers_reject_bad_arguments():
-    with pytest.raises(ValueError):
-        AdaptiveKLController(init_value=0.2, target=0.0, horizon=10000)
-    with pytest.raises(ValueError):
-        AdaptiveKLController(init_value=0.2, target=6.0, horizon=0)
-    with pytest.raises(ValueError):
-        FixedKLController(-0.1)
-    with pytest.raises(ValueError):
-        FixedKLController(0.1).load_state_dict({"value": float("nan")})
