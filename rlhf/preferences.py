@@ -147,7 +147,7 @@ def outside_data_files(stage: Any, field: str = "preferences") -> dict[str, str]
 
 def check_input(stage: Any, field: str = "preferences") -> None:
     """A preferences input from outside the experiment must be a directory holding train.jsonl."""
-    from rlhf.stage import StageError
+    from rlhf.errors import StageError
 
     ref = stage.input_refs.get(field)
     if ref is not None and ref.external and split_file(ref.external, "train") is None:
@@ -156,3 +156,55 @@ def check_input(stage: Any, field: str = "preferences") -> None:
             "experiment nor a directory holding train.jsonl; name a preferences stage or such a directory, or give "
             f"preference files and hub datasets as stages.{stage.stage_name}.train_data / eval_data"
         )
+
+
+class LearnsFromPairs:
+    """What a stage that learns from preference pairs shares (the reward model, DPO, KTO), as a mixin
+    before its base class (`class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage)`).
+
+    Its config has `preferences` (an input: a preferences stage, or a directory like its artifact),
+    `train_data` and `eval_data` (preference files or hub datasets, source "human"), at least one of the
+    first two set. `read_pairs` merges them; `pair_datasets` turns pairs into TRL's conversational form.
+    """
+
+    def data_files(self) -> dict[str, str | None]:
+        c = self.config
+        return {"train": c.train_data, "eval": c.eval_data, **outside_data_files(self)}
+
+    def check(self) -> None:
+        """The base checks, and preferences from somewhere."""
+        super().check()
+        self.require_preferences()
+
+    def validate_inputs(self) -> None:
+        super().validate_inputs()
+        self.require_preferences()
+        check_input(self)
+
+    def require_preferences(self) -> None:
+        from rlhf.errors import StageError
+
+        if self.config.train_data is None and "preferences" not in self.input_refs:
+            raise StageError(f"{self.where('preferences')}: no preferences: set stages.{self.stage_name}.preferences "
+                             f"(a preferences stage) or stages.{self.stage_name}.train_data (a preference file)")
+
+    def read_pairs(self) -> PreferenceData:
+        """The stage's pairs: the preferences input's and the files', merged (`load_preferences`)."""
+        from rlhf.errors import StageError
+
+        c = self.config
+        data = load_preferences(self.input_path("preferences") if "preferences" in self.input_refs else None,
+                                c.train_data, c.eval_data)
+        if not data.train:
+            raise StageError(f"{self.stage_name}: no training pairs")
+        return data
+
+    def pair_datasets(self, data: PreferenceData, shuffle: bool = False) -> tuple[Any, dict[str, Any]]:
+        """(train, {source: held-out}) `datasets.Dataset`s of conversational pairs (`conversational`); the
+        training pairs shuffled with the stage's seed when `shuffle`."""
+        import datasets
+
+        train = datasets.Dataset.from_list([conversational(r) for r in data.train])
+        if shuffle:
+            train = train.shuffle(seed=self.seed)
+        return train, {k: datasets.Dataset.from_list([conversational(r) for r in v]) for k, v in data.evals.items()}

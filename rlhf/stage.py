@@ -122,9 +122,7 @@ class Stage:
     def data_fingerprints(self) -> dict[str, str]:
         from rlhf.data import fingerprint
 
-        files = dict(self.data_files())
-        if self.kind == "policy":
-            files["evaluation_prompts"] = self.experiment.evaluation.prompts
+        files = self.fingerprinted_files()
         out = {}
         for role, spec in files.items():
             if spec:
@@ -134,29 +132,26 @@ class Stage:
                     raise DataError(f"{self._data_where(role, spec)}: {e}") from None
         return out
 
+    def fingerprinted_files(self) -> dict[str, str | None]:
+        """The data whose content is part of the key, by role: `data_files()`, and whatever else the stage
+        reads (a policy stage adds the evaluation prompts; rlhf/policy.py)."""
+        return dict(self.data_files())
+
     def _data_where(self, role: str, spec: str) -> str:
-        if role == "evaluation_prompts":
-            return self.where("evaluation.prompts", top=True)
         field = next((f for f in self.data_schemas if _dotted(self.config, f) == spec), None)
         return self.where(field) if field else f"stages.{self.stage_name} ({role} data)"
 
     def key_payload(self) -> dict[str, Any]:
-        """Everything that decides what this stage produces; its hash is the artifact key.
-
-        A policy's manifest holds the experiment's shared evaluation of it, so the evaluation settings
-        are part of a policy stage's key.
-        """
+        """Everything that decides what this stage produces; its hash is the artifact key (a subclass that
+        reads more, as a policy stage the experiment's evaluation settings, adds it)."""
         cls = type(self)
-        payload = {
+        return {
             "stage": f"{cls.__module__}.{cls.__qualname__}",
             "config": result_config(self.config),
             "inputs": {f: ref.key for f, ref in sorted(self.input_refs.items())},
             "data": self.data_fingerprints(),
             "seed": self.seed,
         }
-        if self.kind == "policy":
-            payload["evaluation"] = result_config(self.experiment.evaluation)
-        return payload
 
     @property
     def key(self) -> str:
@@ -195,8 +190,8 @@ class Stage:
 
         The base class checks what every stage has: each data file in `data_schemas` parses against its
         schema (every row; a file that passed once is remembered by its content, so later plans skip
-        it), each outside model input is an existing Hugging Face directory or looks like a hub id, and
-        a policy stage's evaluation prompts parse and its judges load and score two of them.
+        it), and each outside model input is an existing Hugging Face directory or looks like a hub id
+        (a policy stage adds its evaluation's prompts and judges; rlhf/policy.py).
 
         Add your own by overriding it; call `super().check()` and raise `ConfigError` (from
         `rlhf.errors`) naming the setting with `self.where(field)` and saying what to do:
@@ -210,12 +205,6 @@ class Stage:
         """
         self.check_inputs()
         self.check_data()
-        if self.kind == "policy":
-            ev = self.experiment.evaluation
-            self.check_data_file(ev.prompts, "prompts", self.where("evaluation.prompts", top=True))
-            for role, spec in ev.judges.items():
-                if spec:
-                    self.check_judge(spec, f"evaluation.judges.{role}", ev.prompts, top=True)
 
     def check_inputs(self) -> None:
         """Outside model inputs: an existing Hugging Face directory, a plausible hub id (not fetched), or a

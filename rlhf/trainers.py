@@ -1,4 +1,5 @@
-"""What the stages that wrap a Hugging Face Trainer share: the Trainer's arguments and the end of `train()`.
+"""What the stages that wrap a Hugging Face Trainer share: the Trainer's arguments and the end of the
+lifecycle (`TrainerStage`).
 
 A stage's config inherits the settings every Trainer takes alike (`TrainerSettings`: `max_steps`,
 `batch_size`, `learning_rate`, ...), so `trainer_arguments` fills them and the stage's `build_trainer` adds
@@ -10,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from rlhf.schema import checked, logging_only
+from rlhf.stage import Stage
 
 log = logging.getLogger("rlhf")
 
@@ -131,7 +133,7 @@ def finished_weights(stage: Any) -> tuple[dict | None, torch.nn.Module]:
     the merged one, so later stages and users get a plain checkpoint.
     """
     from rlhf.distributed import gathered_state_dict
-    from rlhf.stage import StageError
+    from rlhf.errors import StageError
 
     full_state = gathered_state_dict(stage.trainer.accelerator, stage.trainer.model_wrapped)
     model = stage.model
@@ -168,3 +170,71 @@ def verify_trained(stage: Any, out, auto_class) -> None:
     from rlhf.models import verify_checkpoint
 
     verify_checkpoint(stage.model, out, auto_class, stage.tokenizer, getattr(stage, "full_state", None))
+
+
+class TrainerStage(Stage):
+    """A stage around a transformers or TRL Trainer, whose ending every such stage shares.
+
+    `setup` (the lifecycle's step 2) builds the model and tokenizer (`build_model`), the data and anything
+    else the Trainer needs (`prepare`: by default `self.train_ds, self.eval_sets = self.build_dataset()`),
+    then the Trainer (`build_trainer`); with LoRA `self.model` becomes the trainer's PeftModel. `train`
+    resumes from the newest complete checkpoint, then gathers sharded weights and merges LoRA (the adapter
+    kept in `adapter/`); `save` writes the model, its tokenizer and generation config; `verify_saved`
+    reloads it with `auto_class` and compares. A stage writes `build_model`, `build_dataset` (or
+    `prepare`), `build_trainer` and `evaluate`.
+    """
+
+    auto_class: ClassVar[str] = "AutoModelForCausalLM"
+    """The transformers class the artifact loads with."""
+
+    def build_model(self) -> tuple[Any, Any]:
+        """(model, tokenizer) to train."""
+        raise NotImplementedError
+
+    def build_dataset(self) -> tuple[Any, Any]:
+        """(train dataset, held-out dataset or {source: dataset})."""
+        raise NotImplementedError
+
+    def build_trainer(self) -> Any:
+        """The Trainer, its arguments from `trainer_arguments(<its args class>, self, ...)`."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Between the model and the Trainer: the datasets, and whatever else `build_trainer` reads."""
+        self.train_ds, self.eval_sets = self.build_dataset()
+
+    def describe(self) -> str:
+        """What the setup log line says after the parameter counts."""
+        return f", {len(self.trainer.train_dataset)} training examples"
+
+    def setup(self) -> None:
+        from rlhf.distributed import refuse_sharded_lora
+        from rlhf.models import count_parameters
+
+        lora = getattr(self.config, "lora", None)
+        refuse_sharded_lora(self.stage_name, bool(lora and lora.enabled))  # before training, not after it
+        self.model, self.tokenizer = self.build_model()
+        self.prepare()
+        self.trainer = self.build_trainer()
+        self.model = self.trainer.model  # a PeftModel when LoRA is on
+        log.info("%s: %d trainable of %d parameters%s", self.stage_name, count_parameters(self.model, True),
+                 count_parameters(self.model), self.describe())
+
+    def train(self) -> dict[str, float]:
+        metrics = train_from_last_checkpoint(self)
+        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so users get a plain checkpoint.
+        self.full_state, self.model = finished_weights(self)
+        return metrics
+
+    def save(self, out) -> None:
+        save_trained(self, out)
+
+    def verify_saved(self, out) -> None:
+        import transformers
+
+        verify_trained(self, out, getattr(transformers, self.auto_class))
+
+    def manifest_extra(self) -> dict[str, Any]:
+        from rlhf.tokenizer import tokenizer_facts
+
+        return tokenizer_facts(self.tokenizer)

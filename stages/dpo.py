@@ -25,15 +25,12 @@ import torch
 
 from rlhf.schema import checked, logging_only
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
-from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
-from rlhf.models import LoraSettings, count_parameters, load_causal_lm
-from rlhf.preferences import check_input as check_preference_input
-from rlhf.preferences import conversational, load_preferences, outside_data_files
-from rlhf.stage import Stage, StageError
-from rlhf.tokenizer import tokenizer_facts
+from rlhf.errors import StageError
+from rlhf.models import LoraSettings, load_causal_lm
+from rlhf.policy import PolicyStage
+from rlhf.preferences import LearnsFromPairs
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import (LR_SCHEDULERS, TrainerSettings, finished_weights, save_trained,
-                           train_from_last_checkpoint, trainer_arguments, verify_trained)
+from rlhf.trainers import LR_SCHEDULERS, TrainerSettings, TrainerStage, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -94,24 +91,14 @@ class DPOConfig(TrainerSettings):
             raise ValueError(f"label_smoothing: {self.label_smoothing}; loss_type robust needs it in [0, 0.5)")
 
 
-class DPOStage(Stage):
+class DPOStage(LearnsFromPairs, TrainerStage, PolicyStage):
     """Direct preference optimisation with `trl.DPOTrainer`; the reference is the policy input."""
 
     name = "dpo"
     config_class = DPOConfig
-    kind = "policy"
     inputs = {"policy": "sft", "preferences": "preferences"}
-
-    def data_files(self):
-        c = self.config
-        return {"train": c.train_data, "eval": c.eval_data, **outside_data_files(self)}
-
-    def validate_inputs(self) -> None:
-        super().validate_inputs()
-        if self.config.train_data is None and "preferences" not in self.input_refs:
-            raise StageError(f"{self.stage_name}: no preferences: set stages.{self.stage_name}.preferences (a "
-                             f"preferences stage) or stages.{self.stage_name}.train_data (a preference file)")
-        check_preference_input(self)
+    training_panels = (("loss", "DPO loss"), ("rewards/margins", "implicit reward margin"),
+                       ("rewards/accuracies", "pair accuracy (training batches)"))
 
     # -- override points --------------------------------------------------------------------------
 
@@ -126,15 +113,14 @@ class DPOStage(Stage):
     def build_dataset(self):
         """(train, {source: eval}) preference datasets in conversational form (TRL renders them through the
         chat template, loss on the response tokens)."""
-        import datasets
+        return self.pair_datasets(self.read_pairs())
 
+    def prepare(self) -> None:
         c = self.config
-        data = load_preferences(self.input_path("preferences") if "preferences" in self.input_refs else None,
-                                c.train_data, c.eval_data)
-        if not data.train:
-            raise StageError(f"{self.stage_name}: no training pairs")
-        train = datasets.Dataset.from_list([conversational(r) for r in data.train])
-        return train, {k: datasets.Dataset.from_list([conversational(r) for r in v]) for k, v in data.evals.items()}
+        # With LoRA the reference is the policy with its adapters off; precomputed logprobs need none in memory.
+        self.reference = None if c.lora.enabled or c.precompute_ref_log_probs else self.build_reference()
+        self.train_ds, self.eval_sets = self.build_dataset()
+        self.start_evaluation()
 
     def build_trainer(self):
         """The `trl.DPOTrainer` (checkpoints under the work directory)."""
@@ -162,34 +148,9 @@ class DPOStage(Stage):
             callbacks=[trainer_callback(self.tracker), self.evaluation_callback()],
         )
 
-    def reference_kwargs(self, model) -> dict:
-        """How `PolicyEvaluation.run` measures KL while training: against the frozen reference, or with
-        LoRA the same model with its adapters disabled; {} where none is in memory (precomputed logprobs)."""
-        from peft import PeftModel
-
-        if self.reference is not None:
-            return {"reference": self.reference}
-        if isinstance(model, PeftModel):
-            return {"reference_context": model.disable_adapter}
-        return {}
-
-    def evaluation_callback(self):
-        """Every `eval_every` steps, the shared evaluation (sampled responses only) into the log as `eval/*`,
-        the points of the report's over-optimisation plot. It draws from its own seeded RNG, so training
-        takes the same steps with it or without it."""
-        from transformers import TrainerCallback
-
-        stage = self
-
-        class _Periodic(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                every = stage.config.eval_every
-                if every and state.global_step % every == 0 and state.global_step < state.max_steps:
-                    results = stage.evaluation.run(model, stage.tokenizer, greedy=False, **stage.reference_kwargs(model))
-                    stage.tracker.log({f"eval/{k}": v for k, v in summarize(results, stage.evaluation.roles).items()},
-                                      step=state.global_step)
-
-        return _Periodic()
+    def describe(self) -> str:
+        c = self.config
+        return f", {len(self.trainer.train_dataset)} training pairs, loss {c.loss_type}, beta {c.beta:g}"
 
     @torch.no_grad()
     def pair_metrics(self, reference) -> dict:
@@ -219,98 +180,43 @@ class DPOStage(Stage):
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        from rlhf.distributed import refuse_sharded_lora
-
-        c = self.config
-        refuse_sharded_lora(self.stage_name, c.lora.enabled)  # before training, not after it
-        self.model, self.tokenizer = self.build_model()
-        # With LoRA the reference is the policy with its adapters off; precomputed logprobs need none in memory.
-        self.reference = None if c.lora.enabled or c.precompute_ref_log_probs else self.build_reference()
-        self.train_ds, self.eval_sets = self.build_dataset()
-        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
-        self.trainer = self.build_trainer()
-        self.model = self.trainer.model  # a PeftModel when LoRA is on
-        log.info("%s: %d trainable of %d parameters, %d training pairs, loss %s, beta %g", self.stage_name,
-                 count_parameters(self.model, True), count_parameters(self.model), len(self.trainer.train_dataset),
-                 c.loss_type, c.beta)
-
     def train(self) -> dict:
         # The reference policy's evaluation: the model is still the policy input here (a resumed run loads
         # its checkpoint inside trainer.train), so a rerun measures the same baseline.
-        self.baseline = reference_results(self.store, self.input_refs["policy"].key, self.evaluation, self.seed,
-                                          lambda: self.evaluation.run(self.model, self.tokenizer))
-        metrics = train_from_last_checkpoint(self)
-        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so users get a plain checkpoint.
-        self.full_state, self.model = finished_weights(self)
-        return {**metrics, "train_pairs": len(self.trainer.train_dataset)}
+        self.measure_reference(lambda: self.evaluation.run(self.model, self.tokenizer))
+        return {**super().train(), "train_pairs": len(self.trainer.train_dataset)}
 
     def evaluate(self) -> dict:
         c, key = self.config, f"stages.{self.stage_name}"
         # after LoRA's merge or with precomputed logprobs there is no reference in memory: load it for KL
         reference = self.reference if self.reference is not None else self.build_reference().to(self.model.device)
-        final = self.evaluation.run(self.model, self.tokenizer, reference=reference)
-        metrics = {"eval_prompts": len(self.evaluation.prompts), **self.pair_metrics(reference),
-                   **compare(self.baseline, final, self.evaluation.roles, self.seed)}
-        self.tracker.log({k: v for k, v in metrics.items() if not isinstance(v, list)},
-                         step=self.trainer.state.global_step)
-        metrics["samples"] = self.evaluation.samples(final, before=self.baseline)
-        log.info("%s: %s", self.stage_name, self.headline(metrics))
-        pairs = sum(v for k, v in metrics.items() if k.startswith("eval_pairs_"))
-        if pairs and metrics["accuracy"] < c.min_accuracy:
+        pairs = self.pair_metrics(reference)
+        metrics = self.compare_with_reference(self.evaluation.run(self.model, self.tokenizer, reference=reference),
+                                              self.trainer.state.global_step, **pairs)
+        held_out = sum(v for k, v in metrics.items() if k.startswith("eval_pairs_"))
+        if held_out and metrics["accuracy"] < c.min_accuracy:
             raise StageError(
                 f"{self.stage_name}: the policy's implicit reward prefers the chosen response on only "
-                f"{metrics['accuracy']:.0%} of {pairs} held-out pairs (floor {key}.min_accuracy={c.min_accuracy}). "
+                f"{metrics['accuracy']:.0%} of {held_out} held-out pairs (floor {key}.min_accuracy={c.min_accuracy}). "
                 f"Train longer or at a higher {key}.learning_rate, check the pairs (the preferences stage's margin "
                 "and judge), or lower the floor on purpose."
             )
-        if metrics["eos_rate"] < c.min_eos_rate:
-            raise StageError(
-                f"{self.stage_name}: only {metrics['eos_rate']:.0%} of {metrics['eval_prompts']} held-out samples end "
-                f"with EOS within evaluation.max_new_tokens={self.experiment.evaluation.max_new_tokens} tokens (floor "
-                f"{key}.min_eos_rate={c.min_eos_rate}; the reference's {metrics['eos_rate_ref']:.0%}). A policy that "
-                f"stops ending its answers has drifted too far: raise {key}.beta, lower {key}.learning_rate or "
-                "train fewer steps, or lower the floor on purpose."
-            )
         return metrics
 
-    def save(self, out) -> None:
-        save_trained(self, out)
-
-    def verify_saved(self, out) -> None:
-        from transformers import AutoModelForCausalLM
-
-        verify_trained(self, out, AutoModelForCausalLM)
-
-    def manifest_extra(self):
-        return tokenizer_facts(self.tokenizer)
+    def require_eos(self, metrics, fix=""):
+        key = f"stages.{self.stage_name}"
+        super().require_eos(metrics, fix or f"A policy that stops ending its answers has drifted too far: raise "
+                            f"{key}.beta, lower {key}.learning_rate or train fewer steps, or lower the floor on purpose.")
 
     @classmethod
     def headline(cls, m):
         from rlhf.report import fmt
 
-        return (f"gold {fmt(m, 'gold_ref')} -> {fmt(m, 'gold')}, task success {fmt(m, 'task_ref', '{:.2f}')} -> "
-                f"{fmt(m, 'task', '{:.2f}')}, unique {fmt(m, 'unique_share_ref', '{:.2f}')} -> "
-                f"{fmt(m, 'unique_share', '{:.2f}')}, KL {fmt(m, 'kl')}, held-out pair accuracy "
-                f"{fmt(m, 'accuracy', '{:.2f}')}")
+        return f"{super().headline(m)}, held-out pair accuracy {fmt(m, 'accuracy', '{:.2f}')}"
 
     @classmethod
-    def report_section(cls, section):
-        from rlhf.report import comparison_table, overoptimisation_plot, samples_table
-
-        m, name = section.metrics, section.name
-        panels = [(label, [(label, *section.series(key))]) for key, label in (
-            ("loss", "DPO loss"), ("rewards/margins", "implicit reward margin"),
-            ("rewards/accuracies", "pair accuracy (training batches)")) if section.series(key)[0]]
-        lines = [section.plot(f"{name}_training.png", panels, f"{name} training"), ""] if panels else []
+    def report_notes(cls, m):
         sources = [k.removeprefix("accuracy_") for k in m if k.startswith("accuracy_")]
-        lines += [f"- held-out {s} pairs: the implicit reward prefers the chosen response on {m[f'accuracy_{s}']:.3f} "
-                  f"of {m.get(f'eval_pairs_{s}', '?')}, mean margin {m.get(f'margin_{s}', float('nan')):.3f}"
-                  for s in sources]
-        lines += ["", overoptimisation_plot(section, f"{name}_overoptimisation.png"), ""]
-        lines += comparison_table(m, "reference", name)
-        lines += samples_table(m.get("samples", []), [("greedy_before", "reference, greedy"),
-                                                      ("greedy_after", f"{name}, greedy"),
-                                                      ("before", "reference, sampled"),
-                                                      ("after", f"{name}, sampled")])
-        return lines
+        return [f"- held-out {s} pairs: the implicit reward prefers the chosen response on {m[f'accuracy_{s}']:.3f} "
+                f"of {m.get(f'eval_pairs_{s}', '?')}, mean margin {m.get(f'margin_{s}', float('nan')):.3f}"
+                for s in sources]

@@ -29,7 +29,7 @@ import torch
 
 from rlhf.checkpoints import CheckpointDir, write_atomic
 from rlhf.data import load_rows
-from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
+from rlhf.evaluation import summarize
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
 from rlhf.models import count_parameters, disable_dropout, load_causal_lm, verify_checkpoint, whole_models
 from rlhf.ppo import (
@@ -53,7 +53,8 @@ from rlhf.packing import pack, use_packed_attention
 from rlhf.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
 from rlhf.rewards import RewardSource, Rewards, is_function, load_reward_function, model_sources
 from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
-from rlhf.stage import Stage, StageError
+from rlhf.policy import PolicyStage
+from rlhf.stage import StageError
 from rlhf.tokenizer import tokenizer_facts
 from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 
@@ -62,12 +63,13 @@ __all__ = ["PPOConfig", "PPOStage"]
 log = logging.getLogger("rlhf")
 
 
-class PPOStage(Stage):
+class PPOStage(PolicyStage):
     """The RL loop: rollout, score, rewards, advantages (GAE with a value model, or critic-free), clipped update."""
 
     name = "ppo"
     config_class = PPOConfig
-    kind = "policy"
+    training_panels = (("env/score", "score"), ("env/kl", "KL to reference"), ("env/response_length", "response length"),
+                       ("env/unique_share", "unique responses"))
     inputs = {"policy": "sft"}
     data_schemas = {"prompts": "prompts"}
 
@@ -222,7 +224,7 @@ class PPOStage(Stage):
         index = [i for i, p in enumerate(self.prompts) if p in keep]
         self.prompts = [self.prompts[i] for i in index]
         self.prompt_columns = {k: [v[i] for i in index] for k, v in self.prompt_columns.items()}
-        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
+        self.start_evaluation()
         kept = set(self.drop_long_prompts(self.evaluation.prompts,
                                           f"evaluation.prompts ({self.experiment.evaluation.prompts})"))
         self.evaluation.keep_prompts(kept.__contains__)
@@ -459,8 +461,7 @@ class PPOStage(Stage):
         if baseline_file.exists():
             self.baseline = json.loads(baseline_file.read_text())
         else:
-            self.baseline = reference_results(self.store, self.input_refs["policy"].key, self.evaluation, self.seed,
-                                              lambda: self.judge_policy(greedy=None))
+            self.measure_reference(lambda: self.judge_policy(greedy=None))
             if acc.is_main_process:
                 write_atomic(baseline_file, json.dumps(self.baseline))
         resumed_from = self.progress.step
@@ -552,12 +553,7 @@ class PPOStage(Stage):
             return self.evaluation.run(policy, self.tokenizer, greedy=greedy, **reference)
 
     def evaluate(self) -> dict:
-        final = self.judge_policy(greedy=None)
-        metrics = {"eval_prompts": len(self.evaluation.prompts),
-                   **compare(self.baseline, final, self.evaluation.roles, self.seed),
-                   "samples": self.evaluation.samples(final, before=self.baseline)}
-        log.info("%s: %s", self.stage_name, self.headline(metrics))
-        return metrics
+        return self.compare_with_reference(self.judge_policy(greedy=None), self.progress.step)
 
     def save(self, out) -> None:
         policy = self.accelerator.unwrap_model(self.policy)
@@ -581,31 +577,8 @@ class PPOStage(Stage):
         return tokenizer_facts(self.tokenizer)
 
     @classmethod
-    def headline(cls, m):
-        from rlhf.report import fmt
-
-        return (f"gold {fmt(m, 'gold_ref')} -> {fmt(m, 'gold')}, task success {fmt(m, 'task_ref', '{:.2f}')} -> "
-                f"{fmt(m, 'task', '{:.2f}')}, held-out {fmt(m, 'heldout_ref')} -> {fmt(m, 'heldout')}, unique "
-                f"{fmt(m, 'unique_share_ref', '{:.2f}')} -> {fmt(m, 'unique_share', '{:.2f}')}, KL {fmt(m, 'kl')}")
-
-    @classmethod
-    def report_section(cls, section):
-        from rlhf.report import comparison_table, overoptimisation_plot, samples_table
-
-        m = section.metrics
-        panels = [(label, [(label, *section.series(key))]) for key, label in (
-            ("env/score", "score"), ("env/kl", "KL to reference"), ("env/response_length", "response length"),
-            ("env/unique_share", "unique responses"))]
-        lines = [section.plot(f"{section.name}_training.png", panels, f"{section.name} rollouts"), ""]
-        if m.get("stopped_early"):
-            lines += [f"**Stopped early:** {m['stopped_early']}.", ""]
-        lines += [overoptimisation_plot(section, f"{section.name}_overoptimisation.png"), ""]
-        lines += comparison_table(m, "reference", section.name)
-        lines += samples_table(m.get("samples", []), [("greedy_before", "reference, greedy"),
-                                                      ("greedy_after", f"{section.name}, greedy"),
-                                                      ("before", "reference, sampled"),
-                                                      ("after", f"{section.name}, sampled")])
-        return lines
+    def report_notes(cls, m):
+        return [f"**Stopped early:** {m['stopped_early']}."] if m.get("stopped_early") else []
 
     def memory_plan(self):
         """This stage's models, batch sizes and lengths, for `rlhf plan --memory` (rlhf/memory.py)."""

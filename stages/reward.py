@@ -18,15 +18,13 @@ import torch
 
 from rlhf.schema import checked
 from rlhf.data import load_rows
-from rlhf.models import LoraSettings, count_parameters, disable_dropout, load_causal_lm, whole_models
-from rlhf.preferences import check_input as check_preference_input
-from rlhf.preferences import conversational, load_preferences, outside_data_files
+from rlhf.errors import StageError
+from rlhf.models import LoraSettings, disable_dropout, load_causal_lm, whole_models
+from rlhf.preferences import LearnsFromPairs
 from rlhf.sampling import batches, chat_prompt, sample
-from rlhf.stage import Stage, StageError
-from rlhf.tokenizer import load_tokenizer, tokenizer_facts
+from rlhf.tokenizer import load_tokenizer
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import (TrainerSettings, finished_weights, save_trained, train_from_last_checkpoint,
-                           trainer_arguments, verify_trained)
+from rlhf.trainers import TrainerSettings, TrainerStage, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -67,34 +65,21 @@ class RewardConfig(TrainerSettings):
     `stats_prompts`, else the first of the preferences' samples)."""
 
 
-class RewardStage(Stage):
+class RewardStage(LearnsFromPairs, TrainerStage):
     """Reward modelling with `trl.RewardTrainer` on preference pairs (on-policy and human)."""
 
     name = "reward"
     config_class = RewardConfig
     kind = "reward-model"
+    auto_class = "AutoModelForSequenceClassification"
     inputs = {"model": "sft", "policy": "sft", "preferences": "preferences"}
     data_schemas = {"train_data": "preferences", "eval_data": "preferences", "stats_prompts": "prompts"}
 
     def data_files(self):
-        c = self.config
-        return {"train": c.train_data, "eval": c.eval_data, "stats_prompts": c.stats_prompts,
-                **outside_data_files(self)}
-
-    def check(self) -> None:
-        """The base checks, and preferences from somewhere."""
-        super().check()
-        self.require_preferences()
-
-    def require_preferences(self) -> None:
-        if self.config.train_data is None and "preferences" not in self.input_refs:
-            raise StageError(f"{self.where('preferences')}: no preferences: set stages.{self.stage_name}.preferences "
-                             f"(a preferences stage) or stages.{self.stage_name}.train_data (a preference file)")
+        return {**super().data_files(), "stats_prompts": self.config.stats_prompts}
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
-        self.require_preferences()
-        check_preference_input(self)
         if "policy" in self.input_refs:
             self.require_same_tokenizer("model", "policy")
 
@@ -117,19 +102,13 @@ class RewardStage(Stage):
     def build_dataset(self):
         """(train, {source: eval}) preference datasets in conversational form; keeps the policy samples
         the preferences carry for the reward statistics."""
-        import datasets
-
         c = self.config
-        data = load_preferences(self.input_path("preferences") if "preferences" in self.input_refs else None,
-                                c.train_data, c.eval_data)
+        data = self.read_pairs()
         self.policy_samples = data.sampled_responses()
-        if not data.train:
-            raise StageError(f"{self.stage_name}: no training pairs")
         if c.stats_prompts is None and not self.policy_samples:
             raise StageError(f"{self.stage_name}: no policy samples for the reward mean/std PPO normalises with: the "
                              f"preferences carry none; set stages.{self.stage_name}.stats_prompts to a prompts file")
-        train = datasets.Dataset.from_list([conversational(r) for r in data.train]).shuffle(seed=self.seed)
-        return train, {k: datasets.Dataset.from_list([conversational(r) for r in v]) for k, v in data.evals.items()}
+        return self.pair_datasets(data, shuffle=True)
 
     def build_trainer(self):
         """The `trl.RewardTrainer` (checkpoints under the work directory)."""
@@ -162,22 +141,11 @@ class RewardStage(Stage):
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        from rlhf.distributed import refuse_sharded_lora
-
-        refuse_sharded_lora("reward", self.config.lora.enabled)  # before training, not after it
-        self.model, self.tokenizer = self.build_model()
-        self.train_ds, self.eval_sets = self.build_dataset()
-        self.trainer = self.build_trainer()
-        self.model = self.trainer.model
-        log.info("reward: %d trainable of %d parameters, %d training pairs", count_parameters(self.model, True),
-                 count_parameters(self.model), len(self.train_ds))
+    def describe(self) -> str:
+        return f", {len(self.train_ds)} training pairs"
 
     def train(self) -> dict[str, float]:
-        metrics = train_from_last_checkpoint(self)
-        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged into the model.
-        self.full_state, self.model = finished_weights(self)
-        return {**metrics, "train_pairs": len(self.train_ds)}
+        return {**super().train(), "train_pairs": len(self.train_ds)}
 
     def evaluate(self) -> dict:
         c = self.config
@@ -199,12 +167,12 @@ class RewardStage(Stage):
         scores = self.score(list(prompts), list(responses))
         metrics["reward_mean"], metrics["reward_std"] = scores.mean().item(), scores.std().item()
         self.tracker.log({k: v for k, v in metrics.items()}, step=self.trainer.state.global_step)
-        log.info("reward: held-out accuracy %s", ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                           if k.startswith("accuracy")))
+        accuracies = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("accuracy"))
+        log.info("%s: held-out accuracy %s", self.stage_name, accuracies)
         if total and metrics["accuracy"] < c.min_accuracy:
             raise StageError(
-                f"reward: held-out accuracy {metrics['accuracy']:.3f} is below stages.reward.min_accuracy="
-                f"{c.min_accuracy}; a reward model this weak would steer PPO at random. Train longer, add pairs, "
+                f"{self.stage_name}: held-out accuracy {metrics['accuracy']:.3f} is below "
+                f"stages.{self.stage_name}.min_accuracy={c.min_accuracy}; a reward model this weak would steer PPO at random. Train longer, add pairs, "
                 "or lower the gate on purpose."
             )
         return metrics
@@ -215,17 +183,6 @@ class RewardStage(Stage):
         policy, tok = load_causal_lm(self.input_path("policy" if "policy" in self.input_refs else "model"))
         prompts = load_rows(c.stats_prompts, "prompts", limit=n)["prompt"]
         return [(s.prompt, s.response) for s in sample(policy, tok, prompts, max_new_tokens=c.stats_max_new_tokens)]
-
-    def save(self, out) -> None:
-        save_trained(self, out)
-
-    def verify_saved(self, out) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        verify_trained(self, out, AutoModelForSequenceClassification)
-
-    def manifest_extra(self):
-        return tokenizer_facts(self.tokenizer)
 
     @classmethod
     def headline(cls, m):

@@ -17,13 +17,11 @@ import torch
 
 from rlhf.schema import checked
 from rlhf.data import load_rows, to_messages
-from rlhf.evaluation import PolicyEvaluation, summarize
-from rlhf.models import LoraSettings, count_parameters, load_causal_lm
-from rlhf.stage import Stage, StageError
-from rlhf.tokenizer import tokenizer_facts
+from rlhf.evaluation import summarize
+from rlhf.models import LoraSettings, load_causal_lm
+from rlhf.policy import PolicyStage
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import (LR_SCHEDULERS, TrainerSettings, finished_weights, save_trained,
-                           train_from_last_checkpoint, trainer_arguments, verify_trained)
+from rlhf.trainers import LR_SCHEDULERS, TrainerSettings, TrainerStage, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -88,12 +86,11 @@ def _plain_loss_trainer() -> type:
     return PlainLossSFTTrainer
 
 
-class SFTStage(Stage):
+class SFTStage(TrainerStage, PolicyStage):
     """Supervised fine-tuning with `trl.SFTTrainer`, loss on assistant tokens only."""
 
     name = "sft"
     config_class = SFTConfig
-    kind = "policy"
     inputs = {"model": "pretrain"}
     data_schemas = {"train_data": "sft", "eval_data": "sft"}
 
@@ -141,54 +138,27 @@ class SFTStage(Stage):
             callbacks=[trainer_callback(self.tracker)],
         )
 
+    def prepare(self) -> None:
+        self.train_ds, self.eval_ds = self.build_dataset()
+        self.start_evaluation()
+
+    def describe(self) -> str:
+        return f", {len(self.train_ds)} training pairs"
+
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        from rlhf.distributed import refuse_sharded_lora
-
-        refuse_sharded_lora("sft", self.config.lora.enabled)  # before training, not after it
-        self.model, self.tokenizer = self.build_model()
-        self.train_ds, self.eval_ds = self.build_dataset()
-        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
-        self.trainer = self.build_trainer()
-        self.model = self.trainer.model  # a PeftModel when LoRA is on
-        log.info("sft: %d trainable of %d parameters, %d training pairs", count_parameters(self.model, True),
-                 count_parameters(self.model), len(self.train_ds))
-
-    def train(self) -> dict[str, float]:
-        metrics = train_from_last_checkpoint(self)
-        # Every rank gathers sharded weights (ZeRO-3, FSDP); LoRA is merged, so PPO and users get a plain checkpoint.
-        self.full_state, self.model = finished_weights(self)
-        return metrics
-
     def evaluate(self) -> dict:
-        c = self.config
         loss = self.trainer.evaluate()["eval_loss"]
         results = self.evaluation.run(self.model, self.tokenizer)
         metrics = {"eval_loss": loss, "perplexity": math.exp(loss), "eval_prompts": len(self.evaluation.prompts),
                    **summarize(results, self.evaluation.roles)}
         self.tracker.log(metrics, step=self.trainer.state.global_step)
         metrics["samples"] = self.evaluation.samples(results)
-        log.info("sft: held-out perplexity %.2f; %s", metrics["perplexity"], self.headline(metrics))
-        if metrics["eos_rate"] < c.min_eos_rate:
-            raise StageError(
-                f"sft: only {metrics['eos_rate']:.0%} of {metrics['eval_prompts']} held-out samples end with EOS "
-                f"within evaluation.max_new_tokens={self.experiment.evaluation.max_new_tokens} tokens (floor "
-                f"stages.sft.min_eos_rate={c.min_eos_rate}). A policy that does not stop gives PPO nothing to score; "
-                "train longer (stages.sft.max_steps), check that responses end with EOS, or lower the floor on purpose."
-            )
+        log.info("%s: held-out perplexity %.2f; %s", self.stage_name, metrics["perplexity"], self.headline(metrics))
+        self.require_eos(metrics, f"A policy that does not stop gives RL nothing to score; train longer "
+                         f"(stages.{self.stage_name}.max_steps), check that responses end with EOS, or lower the "
+                         "floor on purpose.")
         return metrics
-
-    def save(self, out) -> None:
-        save_trained(self, out)
-
-    def verify_saved(self, out) -> None:
-        from transformers import AutoModelForCausalLM
-
-        verify_trained(self, out, AutoModelForCausalLM)
-
-    def manifest_extra(self):
-        return tokenizer_facts(self.tokenizer)
 
     @classmethod
     def headline(cls, m):

@@ -147,10 +147,12 @@ def test_two_process_ppo_writes_once_from_the_main_process(two_processes):
     manifest = store.manifest(ppo.key)
     assert manifest["metrics"]["train_steps"] == ppo.config.num_steps
     assert store.alias("test", "ppo") == ppo.key
-    # one metrics row per step (the main process logs reduced statistics; the other rank logs nothing)
+    # one metrics row per step (the main process logs reduced statistics; the other rank logs nothing),
+    # then the final evaluation's at the last step (rlhf.policy.PolicyStage.compare_with_reference)
     rows = [json.loads(line) for line in (store.local_dir(ppo.key) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, ppo.config.num_steps + 1))
-    assert all(r["env/response_length"] > 0 for r in rows)
+    steps = list(range(1, ppo.config.num_steps + 1))
+    assert [r["step"] for r in rows] == steps + [ppo.config.num_steps]
+    assert all(r["env/response_length"] > 0 for r in rows[:-1]) and "gold_gain" in rows[-1]
     assert not store.work_dir(ppo.key).exists() or not any(store.work_dir(ppo.key).iterdir())
 
 

@@ -147,4 +147,4 @@ def test_pythia_hh_config_runs_on_local_standins(standins, workdir):
     assert ppo["metrics"]["train_steps"] == 2
     assert ppo["special_token_ids"]["pad"] == tok.pad_token_id
     rows = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["step"] for r in rows] == [1, 2]
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 2]  # two steps, then the final evaluation
