@@ -18,7 +18,7 @@ STAMP  := $(VENV)/.installed-stamp
 RLHF   := $(BIN)/rlhf
 RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 
-.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo rlvr compare smol pipeline report chat bench data status plan clean
+.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo kto rlvr compare smol pipeline report chat bench data status plan clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -60,6 +60,10 @@ grpo: $(STAMP)  ## GRPO against the default experiment's reward model (configs/t
 dpo: $(STAMP)  ## DPO on the default experiment's preference pairs (configs/tiny-dpo.yaml), then its report
 	$(RLHF) run configs/tiny-dpo.yaml $(ARGS)
 	$(RLHF) report configs/tiny-dpo.yaml
+
+kto: $(STAMP)  ## KTO on the same pairs, unpaired (configs/tiny-kto.yaml), then its report
+	$(RLHF) run configs/tiny-kto.yaml $(ARGS)
+	$(RLHF) report configs/tiny-kto.yaml
 
 rlvr: $(STAMP)  ## GRPO on a verifiable reward, no reward model (configs/tiny-rlvr.yaml), then its report
 	$(RLHF) run configs/tiny-rlvr.yaml $(ARGS)
