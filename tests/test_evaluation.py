@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf.evaluation import compare, diversity, summarize, templates
+from rlhf.stats import paired_bootstrap
 
 
 def test_diversity_golden_values():
@@ -75,8 +76,12 @@ def test_summarize_and_compare_name_every_number():
     # paired differences of gold: +0.4, +1.8, -1.0, 0.0 -> mean +0.3
     assert m["gold_gain"] == pytest.approx(0.3) and m["gold_ref"] == pytest.approx(-0.375)
     assert m["gold"] == pytest.approx(-0.075) and m["greedy_gold_gain"] == pytest.approx(0.3)
+    # the interval is the paired bootstrap of those four differences (rlhf.stats, same seed), and strictly
+    # inside their range: a mean of 4 draws is -1.0 only when all four draw the -1.0 (p = 1/256, under 2.5%)
+    boot = paired_bootstrap([0.5, -1.0, 0.0, -1.0], [0.9, 0.8, -1.0, -1.0], seed=0)
+    assert m["gold_gain_ci"] == pytest.approx([boot["ci_low"], boot["ci_high"]])
     lo, hi = m["gold_gain_ci"]
-    assert lo <= 0.3 <= hi
+    assert -1.0 < lo < 0.3 < hi < 1.8
     assert m["task_gain"] == 0.0 and m["kl"] == 2.0
     assert m["unique_share"] == 0.75 and m["unique_share_ref"] == 1.0 and m["top_share"] == 0.5
     assert "template_top_share" not in m  # only a run that knows its prompts has templates

@@ -32,7 +32,9 @@ def test_uses_word_once_counts_the_same_words_and_wants_exactly_one():
     responses = ["a rim", "the rim of the rim", "Rim, rim!", "rims and a brim", "the rim's edge", ""]
     assert W.uses_word(prompts, responses) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
     assert W.uses_word_once(prompts, responses) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    assert load_judge("uses_word_once", "stages.ppo.rewards") is not None
+    # loaded by its registered name, the same function, its scores checked (rlhf.judges.checked_scores)
+    judge = load_judge("uses_word_once", "stages.ppo.rewards")
+    assert judge(prompts, responses) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match=r"uses_word_once: prompt 0 \('Write a poem.'\) names no word"):
         W.uses_word_once(["Write a poem."], ["roses are red"])
 
