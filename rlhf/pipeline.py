@@ -156,6 +156,11 @@ class Pipeline:
         old_inputs = {f: v["key"] for f, v in old.get("inputs", {}).items()}
         if old_inputs != payload["inputs"]:
             changes.append("inputs changed")
+        for part in sorted(payload.keys() - {"stage", "config", "inputs", "data", "seed"}):  # a subclass's own
+            if part not in old:
+                changes.append(f"{part} settings (not recorded by the old manifest)")
+            else:
+                changes += _diff(f"{part}.", old[part], payload[part])
         if not changes:
             changes.append(f"stage code changed ({old.get('class')})")
         return f"changed since {old_key[:8]}: " + "; ".join(changes[:6])

@@ -60,6 +60,11 @@ class PolicyStage(Stage):
         """The base key, and the evaluation settings: the manifest holds the policy's evaluation."""
         return {**super().key_payload(), "evaluation": result_config(self.experiment.evaluation)}
 
+    def build_manifest(self, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """The base manifest, and the evaluation settings its metrics come from (`rlhf plan` names them
+        when they change)."""
+        return {**super().build_manifest(metrics, seconds), "evaluation": result_config(self.experiment.evaluation)}
+
     def check(self) -> None:
         """The base checks, and the evaluation's prompts parse and each of its judges scores two of them."""
         super().check()

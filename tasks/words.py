@@ -16,6 +16,8 @@ prompt's text does.
   does not. Doing what was asked comes first; among answers that do, the more positive one wins.
 - `word_textblob`: the same with TextBlob's polarity: the held-out judge nothing is trained on, so a gain
   here is not just the policy exploiting VADER's lexicon.
+- `talks_about_word`: 1.0 where the answer talks about the word or the sentence ("The word rim is used in
+  the sentence ...") instead of only using it: a way to pass `uses_word` that a reader does not want.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import re
 
 from rlhf.judges import Judge, split_words, textblob, vader
 
-__all__ = ["reads_as_sentence", "requested_word", "uses_word", "uses_word_once", "word_in_sentence",
-           "word_textblob", "word_vader"]
+__all__ = ["reads_as_sentence", "requested_word", "talks_about_word", "uses_word", "uses_word_once",
+           "word_in_sentence", "word_textblob", "word_vader"]
 
 
 # "Use the word X in a sentence." (quotes around X allowed, as in earlier versions of the data)
@@ -53,6 +55,22 @@ def uses_word_once(prompts: list[str], responses: list[str], word: list[str] | N
     """1.0 where the response uses the requested word exactly once (as `uses_word` counts words), else 0.0:
     "the rim of the rim" uses "rim" but pads the answer with a copy of it."""
     return [1.0 if n == 1 else 0.0 for n in _word_counts("uses_word_once", prompts, responses, word)]
+
+
+# Commentary on the request rather than an answer to it: "the word", "the sentence", "this sentence", "in a
+# sentence" (the prompt's own phrase), or the word itself in quotes ("lipped" was used ...).
+_COMMENTARY = re.compile(r"\b(the word|the sentence|this sentence|in a sentence)\b", re.IGNORECASE)
+
+
+def talks_about_word(prompts: list[str], responses: list[str], word: list[str] | None = None,
+                     **columns) -> list[float]:
+    """1.0 where the response talks about the word or the sentence instead of only using it, else 0.0:
+    "The word rim is used in the sentence ..." passes `uses_word` by naming the word. The instruct model
+    answers this way to ~7% of the held-out words; a policy that learns it has found a cheap way to the
+    task check, and the share says how far (docs/smol.md)."""
+    words = word if word is not None else [requested_word(p) or "" for p in prompts]
+    return [1.0 if _COMMENTARY.search(r) or (w and re.search(rf"[\"“']{re.escape(w)}[\"”']", r, re.IGNORECASE))
+            else 0.0 for r, w in zip(responses, words)]
 
 
 # A cheap clause test. A subject pronoun first ("he was led astray", "they sighted land") or a finite

@@ -4,6 +4,7 @@ rlhf/policy.py alone, evaluated and reported like DPO."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -104,9 +105,10 @@ def upstream(tmp_path_factory):
     return path
 
 
-def test_kto_trains_and_is_evaluated_and_reported_like_every_policy(upstream, tmp_path):
+def test_kto_trains_and_is_evaluated_and_reported_like_every_policy(upstream, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
+    from rlhf.cli import main as rlhf_main
     from rlhf.report import write_report
 
     pipe = Pipeline(load_experiment(upstream))
@@ -135,6 +137,13 @@ def test_kto_trains_and_is_evaluated_and_reported_like_every_policy(upstream, tm
     report, *_ = write_report(store, pipe.experiment, tmp_path / "report")
     text = report.read_text()
     assert "## kto" in text and "kto_overoptimisation.png" in text and "held-out human examples: KTO loss" in text
+    # the manifest records the evaluation it was measured with, so the plan names a change of it
+    assert m["evaluation"]["max_new_tokens"] == 8
+    capsys.readouterr()
+    assert rlhf_main(["plan", str(upstream), "evaluation.max_new_tokens=9"]) == 0
+    out = capsys.readouterr().out  # SFT, a policy stage too, says why; everything after it follows its input
+    assert re.search(r"sft +\w+ +will run +changed since \w+: evaluation\.max_new_tokens 8 -> 9", out)
+    assert re.search(r"kto +\w+ +will run +input preferences, sft will run", out)
 
 
 @pytest.mark.parametrize("override, message", [

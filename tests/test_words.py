@@ -89,3 +89,19 @@ def test_each_judge_returns_one_float_per_response_and_accepts_empty_batches(nam
     out = judge(["a", "b", "c"], [POSITIVE, "", NEGATIVE], word=["day", "x", "mistake"])
     assert len(out) == 3 and all(type(s) is float for s in out)
     assert judge([], [], word=[]) == []
+
+
+def test_talks_about_word_flags_commentary_not_answers():
+    prompts = ["Use the word rim in a sentence."] * 6
+    responses = [
+        'The word rim is used in the sentence "The rim of the moon is a beautiful sight."',  # names the word
+        "Here is a sentence: the rim of the cup was chipped.",           # no: "a sentence" is not "in a sentence"
+        'I used "rim" to describe the edge.',                            # the word in quotes
+        "The rim of the glass caught the light.",                        # an answer
+        "Rim: the edge of something round. This sentence uses it.",      # "this sentence"
+        "A trimmed hedge.",                                              # neither (and not the word)
+    ]
+    assert W.talks_about_word(prompts, responses) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    # the word column wins over the prompt's text, as for uses_word
+    assert W.talks_about_word(["Write."], ["'cup' it is"], word=["cup"]) == [1.0]
+    assert load_judge("talks_about_word", "evaluation.judges.commentary")(prompts[:1], responses[:1]) == [1.0]
