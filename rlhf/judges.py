@@ -341,3 +341,27 @@ def rank_pairs(
             chosen, rejected = rejected, chosen
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": gap})
     return pairs
+
+
+def check_judge(spec: str, key: str, prompts: str, responses: Sequence[str], prefix: str = "",
+                load: Callable[[str, str], Callable] | None = None) -> None:
+    """Before anything runs: the judge `spec` (set at `key`), loaded by `load` (default `load_judge`; an
+    RL stage also passes `rlhf.rewards.load_reward_function`), returns finite scores for `responses` to the
+    first rows of `prompts` (with their columns); prompts that are not a local file only load it. Raises
+    `ConfigError` starting with `prefix` (the file that set it)."""
+    from rlhf.data import sample_rows
+    from rlhf.errors import ConfigError
+
+    try:
+        judge = (load or load_judge)(spec, key)  # its messages start with the key
+    except ValueError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+    rows = sample_rows(prompts, "prompts", len(responses))
+    if not rows:
+        return
+    columns = {name: [r.get(name) for r in rows] for name in rows[0] if name != "prompt"}
+    try:
+        judge([r["prompt"] for r in rows], list(responses[: len(rows)]), **columns)
+    except ValueError as e:  # the loaded judge's own checks: it raised, a wrong count, NaN
+        raise ConfigError(f"{prefix}{e} (checked on the first {len(rows)} prompts of {prompts} before "
+                          "anything ran)") from None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhf.errors import StageError
+from rlhf.errors import ConfigError, StageError
 from rlhf.schema import checked
 
 
@@ -213,3 +214,51 @@ def verify_checkpoint(model: torch.nn.Module, path: Path, auto_class, tokenizer,
 
 def _first_output(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
+
+
+# Plausible hub ids: `name` or `owner/name`, optionally `@revision`; anything else names a local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?$")
+
+
+def check_model_source(value: str, where: str, stage_names: list[str]) -> None:
+    """A model input from outside the experiment, checked without loading or fetching it: a Hugging Face
+    directory (with config.json), or a plausible hub id that is not a misspelt stage name (`stage_names`)
+    and, offline (HF_HUB_OFFLINE=1), is in the local hub cache. Raises `ConfigError` starting with `where`."""
+    import difflib
+    import os
+
+    path = Path(value).expanduser()
+    fix = ("name an upstream stage, a local Hugging Face model directory, a .gguf file or a hub id "
+           "such as EleutherAI/pythia-160m")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{where}: {value} has no config.json, so it is not a Hugging Face model "
+                              f"directory; {fix}")
+        return
+    if path.exists():
+        raise ConfigError(f"{where}: {value} is a file; {fix}")
+    if value.startswith(("/", ".", "~")) or "\\" in value or not _HUB_ID.match(value):
+        raise ConfigError(f"{where}: {value} does not exist (and is not a hub id); {fix}")
+    # A hub id is not fetched here, but a misspelt stage name would be taken for one (and fail only when
+    # its stage starts), and offline a hub id must already be in the cache.
+    close = difflib.get_close_matches(value, stage_names, n=1, cutoff=0.75)
+    if "/" not in value and close:
+        raise ConfigError(f"{where}: {value} is not a stage of this experiment; did you mean {close[0]}? "
+                          f"(to load a hub model of that name, give it with its owner, e.g. owner/{value})")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = value.partition("@")
+        if not isinstance(try_to_load_from_cache(repo, "config.json", revision=revision or None), str):
+            raise ConfigError(f"{where}: {value} is not in the local hub cache and HF_HUB_OFFLINE is set, "
+                              f"so it cannot be downloaded; download it once online, or {fix}")
+
+
+def save_policy(model, tokenizer, out, state_dict: dict | None = None) -> None:
+    """Write a causal LM that stops where the pipeline does: the tokenizer's pad and EOS ids in its
+    generation config, the model (`state_dict`: the weights every rank gathered in a sharded run) and the
+    tokenizer, into directory `out`."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out), state_dict=state_dict)
+    tokenizer.save_pretrained(str(out))

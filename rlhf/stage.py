@@ -19,9 +19,7 @@ Subclasses declare `name`, `config_class`, `kind`, `inputs` and implement `setup
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,9 +31,6 @@ from rlhf.errors import ConfigError, DataError, StageError
 from rlhf.schema import ExperimentConfig, as_dict, result_config
 
 log = logging.getLogger("rlhf")
-
-# Plausible hub ids: `name` or `owner/name`, optionally `@revision`; anything else names a local path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?$")
 
 SAMPLE_RESPONSES = ("A short answer.", "A longer answer, with a few more words in it than the first one.")
 """What `check` asks judges to score: two responses to the first two prompts of their prompts file."""
@@ -207,8 +202,11 @@ class Stage:
         self.check_data()
 
     def check_inputs(self) -> None:
-        """Outside model inputs: an existing Hugging Face directory, a plausible hub id (not fetched), or a
-        GGUF file that transformers can read (`rlhf.gguf.check_source`; skipped once it is converted)."""
+        """Outside model inputs: an existing Hugging Face directory, a plausible hub id (not fetched;
+        `rlhf.models.check_model_source`), or a GGUF file that transformers can read
+        (`rlhf.gguf.check_source`; skipped once it is converted)."""
+        from rlhf.models import check_model_source
+
         for field, ref in self.input_refs.items():
             if ref.stage is not None:
                 continue
@@ -222,37 +220,7 @@ class Stage:
                     except ConfigError as e:
                         raise ConfigError(f"{where}: {e}") from None
                 continue
-            path = Path(value).expanduser()
-            fix = ("name an upstream stage, a local Hugging Face model directory, a .gguf file or a hub id "
-                   "such as EleutherAI/pythia-160m")
-            if path.is_dir():
-                if not (path / "config.json").is_file():
-                    raise ConfigError(f"{where}: {value} has no config.json, so it is not a Hugging Face model "
-                                      f"directory; {fix}")
-            elif path.exists():
-                raise ConfigError(f"{where}: {value} is a file; {fix}")
-            elif value.startswith(("/", ".", "~")) or "\\" in value or not _HUB_ID.match(value):
-                raise ConfigError(f"{where}: {value} does not exist (and is not a hub id); {fix}")
-            else:
-                self._check_hub_id(where, value, fix)
-
-    def _check_hub_id(self, where: str, value: str, fix: str) -> None:
-        """A hub id is not fetched here, but a misspelt stage name would be taken for one (and fail only
-        when its stage starts), and offline (HF_HUB_OFFLINE=1) a hub id must already be in the cache."""
-        import difflib
-        import os
-
-        close = difflib.get_close_matches(value, list(self.experiment.stages), n=1, cutoff=0.75)
-        if "/" not in value and close:
-            raise ConfigError(f"{where}: {value} is not a stage of this experiment; did you mean {close[0]}? "
-                              f"(to load a hub model of that name, give it with its owner, e.g. owner/{value})")
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-            from huggingface_hub import try_to_load_from_cache
-
-            repo, _, revision = value.partition("@")
-            if not isinstance(try_to_load_from_cache(repo, "config.json", revision=revision or None), str):
-                raise ConfigError(f"{where}: {value} is not in the local hub cache and HF_HUB_OFFLINE is set, "
-                                  f"so it cannot be downloaded; download it once online, or {fix}")
+            check_model_source(value, where, list(self.experiment.stages))
 
     def check_data(self) -> None:
         """Every data file in `data_schemas` parses against its schema (see `rlhf.data.check_data`)."""
@@ -269,28 +237,15 @@ class Stage:
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
 
-    def check_judge(self, spec: str, key: str, prompts: str, top: bool = False) -> None:
-        """The judge `spec` (set at `key`) loads and returns two finite scores for two responses to the first
-        two rows of `prompts` (with their columns). Prompts that are not a local file only load the judge."""
-        from rlhf.data import sample_rows
-        from rlhf.judges import load_judge
+    def check_judge(self, spec: str, key: str, prompts: str, top: bool = False, load=None) -> None:
+        """The judge `spec` (set at `key`; loaded by `load`, default `load_judge`) scores two responses to the
+        first two rows of `prompts` with two finite numbers (`rlhf.judges.check_judge`); messages name the
+        file that set it."""
+        from rlhf.judges import check_judge
 
         full_key = key if top else f"stages.{self.stage_name}.{key}"
         origin = self.config_origin(full_key) if self.config_origin else None
-        prefix = f"{origin}: " if origin else ""
-        try:
-            judge = load_judge(spec, full_key)  # its messages start with the key
-        except ValueError as e:
-            raise ConfigError(f"{prefix}{e}") from None
-        rows = sample_rows(prompts, "prompts", len(SAMPLE_RESPONSES))
-        if not rows:
-            return
-        columns = {name: [r.get(name) for r in rows] for name in rows[0] if name != "prompt"}
-        try:
-            judge([r["prompt"] for r in rows], list(SAMPLE_RESPONSES[: len(rows)]), **columns)
-        except ValueError as e:  # the loaded judge's own checks: it raised, a wrong count, NaN
-            raise ConfigError(f"{prefix}{e} (checked on the first {len(rows)} prompts of {prompts} before "
-                              "anything ran)") from None
+        check_judge(spec, full_key, prompts, SAMPLE_RESPONSES, prefix=f"{origin}: " if origin else "", load=load)
 
     # ---- lifecycle (override these) ------------------------------------------------------------
 
@@ -341,23 +296,6 @@ class Stage:
 
     def verify_saved(self, out: Path) -> None:
         """Read back what `save` wrote and check it is what is in memory (a model: reloaded and run)."""
-
-    def last_checkpoint(self) -> str | None:
-        """The newest complete trainer checkpoint under the work directory, or None.
-
-        A process killed while saving leaves a checkpoint directory without its trainer_state.json
-        (the Trainer writes it last); resuming from that would crash, so such directories are skipped.
-        """
-        ckpt_dir = self.work_dir / "checkpoints"
-        found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True) \
-            if ckpt_dir.is_dir() else []
-        for path in found:
-            try:
-                json.loads((path / "trainer_state.json").read_text())
-                return str(path)
-            except (OSError, ValueError):
-                log.warning("%s: skipping incomplete checkpoint %s", self.stage_name, path.name)
-        return None
 
     def manifest_extra(self) -> dict[str, Any]:
         """Stage-specific manifest fields (tokenizer digests, reward statistics, ...)."""

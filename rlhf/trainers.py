@@ -76,7 +76,7 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
     evaluation), `gradient_accumulation_steps`, `learning_rate`, `warmup_steps`, `weight_decay`,
     `max_grad_norm`, `bf16`, `gradient_checkpointing`, `logging_steps`, `save_steps` and, for the TRL
     configs that take it, `dataset_num_proc`. From the stage:
-    checkpoints go to `work_dir/checkpoints` (where `Stage.last_checkpoint` looks for them) and `seed`
+    checkpoints go to `work_dir/checkpoints` (where `last_checkpoint` looks for them) and `seed`
     seeds both the model and the data order. `extra` holds the stage's own arguments (`lr_scheduler_type`,
     `max_length`, ...) and wins over the shared ones.
     """
@@ -111,12 +111,33 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
     return args_class(**{**shared, **extra})
 
 
+def last_checkpoint(directory, stage_name: str) -> str | None:
+    """The newest complete Trainer checkpoint (`checkpoint-<step>`) under `directory`, or None.
+
+    A process killed while saving leaves a checkpoint directory without its trainer_state.json (the
+    Trainer writes it last); resuming from that would crash, so such directories are skipped.
+    """
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    found = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True) \
+        if directory.is_dir() else []
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            log.warning("%s: skipping incomplete checkpoint %s", stage_name, path.name)
+    return None
+
+
 def train_from_last_checkpoint(stage: Any) -> dict[str, float]:
     """Run `stage.trainer`, resuming from the newest complete checkpoint in the work directory if any.
 
     Returns `train_loss`, `train_steps` and `resumed_from_step` (0 when the run started afresh).
     """
-    last = stage.last_checkpoint()
+    last = last_checkpoint(stage.work_dir / "checkpoints", stage.stage_name)
     resumed_from = int(last.rsplit("-", 1)[-1]) if last else 0
     if last:
         log.info("%s: resuming from %s (step %d)", stage.stage_name, last, resumed_from)
@@ -154,12 +175,14 @@ def save_trained(stage: Any, out) -> None:
     `generate` stops where the pipeline does."""
     import shutil
 
-    model, tokenizer = stage.model, stage.tokenizer
+    from rlhf.models import save_policy
+
+    model, tokenizer, state = stage.model, stage.tokenizer, getattr(stage, "full_state", None)
     if model.can_generate():
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(str(out), state_dict=getattr(stage, "full_state", None))
-    tokenizer.save_pretrained(str(out))
+        save_policy(model, tokenizer, out, state)
+    else:
+        model.save_pretrained(str(out), state_dict=state)
+        tokenizer.save_pretrained(str(out))
     if stage.config.lora.enabled:
         shutil.copytree(stage.work_dir / "adapter", out / "adapter")
 

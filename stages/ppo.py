@@ -29,32 +29,20 @@ import torch
 
 from rlhf.checkpoints import CheckpointDir, write_atomic
 from rlhf.data import load_rows
+from rlhf.errors import StageError
 from rlhf.evaluation import summarize
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
-from rlhf.models import count_parameters, disable_dropout, load_causal_lm, verify_checkpoint, whole_models
-from rlhf.ppo import (
-    AdaptiveKLController,
-    FixedKLController,
-    apply_no_eos_penalty,
-    compute_rewards,
-    explained_variance,
-    has_eos,
-    kl_k3,
-    masked_mean,
-    masked_sum,
-    policy_loss,
-    response_mask_from_eos,
-    value_loss,
-    with_state_after_eos,
-)
+from rlhf.models import count_parameters, disable_dropout, load_causal_lm, save_policy, verify_checkpoint, whole_models
+from rlhf.packing import pack, use_packed_attention
+from rlhf.policy import PolicyStage
+from rlhf.ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, compute_rewards,
+                      explained_variance, has_eos, kl_k3, masked_mean, masked_sum, policy_loss, response_mask_from_eos,
+                      value_loss, with_state_after_eos)
 from rlhf.ppo.aggregation import aggregate
 from rlhf.ppo.estimators import ESTIMATORS
-from rlhf.packing import pack, use_packed_attention
-from rlhf.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
 from rlhf.rewards import RewardSource, Rewards, is_function, load_reward_function, model_sources
+from rlhf.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
 from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
-from rlhf.policy import PolicyStage
-from rlhf.stage import StageError
 from rlhf.tokenizer import tokenizer_facts
 from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 
@@ -86,31 +74,13 @@ class PPOStage(PolicyStage):
 
     def check(self) -> None:
         """Also before anything trains: every reward function loads and scores two rows of the prompts with
-        one finite real number each (`check_judge` would take the text "0.5" for a number)."""
+        one finite real number each, as a judge and as the stage calls it (`load_reward_function`, which
+        refuses the text "0.5" that a judge's check would take for a number)."""
         super().check()
         for name in self.config.rewards:
             if is_function(name):
                 self.check_judge(name, "rewards", self.config.prompts)
-                self.check_reward_function(name)
-
-    def check_reward_function(self, name: str) -> None:
-        """The reward function `name` returns what the stage accepts (`load_reward_function`) on the first
-        two rows of the prompts."""
-        from rlhf.data import sample_rows
-        from rlhf.errors import ConfigError
-        from rlhf.stage import SAMPLE_RESPONSES
-
-        key = f"stages.{self.stage_name}.rewards"
-        rows = sample_rows(self.config.prompts, "prompts", len(SAMPLE_RESPONSES))
-        if not rows:
-            return
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
-        try:
-            load_reward_function(name, key)([r["prompt"] for r in rows], list(SAMPLE_RESPONSES[: len(rows)]), **columns)
-        except ValueError as e:
-            origin = self.config_origin(key) if self.config_origin else None
-            raise ConfigError(f"{origin + ': ' if origin else ''}{e} (checked on the first {len(rows)} prompts of "
-                              f"{self.config.prompts} before anything ran)") from None
+                self.check_judge(name, "rewards", self.config.prompts, load=load_reward_function)
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
@@ -164,12 +134,7 @@ class PPOStage(PolicyStage):
         if self.value_model is not None:
             groups.append({"params": [p for p in self.value_model.parameters() if p.requires_grad],
                            "lr": c.value_learning_rate})
-        # The fused kernel is the same AdamW, with one pass over all tensors per step instead of a Python
-        # loop over them: about 5% of a small model's PPO step on CPU (bench/RESULTS.md).
-        state = self.accelerator.state
-        fused = (self.accelerator.device.type in ("cpu", "cuda") and getattr(state, "deepspeed_plugin", None) is None
-                 and getattr(state, "fsdp_plugin", None) is None)
-        return torch.optim.AdamW(groups, eps=1e-5, fused=fused or None)
+        return self.launch.adamw(groups)
 
     def build_kl_controller(self):
         c = self.config
@@ -561,11 +526,8 @@ class PPOStage(PolicyStage):
             policy.save_pretrained(str(out / "adapter"))
             policy = policy.merge_and_unload()
             self.policy = policy
-        policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        policy.generation_config.eos_token_id = self.tokenizer.eos_token_id
         # Sharded runs (ZeRO-3, FSDP) save the state every rank gathered at the end of training.
-        policy.save_pretrained(str(out), state_dict=getattr(self, "final_state", None))
-        self.tokenizer.save_pretrained(str(out))
+        save_policy(policy, self.tokenizer, out, getattr(self, "final_state", None))
 
     def verify_saved(self, out) -> None:
         from transformers import AutoModelForCausalLM

@@ -97,7 +97,7 @@ def test_each_stage_hands_its_trainer_the_arguments_it_always_did(experiment, st
     assert type(args).__name__ == class_name
     got = args.to_dict()
     assert {k: got[k] for k in golden} == golden
-    assert got["output_dir"] == str(built.work_dir / "checkpoints")  # where Stage.last_checkpoint looks
+    assert got["output_dir"] == str(built.work_dir / "checkpoints")  # where rlhf.trainers.last_checkpoint looks
 
 
 def test_sft_schedule_and_length_grouping_reach_the_trainer(experiment):
