@@ -128,6 +128,11 @@ class PolicyEvaluation:
                 results[role] = judge(self.prompts, results["responses"], **self.columns)
         return out
 
+    def greedy(self, policy, tokenizer) -> list[str]:
+        """The greedy responses alone, decoded as `run` decodes its greedy half (for measuring a policy
+        with judges of one's own, e.g. bench/smol_dpo_settings.py)."""
+        return self._decode(policy, tokenizer, 0.0, None, None)["responses"]
+
     def _decode(self, policy, tokenizer, temperature: float, reference, reference_context) -> dict[str, list]:
         from rlhf.ppo.core import masked_sum, response_mask_from_eos
         from rlhf.rollout import policy_forward
