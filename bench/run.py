@@ -230,8 +230,10 @@ def grpo_report(res: dict, add: Callable[[str], None], measured: Callable[[str],
     add(f"## GRPO: our stage vs TRL {trl} `trl.GRPOTrainer`\n")
     measured("grpo")
     advantages = "(r - group mean) / group std" if hp["estimator"] == "grpo" else "r - group mean"
-    reward = f"`{hp['reward']}` (tasks/words.py" + (", 1 when the response uses the word its prompt asks for"
-                                                    if hp["reward"] == "uses_word" else "") + ")"
+    home = {"uses_word": "tasks/words.py, 1 when the response uses the word its prompt asks for"}.get(
+        hp["reward"], "tasks/words.py" if ":" not in hp["reward"] and hp["reward"] not in ("vader", "textblob",
+                                                                                         "fluency") else "")
+    reward = f"`{hp['reward']}`" + (f" ({home})" if home else "")
     add(f"Same SFT policy ({s['config']}), prompts data/prompts/train.jsonl.gz, reward the function {reward}, no "
         f"reward model; {hp['steps']} steps of {hp['prompts-per-step']} prompts x {hp['group-size']} responses, "
         f"{hp['minibatches']} minibatches (optimizer steps) per rollout, {hp['epochs']} epoch(s), "

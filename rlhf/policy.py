@@ -89,6 +89,13 @@ class PolicyStage(Stage):
         self.baseline = reference_results(self.store, key, self.evaluation, self.seed, measure)
         return self.baseline
 
+    def build_reference(self):
+        """A frozen copy of the starting policy (`reference_input`) in evaluation mode: the reference of a
+        method's loss and of the evaluation's KL where the stage holds one."""
+        from rlhf.models import load_causal_lm
+
+        return load_causal_lm(self.input_path(self.reference_input))[0].requires_grad_(False).eval()
+
     def reference_kwargs(self, model) -> dict:
         """How `PolicyEvaluation.run` measures KL: against `self.reference` when the stage holds one, with
         LoRA against the same model with its adapters disabled; {} where neither is at hand."""

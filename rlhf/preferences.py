@@ -1,5 +1,5 @@
 """Preference pairs as a dataset: the files a preferences stage writes and every stage that learns from
-pairs (the reward model, DPO) reads.
+pairs (the reward model, DPO, KTO) reads.
 
 A preference dataset is a directory:
 
@@ -196,7 +196,8 @@ class LearnsFromPairs:
         data = load_preferences(self.input_path("preferences") if "preferences" in self.input_refs else None,
                                 c.train_data, c.eval_data)
         if not data.train:
-            raise StageError(f"{self.stage_name}: no training pairs")
+            raise StageError(f"{self.stage_name}: no training pairs in stages.{self.stage_name}.preferences or "
+                             f"stages.{self.stage_name}.train_data; point one of them at pairs")
         return data
 
     def pair_datasets(self, data: PreferenceData, shuffle: bool = False) -> tuple[Any, dict[str, Any]]:

@@ -283,7 +283,7 @@ _MEASURES = [("unique_share", "unique responses (share)"), ("top_share", "most c
 
 
 def _evaluation_rows(m: dict[str, Any]) -> list[tuple[str, str]]:
-    roles = [k[: -len("_gain")] for k in m if k.endswith("_gain") and not k.startswith("greedy_")]
+    roles = ordered_roles(k[: -len("_gain")] for k in m if k.endswith("_gain") and not k.startswith("greedy_"))
     if not roles:  # a policy without a reference: the judge roles are the means both decodings have
         measures = {k for k, _ in _MEASURES}
         roles = ordered_roles(k for k, v in m.items() if isinstance(v, (int, float)) and f"greedy_{k}" in m

@@ -19,7 +19,6 @@ Subclasses declare `name`, `config_class`, `kind`, `inputs` and implement `setup
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from typing import Any, ClassVar
 from rlhf.artifacts import ArtifactStore, cache_root, code_version, content_key, library_versions
 from rlhf.errors import ConfigError, DataError, StageError
 from rlhf.schema import ExperimentConfig, as_dict, result_config
-
-log = logging.getLogger("rlhf")
 
 SAMPLE_RESPONSES = ("A short answer.", "A longer answer, with a few more words in it than the first one.")
 """What `check` asks judges to score: two responses to the first two prompts of their prompts file."""

@@ -132,6 +132,13 @@ def last_checkpoint(directory, stage_name: str) -> str | None:
     return None
 
 
+def uses_lora(stage: Any) -> bool:
+    """Whether `stage` trains LoRA adapters: its config's `lora.enabled` (a config without `lora` trains all
+    weights)."""
+    lora = getattr(stage.config, "lora", None)
+    return bool(lora is not None and lora.enabled)
+
+
 def train_from_last_checkpoint(stage: Any) -> dict[str, float]:
     """Run `stage.trainer`, resuming from the newest complete checkpoint in the work directory if any.
 
@@ -158,7 +165,7 @@ def finished_weights(stage: Any) -> tuple[dict | None, torch.nn.Module]:
 
     full_state = gathered_state_dict(stage.trainer.accelerator, stage.trainer.model_wrapped)
     model = stage.model
-    if stage.config.lora.enabled:
+    if uses_lora(stage):
         if full_state is not None:
             raise StageError(f"{stage.stage_name}: LoRA under ZeRO-3 or FSDP is not supported yet; "
                              "launch with DDP or ZeRO-2")
@@ -183,7 +190,7 @@ def save_trained(stage: Any, out) -> None:
     else:
         model.save_pretrained(str(out), state_dict=state)
         tokenizer.save_pretrained(str(out))
-    if stage.config.lora.enabled:
+    if uses_lora(stage):
         shutil.copytree(stage.work_dir / "adapter", out / "adapter")
 
 
@@ -234,8 +241,7 @@ class TrainerStage(Stage):
         from rlhf.distributed import refuse_sharded_lora
         from rlhf.models import count_parameters
 
-        lora = getattr(self.config, "lora", None)
-        refuse_sharded_lora(self.stage_name, bool(lora and lora.enabled))  # before training, not after it
+        refuse_sharded_lora(self.stage_name, uses_lora(self))  # before training, not after it
         self.model, self.tokenizer = self.build_model()
         self.prepare()
         self.trainer = self.build_trainer()

@@ -106,10 +106,6 @@ class DPOStage(LearnsFromPairs, TrainerStage, PolicyStage):
         """The policy to train and its tokenizer (pad token added and embeddings resized if it had none)."""
         return load_causal_lm(self.input_path("policy"))
 
-    def build_reference(self):
-        """A frozen copy of the policy input: the reference of the loss, of the held-out rewards and of KL."""
-        return load_causal_lm(self.input_path("policy"))[0].requires_grad_(False).eval()
-
     def build_dataset(self):
         """(train, {source: eval}) preference datasets in conversational form (TRL renders them through the
         chat template, loss on the response tokens)."""

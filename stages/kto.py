@@ -73,6 +73,7 @@ class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage):
     training_panels = (("loss", "KTO loss"), ("kl", "KL estimate (batch)"), ("rewards/margins", "reward margin"))
 
     def build_model(self):
+        """The policy to train and its tokenizer."""
         return load_causal_lm(self.input_path("policy"))
 
     def build_dataset(self):
@@ -85,13 +86,13 @@ class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage):
                 {source: unpair_preference_dataset(ds) for source, ds in evals.items()})
 
     def prepare(self) -> None:
-        # With LoRA the reference is the policy with its adapters off.
-        self.reference = None if self.config.lora.enabled else \
-            load_causal_lm(self.input_path("policy"))[0].requires_grad_(False).eval()
+        """The reference (none with LoRA: the policy with its adapters off), the data, the evaluation."""
+        self.reference = None if self.config.lora.enabled else self.build_reference()
         self.train_ds, self.eval_sets = self.build_dataset()
         self.start_evaluation()
 
     def build_trainer(self):
+        """The `trl.KTOTrainer` (checkpoints under the work directory), with the periodic evaluation."""
         from trl import KTOConfig as TRLKTOConfig
         from trl import KTOTrainer
 
@@ -106,14 +107,15 @@ class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage):
                           callbacks=[trainer_callback(self.tracker), self.evaluation_callback()])
 
     def train(self) -> dict:
+        """The starting policy's evaluation (kept in the store), then the Trainer's run."""
         self.measure_reference(lambda: self.evaluation.run(self.model, self.tokenizer))  # before training moves it
         return {**super().train(), "train_examples": len(self.trainer.train_dataset)}
 
     def evaluate(self) -> dict:
+        """The held-out examples' KTO loss, and the shared evaluation against the starting policy."""
         held_out = {f"loss_{source}": self.trainer.evaluate(source, metric_key_prefix="eval")["eval_loss"]
                     for source in self.eval_sets}  # the held-out examples' KTO loss, by source
-        reference = self.reference if self.reference is not None else \
-            load_causal_lm(self.input_path("policy"))[0].requires_grad_(False).eval().to(self.model.device)
+        reference = self.reference if self.reference is not None else self.build_reference().to(self.model.device)
         final = self.evaluation.run(self.model, self.tokenizer, reference=reference)
         return self.compare_with_reference(final, self.trainer.state.global_step, **held_out)
 

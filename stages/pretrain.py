@@ -120,7 +120,7 @@ class PretrainStage(Stage):
         self.train_ds, self.eval_ds = self.build_dataset()
         self.trainer = self.build_trainer()
         log.info(
-            "pretrain: %d parameters, %d training blocks of %d tokens, vocabulary %d",
+            "%s: %d parameters, %d training blocks of %d tokens, vocabulary %d", self.stage_name,
             count_parameters(self.model), len(self.train_ds), cfg.block_size, len(self.tokenizer),
         )
 
@@ -140,7 +140,7 @@ class PretrainStage(Stage):
         unigram = unigram_perplexity(self.train_ds["input_ids"], self.eval_ds["input_ids"], len(self.tokenizer))
         metrics = {"eval_loss": loss, "perplexity": math.exp(loss), "unigram_perplexity": unigram}
         log.info(
-            "pretrain: held-out perplexity %.1f (before training %.1f, unigram baseline %.1f)",
+            "%s: held-out perplexity %.1f (before training %.1f, unigram baseline %.1f)", self.stage_name,
             metrics["perplexity"], json.loads((self.work_dir / "before.json").read_text())["perplexity_before"], unigram,
         )
         self.tracker.log({"eval/perplexity": metrics["perplexity"], "eval/unigram_perplexity": unigram},

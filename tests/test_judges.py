@@ -162,7 +162,7 @@ def test_registered_names_load_the_experiments_judges(monkeypatch):
     """pyproject.toml registers the default experiment's judges (tasks/words.py) under the names its YAML uses."""
     from tasks import words
 
-    for name in ("uses_word", "uses_word_once", "word_in_sentence", "word_vader", "word_textblob"):
+    for name in ("uses_word", "uses_word_once", "word_in_sentence", "word_vader", "word_textblob", "talks_about_word"):
         assert load_judge(name).__wrapped__ is getattr(words, name)
         assert name in J.judge_names() and name not in BUILTIN_JUDGES
     monkeypatch.setattr(J, "registered_judges", lambda: {"longest": f"{__name__}:length_judge",

@@ -17,6 +17,6 @@ def test_roles_every_evaluation_knows_come_first_and_the_experiments_own_by_name
     rows = _labels(evaluation_table(m), 4)
     assert rows[:4] == ["gold judge", "fluency", "sentence", "unique responses (share)"]
     # against a reference: the roles with a gain, under their own names unless every evaluation knows them
-    m = {"gold": 0.3, "gold_ref": 0.1, "gold_gain": 0.2, "gold_gain_ci": [0.1, 0.3],
-         "tone": 0.5, "tone_ref": 0.4, "tone_gain": 0.1, "tone_gain_ci": [0.0, 0.2], "eval_prompts": 8}
+    m = {"tone": 0.5, "tone_ref": 0.4, "tone_gain": 0.1, "tone_gain_ci": [0.0, 0.2],  # the experiment's first
+         "gold": 0.3, "gold_ref": 0.1, "gold_gain": 0.2, "gold_gain_ci": [0.1, 0.3], "eval_prompts": 8}
     assert _labels(comparison_table(m, "reference", "ppo"), 4)[:2] == ["gold judge", "tone"]

@@ -83,7 +83,8 @@ def test_gold_judge_puts_the_task_first_and_tone_second():
     assert tb == [pytest.approx(0.75), -1.0]
 
 
-@pytest.mark.parametrize("name", ["uses_word", "uses_word_once", "word_in_sentence", "word_vader", "word_textblob"])
+@pytest.mark.parametrize("name", ["uses_word", "uses_word_once", "word_in_sentence", "word_vader", "word_textblob",
+                                  "talks_about_word"])
 def test_each_judge_returns_one_float_per_response_and_accepts_empty_batches(name):
     judge = getattr(W, name)
     out = judge(["a", "b", "c"], [POSITIVE, "", NEGATIVE], word=["day", "x", "mistake"])
