@@ -360,7 +360,7 @@ def test_the_comparison_runs_the_very_stages_of_the_configs_it_copies():
     # compare.yaml's stage -> (the config it copies, that config's name for it)
     copied = {**{s: ("tiny.yaml", s) for s in ("pretrain", "sft", "preferences", "reward", "ppo")},
               "ppo_rm": ("tiny-ppo-rm.yaml", "ppo_rm"), "grpo": ("tiny-grpo.yaml", "grpo"),
-              "grpo_rlvr": ("tiny-rlvr.yaml", "grpo"), "dpo": ("tiny-dpo.yaml", "dpo")}
+              "grpo_rlvr": ("tiny-rlvr.yaml", "grpo"), "dpo": ("tiny-dpo.yaml", "dpo"), "kto": ("tiny-kto.yaml", "kto")}
     assert set(compare) == set(copied)
     sources = {config: keys(config) for config, _ in copied.values()}
     for stage, (config, own) in copied.items():
