@@ -343,17 +343,15 @@ def rank_pairs(
     return pairs
 
 
-def check_judge(spec: str, key: str, prompts: str, responses: Sequence[str], prefix: str = "",
-                load: Callable[[str, str], Callable] | None = None) -> None:
-    """Before anything runs: the judge `spec` (set at `key`), loaded by `load` (default `load_judge`; an
-    RL stage also passes `rlhf.rewards.load_reward_function`), returns finite scores for `responses` to the
-    first rows of `prompts` (with their columns); prompts that are not a local file only load it. Raises
-    `ConfigError` starting with `prefix` (the file that set it)."""
+def check_judge(spec: str, key: str, prompts: str, responses: Sequence[str], prefix: str = "") -> None:
+    """Before anything runs: the judge `spec` (set at `key`) loads and returns finite scores for
+    `responses` to the first rows of `prompts` (with their columns); prompts that are not a local file
+    only load it. Raises `ConfigError` starting with `prefix` (the file that set it)."""
     from rlhf.data import sample_rows
     from rlhf.errors import ConfigError
 
     try:
-        judge = (load or load_judge)(spec, key)  # its messages start with the key
+        judge = load_judge(spec, key)  # its messages start with the key
     except ValueError as e:
         raise ConfigError(f"{prefix}{e}") from None
     rows = sample_rows(prompts, "prompts", len(responses))

@@ -83,8 +83,9 @@ def generate(model, config: GenerationConfig, bf16: bool = False, **inputs) -> t
 
     `bf16`: sample under bfloat16 autocast (the weights stay float32). On a CPU with AVX512-BF16 this
     sampled SmolLM2-135M 1.75x faster (a batch of 64 prompts x 48 tokens on 2 cores: 8 s against 14 s in
-    the preferences stage of configs/smol.yaml); the tokens come from a slightly different distribution than the float32 model's, which every
-    logprob, KL and update still computes in float32 (as an inference engine's samples are trained on).
+    the preferences stage of configs/smol.yaml); the tokens come from a slightly different distribution
+    than the float32 model's, which every logprob, KL and update still computes in float32 (as an
+    inference engine's samples are trained on).
 
     `generate` fills every field `config` leaves unset from the model's own generation config, and some
     processors are off only while their field is unset (`bad_words_ids`, `suppress_tokens`,

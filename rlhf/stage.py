@@ -234,15 +234,14 @@ class Stage:
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
 
-    def check_judge(self, spec: str, key: str, prompts: str, top: bool = False, load=None) -> None:
-        """The judge `spec` (set at `key`; loaded by `load`, default `load_judge`) scores two responses to the
-        first two rows of `prompts` with two finite numbers (`rlhf.judges.check_judge`); messages name the
-        file that set it."""
+    def check_judge(self, spec: str, key: str, prompts: str, top: bool = False) -> None:
+        """The judge `spec` (set at `key`) scores two responses to the first two rows of `prompts` with two
+        finite numbers (`rlhf.judges.check_judge`); messages name the file that set it."""
         from rlhf.judges import check_judge
 
         full_key = key if top else f"stages.{self.stage_name}.{key}"
         origin = self.config_origin(full_key) if self.config_origin else None
-        check_judge(spec, full_key, prompts, SAMPLE_RESPONSES, prefix=f"{origin}: " if origin else "", load=load)
+        check_judge(spec, full_key, prompts, SAMPLE_RESPONSES, prefix=f"{origin}: " if origin else "")
 
     # ---- lifecycle (override these) ------------------------------------------------------------
 

@@ -74,13 +74,12 @@ class PPOStage(PolicyStage):
 
     def check(self) -> None:
         """Also before anything trains: every reward function loads and scores two rows of the prompts with
-        one finite real number each, as a judge and as the stage calls it (`load_reward_function`, which
-        refuses the text "0.5" that a judge's check would take for a number)."""
+        one finite real number each (`check_judge`; the loaded function is called as the stage calls it,
+        with the columns it takes, and its scores checked by the same `checked_scores`)."""
         super().check()
         for name in self.config.rewards:
             if is_function(name):
                 self.check_judge(name, "rewards", self.config.prompts)
-                self.check_judge(name, "rewards", self.config.prompts, load=load_reward_function)
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
@@ -545,8 +544,6 @@ class PPOStage(PolicyStage):
     def memory_plan(self):
         """This stage's models, batch sizes and lengths, for `rlhf plan --memory` (rlhf/memory.py)."""
         from rlhf.memory import RLMemoryPlan
-        from rlhf.ppo.estimators import ESTIMATORS
-        from rlhf.rewards import model_sources
 
         c = self.config
         rewards = model_sources(c.rewards)

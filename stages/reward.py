@@ -172,8 +172,8 @@ class RewardStage(LearnsFromPairs, TrainerStage):
         if total and metrics["accuracy"] < c.min_accuracy:
             raise StageError(
                 f"{self.stage_name}: held-out accuracy {metrics['accuracy']:.3f} is below "
-                f"stages.{self.stage_name}.min_accuracy={c.min_accuracy}; a reward model this weak would steer PPO at random. Train longer, add pairs, "
-                "or lower the gate on purpose."
+                f"stages.{self.stage_name}.min_accuracy={c.min_accuracy}; a reward model this weak would steer PPO "
+                "at random. Train longer, add pairs, or lower the gate on purpose."
             )
         return metrics
 

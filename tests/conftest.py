@@ -98,6 +98,27 @@ def sft_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def policy_reference_pairs(n_pairs: int):
+    """(tokenizer, policy, reference, pairs) for checking a preference loss against TRL: 2-layer models of
+    different weights (so the log-ratios are far from 0) and `n_pairs` pairs in conversational form."""
+    import datasets
+    import torch
+
+    from rlhf.models import ModelConfig, build_causal_lm
+    from rlhf.preferences import conversational
+    from rlhf.tokenizer import TokenizerConfig, train_tokenizer
+
+    tok = train_tokenizer(sentences(200, 0), TokenizerConfig(vocab_size=320, min_frequency=1))
+    size = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    policy = build_causal_lm(size, tok)
+    torch.manual_seed(1)
+    reference = build_causal_lm(size, tok)
+    rows = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": s}
+            for r, s in zip(sft_rows(n_pairs, 7), sentences(n_pairs, 8))]
+    return tok, policy, reference, datasets.Dataset.from_list([conversational(r) for r in rows])
+
+
 def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("pretrain",), **pretrain) -> dict:
     """A 2-layer experiment that trains in seconds."""
     block = {

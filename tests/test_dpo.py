@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo_config, make_tiny_data, sentences, sft_rows, write_config
+from conftest import dpo_config, make_tiny_data, policy_reference_pairs, write_config
 from rlhf.config import ConfigError, load_experiment
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
 from rlhf.pipeline import Pipeline
@@ -38,21 +38,7 @@ def test_every_loss_trl_offers_is_accepted_and_no_other():
 def trl_batch(tmp_path_factory):
     """A DPOTrainer over 2-layer policy and reference models of different weights, and one collated batch
     of 4 pairs in the trainer's layout (chosen rows, then rejected rows)."""
-    import datasets
-
-    from rlhf.models import ModelConfig, build_causal_lm
-    from rlhf.preferences import conversational
-    from rlhf.tokenizer import TokenizerConfig, train_tokenizer
-
-    tok = train_tokenizer(sentences(200, 0), TokenizerConfig(vocab_size=320, min_frequency=1))
-    size = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    policy = build_causal_lm(size, tok)
-    torch.manual_seed(1)
-    reference = build_causal_lm(size, tok)  # other weights: the log-ratios are far from 0
-    rows = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": s}
-            for r, s in zip(sft_rows(4, 7), sentences(4, 8))]
-    pairs = datasets.Dataset.from_list([conversational(r) for r in rows])
+    tok, policy, reference, pairs = policy_reference_pairs(4)
 
     def trainer(loss_type):
         from trl import DPOConfig, DPOTrainer

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo_config, make_tiny_data, sentences, sft_rows, write_config
+from conftest import dpo_config, make_tiny_data, policy_reference_pairs, write_config
 from rlhf.config import ConfigError, load_experiment
 from rlhf.dpo import sequence_logprobs
 from rlhf.pipeline import Pipeline
@@ -28,22 +28,10 @@ KTO_BLOCK = {"class": "stages.kto:KTOStage", "max_length": 64, "max_steps": 4, "
 def trl_batch(tmp_path_factory):
     """A KTOTrainer over 2-layer policy and reference models of different weights, and one collated batch
     of 4 unpaired examples (the chosen and rejected answers of 2 pairs) with their mismatched KL rows."""
-    import datasets
     from trl.data_utils import unpair_preference_dataset
 
-    from rlhf.models import ModelConfig, build_causal_lm
-    from rlhf.preferences import conversational
-    from rlhf.tokenizer import TokenizerConfig, train_tokenizer
-
-    tok = train_tokenizer(sentences(200, 0), TokenizerConfig(vocab_size=320, min_frequency=1))
-    size = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    policy = build_causal_lm(size, tok)
-    torch.manual_seed(1)
-    reference = build_causal_lm(size, tok)  # other weights: the log-ratios are far from 0
-    rows = [{"prompt": r["prompt"], "chosen": r["response"], "rejected": s}
-            for r, s in zip(sft_rows(2, 7), sentences(2, 8))]
-    examples = unpair_preference_dataset(datasets.Dataset.from_list([conversational(r) for r in rows]))
+    tok, policy, reference, pairs = policy_reference_pairs(2)
+    examples = unpair_preference_dataset(pairs)
 
     def trainer(**weights):
         from trl import KTOConfig, KTOTrainer
