@@ -1,4 +1,4 @@
-"""PPO for RLHF: the math (`core`) and KL-coefficient controllers (`kl`).
+"""PPO for RLHF: the math (`core`), the losses (`losses`) and KL-coefficient controllers (`kl`).
 
 Everything here is pure tensor arithmetic with plain-float hyperparameters; the training loop that
 generates rollouts and calls these lives elsewhere.
@@ -19,12 +19,11 @@ from rlhf.ppo.core import (
     masked_sum,
     masked_var,
     masked_whiten,
-    policy_loss,
     response_mask_from_eos,
-    value_loss,
     with_state_after_eos,
 )
 from rlhf.ppo.kl import AdaptiveKLController, FixedKLController
+from rlhf.ppo.losses import policy_loss, value_loss
 
 __all__ = [
     "AdaptiveKLController",
