@@ -74,6 +74,24 @@ class RLLaunch:
         self.engine = None
         self.policy = self.value_model = None
 
+    @classmethod
+    def start(cls, stage: str, *, micro_batch_size: int, gradient_accumulation_steps: int, max_grad_norm: float,
+              seed: int, lora: bool = False) -> RLLaunch:
+        """The launch of stage `stage` under this process's `accelerate` settings: a new Accelerator (it forms a
+        CPU launch's gloo group first and drops an earlier stage's Trainer settings; DeepSpeed, which steps
+        inside backward, learns the micro-batches per optimizer step), and rank r > 0 reseeded with
+        `seed` + 100003 r, since every rank was seeded alike and would otherwise sample the same numbers.
+        LoRA is refused where the parameters are sharded (its merge needs whole weights)."""
+        from rlhf.distributed import new_accelerator, refuse_sharded_lora, uses_deepspeed
+
+        refuse_sharded_lora(stage, lora)
+        accelerator = (new_accelerator(gradient_accumulation_steps=gradient_accumulation_steps)
+                       if uses_deepspeed() else new_accelerator())
+        if accelerator.process_index:
+            torch.manual_seed(seed + 100003 * accelerator.process_index)
+        return cls(accelerator, micro_batch_size=micro_batch_size,
+                   gradient_accumulation_steps=gradient_accumulation_steps, max_grad_norm=max_grad_norm)
+
     @property
     def num_processes(self) -> int:
         return self.accelerator.num_processes
@@ -230,6 +248,30 @@ class RLLaunch:
         values = torch.tensor([float(stats[k]) for k in keys], device=self.accelerator.device)
         values = self.accelerator.reduce(values, reduction="mean")
         return {**stats, **dict(zip(keys, values.tolist()))}
+
+    def micro_batches(self, traj, per_token: tuple, *, epochs: int, minibatch_size: int, micro_batch_size: int):
+        """The update's schedule over one rollout batch `traj` (this rank's rows): `epochs` passes, each a
+        fresh shuffle cut into minibatches of `minibatch_size` rows (global: each rank takes its share), each
+        cut into micro-batches of `micro_batch_size`. Yields (micro-batch trajectory, its slices of the (B, R)
+        tensors `per_token` (None stays None), the whole minibatch's counts, last micro-batch of its
+        minibatch?): the optimizer steps after the last. Columns that are padding in every row of a
+        micro-batch are dropped (`trim_padding`); `counts` ("sequences", "tokens", "value_tokens": over every
+        rank) let each micro-batch's loss be its share of the minibatch's, so their gradients sum to the
+        whole minibatch's (rlhf/ppo/aggregation.py)."""
+        from rlhf.rollout import trim_padding
+
+        n = self.num_processes
+        for _ in range(epochs):
+            order = torch.randperm(len(traj.query_ids), device=traj.query_ids.device)
+            for mb_idx in order.split(minibatch_size // n):
+                counts = {"sequences": self.minibatch_count(len(mb_idx)),
+                          "tokens": self.minibatch_count(traj.response_mask[mb_idx].sum()),
+                          "value_tokens": self.minibatch_count(traj.episode_mask[mb_idx].sum())}
+                micro = mb_idx.split(micro_batch_size // n)
+                for i, rows in enumerate(micro):
+                    mb, *sliced = trim_padding(traj.rows(rows),
+                                               *(t[rows] if t is not None else None for t in per_token))
+                    yield mb, sliced, counts, i == len(micro) - 1
 
     def minibatch_count(self, count: torch.Tensor) -> torch.Tensor:
         """A count over this rank's rows of a minibatch (tokens, sequences) made global, at least 1: every

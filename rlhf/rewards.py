@@ -99,6 +99,22 @@ class Rewards:
 
     sources: list[RewardSource] = field(default_factory=list)
 
+    @classmethod
+    def build(cls, weights: dict[str, float], models: dict[str, Any], stats: Callable[[str], dict], *,
+              normalize: bool, field: str) -> Rewards:
+        """The sources of a stage's `rewards:` (`weights`, by spec): each function loaded and its every call
+        checked (`load_reward_function`, errors naming `field`), each model from `models` with, when
+        `normalize`, the reward mean and std of its manifest's metrics (`stats(name)`)."""
+        sources = []
+        for name, weight in weights.items():
+            if is_function(name):
+                sources.append(RewardSource(name, weight, judge=load_reward_function(name, field)))
+                continue
+            m = stats(name) if normalize else {}
+            mean, std = m.get("reward_mean", 0.0), m.get("reward_std", 1.0)
+            sources.append(RewardSource(name, weight, model=models[name], mean=mean, std=std or 1.0))
+        return cls(sources)
+
     @property
     def models(self) -> list[RewardSource]:
         return [s for s in self.sources if s.model is not None]

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from rlhf.ppo.core import entropy_from_logits, last_token_index, logprobs_from_logits
-from rlhf.packing import Packed, pack, unpack
+from rlhf.packing import Packed, pack, unpack, use_packed_attention
 
 
 class Trajectory(NamedTuple):
@@ -50,6 +50,47 @@ class Trajectory(NamedTuple):
     def rows(self, index: torch.Tensor) -> "Trajectory":
         """The trajectory of rows `index` (fields that are None stay None)."""
         return Trajectory(*(t[index] if t is not None else None for t in self))
+
+
+def load_rl_models(policy: str, rewards: dict[str, str], value: str | None, *, lora=None, reference: bool = True,
+                   packed: bool = False):
+    """The models of an RL loop: (policy, reference or None, value model or None, {name: reward model}, tokenizer).
+
+    `policy`, each of `rewards` and `value` are paths or hub ids. The value model is a one-label
+    sequence-classification model loaded from `value` (a reward model: its head starts as the reward
+    head; the policy: a fresh head), None for no value model. With `lora` (`LoraSettings`, enabled) the
+    policy gets adapters and there is no separate reference (the adapters-off policy is one); otherwise
+    the reference is a frozen copy of the policy when `reference`. `packed`: every model runs packed
+    forwards (rlhf/packing.py). Reward and value models have dropout off; reward models are frozen.
+    """
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import disable_dropout, load_causal_lm, whole_models
+
+    model, tok = load_causal_lm(policy)
+    with whole_models():  # DeepSpeed partitions at prepare (rlhf.models.whole_models)
+        scorers = {name: AutoModelForSequenceClassification.from_pretrained(path).requires_grad_(False).eval()
+                   for name, path in rewards.items()}
+        critic = None
+        if value is not None:
+            critic = AutoModelForSequenceClassification.from_pretrained(value, num_labels=1)
+            critic.config.pad_token_id = tok.pad_token_id
+    for m in (model, critic, *scorers.values()):
+        if m is not None and packed:
+            use_packed_attention(m)
+    frozen_copy = None
+    if lora is not None and lora.enabled:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora.peft_config())
+    elif reference:
+        frozen_copy = copy.deepcopy(model).requires_grad_(False).eval()
+    for m in (critic, *scorers.values()):
+        if m is not None:
+            disable_dropout(m)
+    return model, frozen_copy, critic, scorers, tok
 
 
 def _packed(packed: bool | Packed, query_ids, query_mask, response_ids, response_mask) -> Packed:

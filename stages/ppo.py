@@ -19,30 +19,27 @@ the way.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import time
 
 import torch
 
-from rlhf.checkpoints import CheckpointDir, write_atomic
-from rlhf.data import load_rows
-from rlhf.errors import StageError
+from rlhf.checkpoints import CheckpointDir
+from rlhf.engines import ENGINES, SamplingSettings
 from rlhf.evaluation import summarize
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
-from rlhf.models import count_parameters, disable_dropout, load_causal_lm, save_policy, verify_checkpoint, whole_models
-from rlhf.packing import pack, use_packed_attention
+from rlhf.models import count_parameters, save_policy, verify_checkpoint
+from rlhf.packing import pack
 from rlhf.policy import PolicyStage
 from rlhf.ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, compute_rewards,
-                      explained_variance, has_eos, kl_k3, masked_mean, masked_sum, policy_loss, response_mask_from_eos,
-                      value_loss, with_state_after_eos)
+                      explained_variance, has_eos, kl_k3, masked_mean, masked_sum, policy_loss, value_loss,
+                      with_state_after_eos)
 from rlhf.ppo.aggregation import aggregate
 from rlhf.ppo.estimators import ESTIMATORS
-from rlhf.rewards import RewardSource, Rewards, is_function, load_reward_function, model_sources
-from rlhf.rollout import Trajectory, policy_forward, score_at_eos, trim_padding, value_forward
-from rlhf.sampling import chat_prompt, encode_prompts, generate, generation_config
+from rlhf.prompts import Prompts, step_rows, within_length
+from rlhf.rewards import Rewards, is_function, model_sources
+from rlhf.rollout import Trajectory, load_rl_models, policy_forward, score_at_eos, value_forward
 from rlhf.tokenizer import tokenizer_facts
 from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 
@@ -92,39 +89,18 @@ class PPOStage(PolicyStage):
     # ---- setup ---------------------------------------------------------------------------------
 
     def build_models(self):
-        """(policy, reference or None, value model or None, {reward model source: model}, tokenizer).
-
-        No reference without a KL term (or with LoRA: the adapters-off policy is the reference); no value
-        model unless the estimator needs one. Dropout is off everywhere.
-        """
-        from transformers import AutoModelForSequenceClassification
-
+        """(policy, reference or None, value model or None, {reward model source: model}, tokenizer)
+        (rlhf.rollout.load_rl_models). No reference without a KL term (or with LoRA: the adapters-off policy
+        is the reference); a value model only where the estimator needs one, starting from `value_model`, the
+        first reward model (its head then starts as the reward head) or the policy with a fresh head."""
         c = self.config
-        policy, tok = load_causal_lm(self.input_path("policy"))
-        with whole_models():  # DeepSpeed partitions at prepare (rlhf.models.whole_models)
-            rewards = {name: AutoModelForSequenceClassification.from_pretrained(self.input_path(f"rewards.{name}"))
-                       .requires_grad_(False).eval() for name in model_sources(c.rewards)}
-            value = None
-            if self.estimator.needs_values:  # its head starts as the reward head, or fresh on the policy
-                start = ("value_model" if "value_model" in self.input_refs else
-                         f"rewards.{next(iter(rewards))}" if rewards else "policy")
-                value = AutoModelForSequenceClassification.from_pretrained(self.input_path(start), num_labels=1)
-                value.config.pad_token_id = tok.pad_token_id
-        if c.pack_sequences:
-            for m in (policy, value, *rewards.values()):
-                if m is not None:
-                    use_packed_attention(m)
-        reference = None
-        if c.lora.enabled:
-            from peft import get_peft_model
-
-            policy = get_peft_model(policy, c.lora.peft_config())
-        elif c.uses_reference:
-            reference = copy.deepcopy(policy).requires_grad_(False).eval()
-        for m in (value, *rewards.values()):
-            if m is not None:
-                disable_dropout(m)
-        return policy, reference, value, rewards, tok
+        rewards = {name: self.input_path(f"rewards.{name}") for name in model_sources(c.rewards)}
+        value = None
+        if self.estimator.needs_values:
+            value = self.input_path("value_model" if "value_model" in self.input_refs else
+                                    f"rewards.{next(iter(rewards))}" if rewards else "policy")
+        return load_rl_models(self.input_path("policy"), rewards, value, lora=c.lora, reference=c.uses_reference,
+                              packed=c.pack_sequences)
 
     def build_optimizer(self):
         """AdamW over policy and value parameters, each with its own learning rate."""
@@ -142,35 +118,25 @@ class PPOStage(PolicyStage):
         return FixedKLController(c.kl_coef)
 
     def build_rewards(self, models: dict) -> Rewards:
-        """The weighted reward sources: each reward model with its manifest's normalisation, each function
-        loaded and its every call checked (rlhf.rewards.load_reward_function)."""
-        c, sources = self.config, []
-        for name, weight in c.rewards.items():
-            if is_function(name):
-                sources.append(RewardSource(name, weight,
-                                            judge=load_reward_function(name, f"stages.{self.stage_name}.rewards")))
-                continue
-            stats = (self.input_manifest(f"rewards.{name}") or {}).get("metrics", {})
-            mean, std = (stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0)) if c.normalize_score else (0, 1)
-            sources.append(RewardSource(name, weight, model=models[name], mean=mean, std=std or 1.0))
-        return Rewards(sources)
+        """The weighted reward sources: reward models with their manifest's normalisation, functions checked
+        at every call (rlhf.rewards.Rewards.build)."""
+        c = self.config
+        return Rewards.build(c.rewards, models, lambda name: (self.input_manifest(f"rewards.{name}") or {}).get(
+            "metrics", {}), normalize=c.normalize_score, field=f"stages.{self.stage_name}.rewards")
+
+    def build_engine(self):
+        """The rollout engine (`rollout_engine`, rlhf/engines.py) sampling with this stage's settings."""
+        c = self.config
+        settings = SamplingSettings(c.max_new_tokens, c.temperature, c.top_p, bf16=c.bf16_sampling)
+        return ENGINES[c.rollout_engine](self.tokenizer, self.launch, settings)
 
     def setup(self) -> None:
-        from rlhf.distributed import new_accelerator, refuse_sharded_lora, uses_deepspeed
-
         c = self.config
-        refuse_sharded_lora(self.stage_name, c.lora.enabled)
-        # DeepSpeed steps inside backward, so it must know the micro-batches per optimizer step.
-        # (new_accelerator forms a CPU launch's gloo group first and drops an earlier stage's Trainer settings)
-        self.accelerator = (new_accelerator(gradient_accumulation_steps=c.gradient_accumulation_steps)
-                            if uses_deepspeed() else new_accelerator())
-        self.launch = RLLaunch(self.accelerator, micro_batch_size=c.micro_batch_size,
-                               gradient_accumulation_steps=c.gradient_accumulation_steps,
-                               max_grad_norm=c.max_grad_norm)
+        self.launch = RLLaunch.start(self.stage_name, micro_batch_size=c.micro_batch_size, seed=self.seed,
+                                     gradient_accumulation_steps=c.gradient_accumulation_steps,
+                                     max_grad_norm=c.max_grad_norm, lora=c.lora.enabled)
+        self.accelerator = self.launch.accelerator
         self.launch.check_split(self.stage_name, c.rollout_batch_size, c.num_minibatches, c.samples_per_prompt)
-        if self.accelerator.process_index:
-            # Every rank was seeded alike; without its own stream each would sample the same random numbers.
-            torch.manual_seed(self.seed + 100003 * self.accelerator.process_index)
         policy, reference, value, reward_models, self.tokenizer = self.build_models()
         self.policy, self.value_model = policy, value
         self.optimizer = self.build_optimizer()
@@ -181,13 +147,11 @@ class PPOStage(PolicyStage):
         self.progress = StepCounter()
         self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
-        rows = load_rows(c.prompts, "prompts")
-        self.prompts = rows["prompt"]
-        self.prompt_columns = {name: rows[name] for name in rows.column_names if name != "prompt"}
-        keep = set(self.drop_long_prompts(self.prompts, f"stages.{self.stage_name}.prompts ({c.prompts})"))
-        index = [i for i, p in enumerate(self.prompts) if p in keep]
-        self.prompts = [self.prompts[i] for i in index]
-        self.prompt_columns = {k: [v[i] for i in index] for k, v in self.prompt_columns.items()}
+        self.rollout_engine = self.build_engine()
+        rows = Prompts.load(c.prompts)
+        keep = set(self.drop_long_prompts(rows.texts, f"stages.{self.stage_name}.prompts ({c.prompts})"))
+        rows = rows.select([i for i, p in enumerate(rows.texts) if p in keep])
+        self.prompts, self.prompt_columns = rows.texts, rows.columns  # the kept rows and their other columns
         self.start_evaluation()
         kept = set(self.drop_long_prompts(self.evaluation.prompts,
                                           f"evaluation.prompts ({self.experiment.evaluation.prompts})"))
@@ -199,62 +163,27 @@ class PPOStage(PolicyStage):
 
     def drop_long_prompts(self, prompts: list[str], field: str) -> list[str]:
         """`prompts` without those longer than `max_prompt_tokens` (all of them when it is None)."""
-        limit = self.config.max_prompt_tokens
-        if limit is None:
-            return prompts
-        tok = self.tokenizer
-        lengths = [len(ids) for ids in tok([chat_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]]
-        kept = [p for p, n in zip(prompts, lengths) if n <= limit]
-        if not kept:
-            raise StageError(f"{self.stage_name}: every prompt of {field} is longer than "
-                             f"stages.{self.stage_name}.max_prompt_tokens={limit} tokens (shortest {min(lengths)}); "
-                             "raise the limit")
-        if len(kept) < len(prompts):
-            log.info("%s: %d of %d %s longer than max_prompt_tokens=%d dropped", self.stage_name,
-                     len(prompts) - len(kept), len(prompts), field, limit)
-        return kept
+        return within_length(self.tokenizer, prompts, self.config.max_prompt_tokens, field,
+                             f"stages.{self.stage_name}.max_prompt_tokens")
 
     # ---- override points: one per step of the loop ---------------------------------------------
 
     def prompts_for_step(self, step: int) -> list[int]:
         """Indices into `self.prompts` of `step`'s rollout: rollout_batch_size / K prompts, each repeated
-        K = samples_per_prompt times in a row (a group). A seeded shuffle per pass over the prompts, so
-        resuming is exact."""
-        k = self.config.samples_per_prompt
-        b, n = self.config.rollout_batch_size // k, len(self.prompts)
-        out = []
-        for i in range(step * b, (step + 1) * b):
-            epoch, pos = divmod(i, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-            out += [int(order[pos])] * k
-        return out
+        K = samples_per_prompt times in a row (a group), in a seeded shuffle per pass (rlhf.prompts.step_rows)."""
+        c = self.config
+        return step_rows(step, c.rollout_batch_size, c.samples_per_prompt, len(self.prompts), self.seed)
 
-    @torch.no_grad()
     def rollout(self, prompts: list[str]):
-        """Step 1: sample responses. Returns (query_ids, query_mask, response_ids, response_mask)."""
-        c, tok = self.config, self.tokenizer
-        enc = encode_prompts(tok, prompts, self.accelerator.device)
-        with self.launch.generation_model() as policy:
-            policy.eval()
-            # the stage's settings alone: the checkpoint's generation_config must not reshape what is sampled
-            config = generation_config(tok, max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p)
-            seqs = generate(policy, config, bf16=c.bf16_sampling, **enc, **self.launch.generate_extra())
-        query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
-        response_ids = seqs[:, query_ids.shape[1] :]
-        response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
-        # generate pads finished rows with pad ids; make that explicit for rows that never ended too
-        response_ids = torch.where(response_mask, response_ids, tok.pad_token_id)
-        return query_ids, query_mask, response_ids, response_mask
+        """Step 1: sample responses with the rollout engine. Returns an `rlhf.engines.Rollout`."""
+        return self.rollout_engine.sample(prompts)
 
     @torch.no_grad()
     def score(self, query_ids, query_mask, response_ids, response_mask, prompts: list[str],
               columns: dict[str, list], packed=None):
         """Step 2: the weighted rewards at EOS; a fixed score without EOS. Returns (scores, raw, per source)."""
         c = self.config
-
-        def score_model(model, q_ids, q_mask, r_ids, r_mask):
-            return score_at_eos(model, q_ids, q_mask, r_ids, r_mask, packed=packed or c.pack_sequences)
-
+        score_model = lambda *batch: score_at_eos(*batch, packed=packed or c.pack_sequences)  # noqa: E731
         responses = self.decode(response_ids, response_mask)
         scores, raw, per_source = self.rewards.score(score_model, query_ids, query_mask, response_ids, response_mask,
                                                      prompts, responses, columns)
@@ -267,19 +196,16 @@ class PPOStage(PolicyStage):
         return [self.tokenizer.decode(ids[mask], skip_special_tokens=True).strip()
                 for ids, mask in zip(response_ids, response_mask)]
 
-    def reference_context(self):
-        """Where the reference is the LoRA base, its forward runs with adapters disabled."""
-        if self.reference is None and self.config.lora.enabled:
-            return self.accelerator.unwrap_model(self.policy).disable_adapter()
-        return contextlib.nullcontext()
-
     @torch.no_grad()
     def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, packed=None):
-        """Logprobs (B, R) under the reference (None when the stage computes no KL)."""
+        """Logprobs (B, R) under the reference: the frozen copy, or with LoRA the policy with its adapters
+        disabled (None when the stage computes no KL)."""
         if not self.config.uses_reference:
             return None
-        model = self.reference if self.reference is not None else self.policy
-        with self.reference_context():
+        model, scope = self.reference, contextlib.nullcontext()
+        if model is None:  # LoRA: the base weights are the reference
+            model, scope = self.policy, self.accelerator.unwrap_model(self.policy).disable_adapter()
+        with scope:
             return policy_forward(model, query_ids, query_mask, response_ids, response_mask, self.config.temperature,
                                   packed=packed or self.config.pack_sequences)[0]
 
@@ -357,7 +283,7 @@ class PPOStage(PolicyStage):
         prompts = [self.prompts[i] for i in rows]
         columns = {name: [values[i] for i in rows] for name, values in self.prompt_columns.items()}
         with timed("rollout"):
-            q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)
+            q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)[:4]
         eos = has_eos(r_ids, self.tokenizer.eos_token_id)
         episode = self.episode_mask(r_mask, eos)
         with torch.no_grad():
@@ -377,34 +303,23 @@ class PPOStage(PolicyStage):
                           per_source)
 
     def update(self, traj: Trajectory, advantages, returns) -> dict[str, float]:
-        """Step 5: `ppo_epochs` passes of minibatch updates over one rollout batch."""
+        """Step 5: `ppo_epochs` passes of minibatch updates over one rollout batch (`RLLaunch.micro_batches`:
+        each micro-batch's loss is its share of the minibatch's, so their gradients sum to the minibatch's)."""
         c, launch = self.config, self.launch
-        n = launch.num_processes
         self.policy.train()
         if self.value_model is not None:
             self.value_model.train()
         totals: dict[str, float] = {}
         count = 0
-        for _ in range(c.ppo_epochs):
-            # With N processes each rank holds B/N rows; a minibatch takes minibatch_size/N from each.
-            order = torch.randperm(c.rollout_batch_size // n, device=traj.query_ids.device)
-            for mb_idx in order.split(c.minibatch_size // n):
-                # The whole minibatch's counts (over ranks): every micro-batch's loss is its share of the
-                # minibatch's, so the summed gradient equals the full-minibatch loss's (rlhf/ppo/aggregation.py).
-                counts = {"sequences": launch.minibatch_count(len(mb_idx)),
-                          "tokens": launch.minibatch_count(traj.response_mask[mb_idx].sum()),
-                          "value_tokens": launch.minibatch_count(traj.episode_mask[mb_idx].sum())}
-                micro_batches = mb_idx.split(c.micro_batch_size // n)
-                for i, micro_idx in enumerate(micro_batches):
-                    # columns that are padding in every row of this micro-batch cost compute and change nothing
-                    mb, mb_adv, mb_ret = trim_padding(traj.rows(micro_idx), advantages[micro_idx],
-                                                      returns[micro_idx] if returns is not None else None)
-                    pg, vf, stats = launch.micro_batch_loss(self.loss, mb, mb_adv, mb_ret, counts)
-                    loss = pg if vf is None else pg + c.vf_coef * vf
-                    launch.backward(loss, last_micro_batch=i == len(micro_batches) - 1)
-                    for k, v in stats.items():
-                        totals[k] = totals.get(k, 0.0) + float(v)
-                    count += 1
+        for mb, (mb_adv, mb_ret), counts, last in launch.micro_batches(
+                traj, (advantages, returns), epochs=c.ppo_epochs, minibatch_size=c.minibatch_size,
+                micro_batch_size=c.micro_batch_size):
+            pg, vf, stats = launch.micro_batch_loss(self.loss, mb, mb_adv, mb_ret, counts)
+            launch.backward(pg if vf is None else pg + c.vf_coef * vf, last_micro_batch=last)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            count += 1
+            if last:
                 self.accelerator.clip_grad_norm_(launch.trained_parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
@@ -416,18 +331,12 @@ class PPOStage(PolicyStage):
         # from the previous checkpoint, never from a mixture of two steps (rlhf/checkpoints.py).
         checkpoints = CheckpointDir(self.work_dir / "checkpoints", is_main_process=acc.is_main_process,
                                     barrier=acc.wait_for_everyone)
-        # Step 0 numbers of the reference policy are measured once and kept beside the checkpoints, so a
-        # resumed run compares against the same baseline.
-        baseline_file = self.work_dir / "baseline.json"
+        # The starting policy's evaluation, before a checkpoint replaces it: kept in the store under that
+        # policy's key (rlhf/policy.py), so a resumed run reads the same baseline and measures nothing.
+        self.measure_reference(lambda: self.judge_policy(greedy=None))
         if (latest := checkpoints.latest()) is not None:
             acc.load_state(str(latest))
             log.info("%s: resuming at step %d", self.stage_name, self.progress.step)
-        if baseline_file.exists():
-            self.baseline = json.loads(baseline_file.read_text())
-        else:
-            self.measure_reference(lambda: self.judge_policy(greedy=None))
-            if acc.is_main_process:
-                write_atomic(baseline_file, json.dumps(self.baseline))
         resumed_from = self.progress.step
         self.stopped: str | None = None
         last_good, good_step = None, self.progress.step
@@ -449,15 +358,12 @@ class PPOStage(PolicyStage):
             length = launch.batch_mean(traj.response_mask.sum(1).float())
             firsts = self.decode(traj.response_ids, traj.response_mask)[:: c.samples_per_prompt]
             unique = launch.unique_share(firsts)  # one response per prompt: K samples of a prompt may agree
-            reason = self.watchdog(seq_kl, length, unique)
-            if reason:
+            if reason := self.watchdog(seq_kl, length, unique):
                 self.stopped = f"step {step}: {reason}"
-                if last_good is None:  # the first rollout of this run: nothing earlier is in memory
-                    log.warning("%s: stopping: %s; keeping the policy this run started from", self.stage_name,
-                                self.stopped)
-                else:
-                    log.warning("%s: stopping: %s; keeping the policy of step %d", self.stage_name, self.stopped,
-                                good_step)
+                # at the first rollout of this run nothing earlier is in memory: the policy it started from stays
+                log.warning("%s: stopping: %s; keeping the policy %s", self.stage_name, self.stopped,
+                            "this run started from" if last_good is None else f"of step {good_step}")
+                if last_good is not None:
                     launch.restore_policy(last_good)
                 break
             # This rollout passed, so its policy is the last good one (a CPU copy: cheap for the
@@ -511,10 +417,8 @@ class PPOStage(PolicyStage):
     def judge_policy(self, greedy: bool | None) -> dict:
         """The experiment's evaluation of the current policy (per-prompt lists; KL to the reference where
         the stage holds one). `greedy` None: as the evaluation config says; False: sampled responses only."""
-        reference = {"reference": self.reference} if self.reference is not None else \
-            {"reference_context": self.reference_context} if self.config.lora.enabled else {}
         with self.launch.generation_model() as policy:
-            return self.evaluation.run(policy, self.tokenizer, greedy=greedy, **reference)
+            return self.evaluation.run(policy, self.tokenizer, greedy=greedy, **self.reference_kwargs(policy))
 
     def evaluate(self) -> dict:
         return self.compare_with_reference(self.judge_policy(greedy=None), self.progress.step)
@@ -542,14 +446,5 @@ class PPOStage(PolicyStage):
         return [f"**Stopped early:** {m['stopped_early']}."] if m.get("stopped_early") else []
 
     def memory_plan(self):
-        """This stage's models, batch sizes and lengths, for `rlhf plan --memory` (rlhf/memory.py)."""
-        from rlhf.memory import RLMemoryPlan
-
-        c = self.config
-        rewards = model_sources(c.rewards)
-        value = (c.value_model or (rewards or [c.policy])[0]) if ESTIMATORS[c.estimator].needs_values else None
-        return RLMemoryPlan(policy=c.policy, rewards=rewards, value=value, rollout_batch_size=c.rollout_batch_size,
-                            micro_batch_size=c.micro_batch_size, response_tokens=c.max_new_tokens,
-                            prompt_tokens=c.max_prompt_tokens, prompt_tokens_setting="max_prompt_tokens",
-                            lora=(c.lora.r, len(c.lora.target_modules)) if c.lora.enabled else None,
-                            reference=c.uses_reference)
+        """This stage's models, batch sizes and lengths, for `rlhf plan --memory` (PPOConfig.memory_plan)."""
+        return self.config.memory_plan()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from rlhf.engines import ENGINES
 from rlhf.schema import checked, logging_only
 from rlhf.models import LoraSettings
 from rlhf.ppo import kl_k1, kl_k3
@@ -69,6 +70,8 @@ class PPOConfig:
     """Sample rollouts under bfloat16 autocast (faster on CPUs with AVX512-BF16 and on GPUs); the logprobs,
     values and update stay float32, so the samples come from a slightly different policy than the one the
     ratio is computed for (as with an inference engine; rlhf.sampling.generate)."""
+    rollout_engine: str = checked("hf", choices=tuple(ENGINES), keyed_when_set=True)
+    """Where rollouts are sampled (rlhf/engines.py): hf (`generate` on the training policy itself)."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
@@ -189,3 +192,17 @@ class PPOConfig:
     def uses_reference(self) -> bool:
         """Whether a KL to the reference is computed at all (a fixed coefficient of 0 needs no reference)."""
         return self.kl_coef > 0 or self.adaptive_kl
+
+    def memory_plan(self):
+        """The models, batch sizes and lengths of this stage, for `rlhf plan --memory` (rlhf/memory.py)."""
+        from rlhf.memory import RLMemoryPlan
+        from rlhf.rewards import model_sources
+
+        rewards = model_sources(self.rewards)
+        value = (self.value_model or (rewards or [self.policy])[0]) if ESTIMATORS[self.estimator].needs_values else None
+        return RLMemoryPlan(policy=self.policy, rewards=rewards, value=value,
+                            rollout_batch_size=self.rollout_batch_size, micro_batch_size=self.micro_batch_size,
+                            response_tokens=self.max_new_tokens,
+                            prompt_tokens=self.max_prompt_tokens, prompt_tokens_setting="max_prompt_tokens",
+                            lora=(self.lora.r, len(self.lora.target_modules)) if self.lora.enabled else None,
+                            reference=self.uses_reference)

@@ -12,6 +12,7 @@ import torch
 from conftest import write_config
 
 from rlhf.config import load_experiment
+from rlhf.engines import Rollout
 from rlhf.pipeline import Pipeline
 from rlhf.ppo import last_token_index, logprobs_from_logits, policy_loss, response_mask_from_eos
 from rlhf.rollout import policy_forward
@@ -240,12 +241,12 @@ def test_score_after_eos_is_scored_and_valued_after_eos(upstream, packed, monkey
     tok, sample = stage.tokenizer, stage.rollout
 
     def rollout_ending_in_eos(prompts):  # the tiny test policy rarely stops by itself: end row i at i % (R - 1)
-        q_ids, q_mask, r_ids, _ = sample(prompts)
+        q_ids, q_mask, r_ids, _, _ = sample(prompts)
         cols = torch.arange(r_ids.shape[1]).unsqueeze(0)
         ends = torch.arange(len(r_ids)) % (r_ids.shape[1] - 1)
         r_ids = torch.where(cols == ends.unsqueeze(1), tok.eos_token_id, r_ids)
         r_mask = response_mask_from_eos(r_ids, tok.eos_token_id)
-        return q_ids, q_mask, torch.where(r_mask, r_ids, tok.pad_token_id), r_mask
+        return Rollout(q_ids, q_mask, torch.where(r_mask, r_ids, tok.pad_token_id), r_mask)
 
     monkeypatch.setattr(stage, "rollout", rollout_ending_in_eos)
     torch.manual_seed(0)
@@ -355,11 +356,13 @@ def test_diversity_watchdog_stops_a_collapsing_policy_and_keeps_the_last_good_on
     original, calls = PPOStage.rollout, []
 
     def collapsing(self, prompts):
-        q_ids, q_mask, r_ids, r_mask = original(self, prompts)
+        out = original(self, prompts)
         calls.append(len(prompts))
         if len(calls) > 1:  # every row becomes row 0's response
-            r_ids, r_mask = r_ids[:1].expand_as(r_ids).clone(), r_mask[:1].expand_as(r_mask).clone()
-        return q_ids, q_mask, r_ids, r_mask
+            r_ids, r_mask = out.response_ids, out.response_mask
+            out = out._replace(response_ids=r_ids[:1].expand_as(r_ids).clone(),
+                               response_mask=r_mask[:1].expand_as(r_mask).clone())
+        return out
 
     monkeypatch.setattr(PPOStage, "rollout", collapsing)
     pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=4", "stages.ppo.min_unique_share=0.5"]))
