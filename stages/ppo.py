@@ -19,6 +19,7 @@ the way.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import time
@@ -26,17 +27,20 @@ import time
 import torch
 
 from rlhf.checkpoints import CheckpointDir
-from rlhf.engines import ENGINES, SamplingSettings
+from rlhf.engines import Rollout, Sampler, SamplingSettings, engine_class
+from rlhf.errors import ConfigError, StageError
 from rlhf.evaluation import summarize
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
 from rlhf.models import count_parameters, save_policy, verify_checkpoint
 from rlhf.packing import pack
 from rlhf.policy import PolicyStage
 from rlhf.ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, compute_rewards,
-                      explained_variance, has_eos, kl_k3, masked_mean, masked_sum, policy_loss, value_loss,
+                      explained_variance, has_eos, kl_k3, masked_mean, masked_sum, value_loss,
                       with_state_after_eos)
 from rlhf.ppo.aggregation import aggregate
+from rlhf.ppo.correction import importance_weights
 from rlhf.ppo.estimators import ESTIMATORS
+from rlhf.ppo.losses import POLICY_LOSSES
 from rlhf.prompts import Prompts, step_rows, within_length
 from rlhf.rewards import Rewards, is_function, model_sources
 from rlhf.rollout import Trajectory, load_rl_models, policy_forward, score_at_eos, value_forward
@@ -77,6 +81,9 @@ class PPOStage(PolicyStage):
         for name in self.config.rewards:
             if is_function(name):
                 self.check_judge(name, "rewards", self.config.prompts)
+        if self.config.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{self.where('rollout_engine')}: vllm is not installed in this environment; "
+                              "`make vllm-setup` makes .venv-vllm with vLLM's CPU build (GPU: pip install vllm)")
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
@@ -125,10 +132,18 @@ class PPOStage(PolicyStage):
             "metrics", {}), normalize=c.normalize_score, field=f"stages.{self.stage_name}.rewards")
 
     def build_engine(self):
-        """The rollout engine (`rollout_engine`, rlhf/engines.py) sampling with this stage's settings."""
-        c = self.config
+        """The rollout engine (`rollout_engine`, rlhf/engines.py) sampling with this stage's settings: hf on
+        the policy itself, or on a copy where rollouts run ahead (`max_staleness`); vllm from the policy's
+        checkpoint, its weights replaced after every update."""
+        c, options = self.config, dict(self.config.engine_options or {})
         settings = SamplingSettings(c.max_new_tokens, c.temperature, c.top_p, bf16=c.bf16_sampling)
-        return ENGINES[c.rollout_engine](self.tokenizer, self.launch, settings)
+        if self.launch.num_processes > 1 and (c.rollout_engine != "hf" or c.max_staleness):
+            raise StageError(f"{self.stage_name}: rollout_engine: {c.rollout_engine} and max_staleness > 0 are "
+                             "tested in one process only; launch without several processes")
+        if c.rollout_engine == "hf":
+            return engine_class("hf")(self.tokenizer, self.launch, settings, copy=c.max_staleness > 0, **options)
+        return engine_class(c.rollout_engine)(self.tokenizer, self.launch, settings, model=self.input_path("policy"),
+                                              seed=self.seed, **options)
 
     def setup(self) -> None:
         c = self.config
@@ -148,6 +163,7 @@ class PPOStage(PolicyStage):
         self.timer = PhaseTimer()
         self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
         self.rollout_engine = self.build_engine()
+        self.sampler = Sampler(self.rollout, self.rollout_engine, c.max_staleness)
         rows = Prompts.load(c.prompts)
         keep = set(self.drop_long_prompts(rows.texts, f"stages.{self.stage_name}.prompts ({c.prompts})"))
         rows = rows.select([i for i, p in enumerate(rows.texts) if p in keep])
@@ -258,7 +274,8 @@ class PPOStage(PolicyStage):
         logprobs, entropy = policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
                                            mb.response_mask, c.temperature, with_entropy=True, entropy_grad=False,
                                            packed=c.pack_sequences)
-        pg, pg_stats = policy_loss(logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range, reduce=reduce)
+        pg, pg_stats = POLICY_LOSSES[c.policy_loss](logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range,
+                                                    c.clip_range_high, reduce=reduce, token_weights=mb.token_weights)
         stats = {"policy/loss": pg_stats["loss"], "policy/clipfrac": pg_stats["clipfrac"],
                  "policy/approx_kl": pg_stats["approx_kl"], "policy/ratio": pg_stats["ratio_mean"],
                  "policy/entropy": masked_mean(entropy.detach(), mb.response_mask)}
@@ -276,14 +293,17 @@ class PPOStage(PolicyStage):
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def make_trajectory(self, rows: list[int]) -> Trajectory:
+    def make_trajectory(self, rows: list[int], sampled: Rollout | None = None, step: int = 0) -> Trajectory:
         """Steps 1-2 and the forwards that go with them: one rollout batch of prompts `rows` (indices into
-        `self.prompts`) with everything the update needs. The batch is packed once for all four forwards."""
+        `self.prompts`) of `step`, `sampled` already or sampled now, with everything the update needs. The
+        batch is packed once for all four forwards."""
         timed, c = self.timer, self.config
         prompts = [self.prompts[i] for i in rows]
         columns = {name: [values[i] for i in rows] for name, values in self.prompt_columns.items()}
-        with timed("rollout"):
-            q_ids, q_mask, r_ids, r_mask = self.rollout(prompts)[:4]
+        if sampled is None:
+            with timed("rollout"):
+                sampled = self.rollout(prompts)
+        q_ids, q_mask, r_ids, r_mask = sampled[:4]
         eos = has_eos(r_ids, self.tokenizer.eos_token_id)
         episode = self.episode_mask(r_mask, eos)
         with torch.no_grad():
@@ -299,8 +319,22 @@ class PPOStage(PolicyStage):
                                            value_mask=episode)
         with timed("score"):
             scores, raw, per_source = self.score(q_ids, q_mask, r_ids, r_mask, prompts, columns, packed=packed)
+        weights = self.correct_mismatch(logprobs, getattr(sampled, "logprobs", None), r_mask)
         return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos, episode,
-                          per_source)
+                          per_source, weights)
+
+    def correct_mismatch(self, logprobs, engine_logprobs, response_mask):
+        """Importance weights (B, R) trainer / engine of the sampled tokens (rlhf/ppo/correction.py), None
+        where the trainer sampled or `importance_correction` is none; the mismatch is logged either way."""
+        c = self.config
+        if engine_logprobs is None:
+            return None
+        level, _, mode = (c.importance_correction if c.importance_correction != "none" else "token_truncate"
+                          ).partition("_")
+        weights, stats = importance_weights(logprobs, engine_logprobs, response_mask, level, mode,
+                                            c.importance_upper, c.importance_lower)
+        self.mismatch = {f"rollout/{k}": float(v) for k, v in stats.items()}
+        return None if c.importance_correction == "none" else weights
 
     def update(self, traj: Trajectory, advantages, returns) -> dict[str, float]:
         """Step 5: `ppo_epochs` passes of minibatch updates over one rollout batch (`RLLaunch.micro_batches`:
@@ -313,7 +347,7 @@ class PPOStage(PolicyStage):
         count = 0
         for mb, (mb_adv, mb_ret), counts, last in launch.micro_batches(
                 traj, (advantages, returns), epochs=c.ppo_epochs, minibatch_size=c.minibatch_size,
-                micro_batch_size=c.micro_batch_size):
+                micro_batch_size=c.micro_batch_size, generator=getattr(self, "update_rng", None)):
             pg, vf, stats = launch.micro_batch_loss(self.loss, mb, mb_adv, mb_ret, counts)
             launch.backward(pg if vf is None else pg + c.vf_coef * vf, last_micro_batch=last)
             for k, v in stats.items():
@@ -336,7 +370,9 @@ class PPOStage(PolicyStage):
         self.measure_reference(lambda: self.judge_policy(greedy=None))
         if (latest := checkpoints.latest()) is not None:
             acc.load_state(str(latest))
+            self.sampler.load(latest)  # rollouts sampled ahead before the checkpoint: taken, not sampled again
             log.info("%s: resuming at step %d", self.stage_name, self.progress.step)
+        self.rollout_engine.start(self.policy)  # an engine with weights of its own takes the current ones
         resumed_from = self.progress.step
         self.stopped: str | None = None
         last_good, good_step = None, self.progress.step
@@ -346,8 +382,13 @@ class PPOStage(PolicyStage):
                    total=c.num_steps, disable=not acc.is_main_process)  # one bar for a launch, not one per rank
         for step in bar:
             step_start = time.perf_counter()
-            # 1-2. rollout and score (this rank's share of the batch; groups stay whole)
-            traj = self.make_trajectory(launch.local_rows(self.prompts_for_step(step)))
+            # 1-2. rollout and score (this rank's share of the batch; groups stay whole). Rollouts of the next
+            # max_staleness steps are asked for now: they sample while this step trains.
+            with self.timer("rollout"):
+                for ahead in range(step, min(step + c.max_staleness + 1, c.num_steps)):
+                    self.sampler.submit(ahead, [self.prompts[i] for i in self.step_rows(ahead)])
+                sampled = self.sampler.take(step)
+            traj = self.make_trajectory(self.step_rows(step), sampled, step)
             # 3. rewards: per-token KL penalty (if in the reward) plus the score at the episode's end
             rewards, kl = self.compute_rewards(traj)
             # 4. advantages
@@ -369,9 +410,12 @@ class PPOStage(PolicyStage):
             # This rollout passed, so its policy is the last good one (a CPU copy: cheap for the
             # models this runs on CPU, and the only way to go back one step without a checkpoint per step).
             last_good, good_step = launch.policy_state_copy(), step
-            # 5. update
+            # 5. update (while rollouts run ahead, its shuffles draw from a generator of its own: the sampler
+            # draws from the global one), then the engine takes the new weights
+            self.update_rng = torch.Generator().manual_seed(self.seed * 1000003 + step) if c.max_staleness else None
             with self.timer("update"):
                 stats = self.update(traj, advantages, returns)
+            self.sampler.sync(self.policy)
             self.kl_ctl.update(seq_kl, c.rollout_batch_size)
             # 6. log
             stats.update({
@@ -382,22 +426,36 @@ class PPOStage(PolicyStage):
                 **{f"env/reward/{s.name}": traj.source_scores[:, i].mean().item()
                    for i, s in enumerate(self.rewards.sources)},
                 **self.timer.pop(), "time/step": time.perf_counter() - step_start,
+                **getattr(self, "mismatch", {}), **getattr(self, "sampling_stats", {}),
             })
             if returns is not None:
                 stats["value/explained_variance"] = explained_variance(traj.values, returns, traj.episode_mask).item()
             self.progress.step = step + 1
             # The last step's evaluation is the manifest's (evaluate), drawn with the same seed: not twice.
             if c.eval_every and self.progress.step % c.eval_every == 0 and self.progress.step < c.num_steps:
+                self.sampler.drain()  # the evaluation seeds torch's generator: nothing may sample meanwhile
                 results = self.judge_policy(greedy=False)
                 stats.update({f"eval/{k}": v for k, v in summarize(results, self.evaluation.roles).items()})
             stats = launch.reduce_stats(stats)
             self.tracker.log(stats, step=self.progress.step)
             bar.set_postfix(score=f"{stats['env/score']:.2f}", kl=f"{seq_kl:.2f}")
             if c.save_every and self.progress.step % c.save_every == 0:
-                checkpoints.save(self.progress.step, lambda path: acc.save_state(str(path)))
+                self.sampler.drain()  # first: the random state saved is the one after the rollouts sampled ahead
+                checkpoints.save(self.progress.step, self.save_checkpoint)
+        self.sampler.close()
         self.final_state = launch.gathered_policy_state()  # every rank gathers; the main one saves
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}
+
+    def step_rows(self, step: int) -> list[int]:
+        """This rank's rows of `step`'s rollout (`prompts_for_step`, then `RLLaunch.local_rows`)."""
+        return self.launch.local_rows(self.prompts_for_step(step))
+
+    def save_checkpoint(self, path) -> None:
+        """The accelerator's state (models, optimizer, RNG, KL controller, step) and the rollouts sampled
+        ahead, so a resumed run neither loses them nor samples them again."""
+        self.accelerator.save_state(str(path))
+        self.sampler.save(path)
 
     def watchdog(self, seq_kl: float, length: float, unique_share: float) -> str | None:
         """A reason to stop, or None. KL past the budget, collapsing responses or the same few answers to

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from rlhf.engines import ENGINES
 from rlhf.schema import checked, logging_only
 from rlhf.models import LoraSettings
 from rlhf.ppo import kl_k1, kl_k3
 from rlhf.ppo.aggregation import AGGREGATIONS
+from rlhf.ppo.losses import POLICY_LOSSES
 from rlhf.ppo.estimators import ESTIMATORS
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 KL_PLACEMENTS = ("reward", "loss")
+IMPORTANCE_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 @dataclass
@@ -71,7 +74,23 @@ class PPOConfig:
     values and update stay float32, so the samples come from a slightly different policy than the one the
     ratio is computed for (as with an inference engine; rlhf.sampling.generate)."""
     rollout_engine: str = checked("hf", choices=tuple(ENGINES), keyed_when_set=True)
-    """Where rollouts are sampled (rlhf/engines.py): hf (`generate` on the training policy itself)."""
+    """Where rollouts are sampled (rlhf/engines.py): hf (`generate` in this process; on the training policy
+    itself, or on a copy when `max_staleness` > 0) or vllm (vLLM's offline engine: `make vllm-setup`)."""
+    engine_options: dict[str, Any] | None = checked(None, keyed_when_set=True)
+    """Extra arguments of the rollout engine: for vllm those of `vllm.LLM` (e.g. {gpu_memory_utilization: 0.3,
+    enforce_eager: false}); its dtype follows `bf16_sampling`."""
+    max_staleness: int = checked(0, ge=0, le=8, keyed_when_set=True)
+    """Sample the rollouts of the next steps while this one trains, against weights at most this many updates
+    old (corrected by `importance_correction`); 0: the synchronous loop, each rollout from the current policy."""
+    importance_correction: str = checked("token_truncate", choices=IMPORTANCE_CORRECTIONS, keyed_when_set=True)
+    """Where the sampling engine's probabilities differ from the trainer's (an engine with weights of its own,
+    a stale rollout), each token's loss is weighted by their ratio (rlhf/ppo/correction.py): per token or per
+    sequence, truncated at `importance_upper` (TIS) or masked outside the bounds (MIS); none: no weights,
+    the mismatch is still logged. Nothing to correct with hf at staleness 0."""
+    importance_upper: float = checked(2.0, ge=1, keyed_when_set=True)
+    """Upper bound of the importance ratio (veRL's default 2; TRL's 3)."""
+    importance_lower: float | None = checked(None, gt=0, le=1, keyed_when_set=True)
+    """Lower bound of the importance ratio (None: none, as TRL's default)."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
@@ -117,6 +136,13 @@ class PPOConfig:
     """Value-model learning rate."""
     clip_range: float = checked(0.2, gt=0)
     """PPO ratio clip."""
+    clip_range_high: float | None = checked(None, gt=0, keyed_when_set=True)
+    """Upper clip of the ratio where it differs from `clip_range` (DAPO's clip-higher: 0.28 with 0.2); with
+    policy_loss: cispo, the cap of its importance weight is 1 + clip_range_high (required)."""
+    policy_loss: str = checked("ppo", choices=tuple(POLICY_LOSSES), keyed_when_set=True)
+    """The policy loss (rlhf/ppo/losses.py): ppo (per-token clipped ratio), gspo (one ratio per sequence, the
+    geometric mean of its tokens'; the paper clips at 3e-4 / 4e-4) or cispo (the clipped importance weight
+    detached, every token keeps its gradient)."""
     clip_range_value: float = checked(0.2, gt=0)
     """Value clip around the rollout's values."""
     vf_coef: float = checked(0.5, ge=0)
@@ -173,6 +199,12 @@ class PPOConfig:
         if self.rollout_batch_size % self.samples_per_prompt:
             raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                              f"samples_per_prompt ({self.samples_per_prompt})")
+        if self.policy_loss == "cispo" and self.clip_range_high is None:
+            raise ValueError("policy_loss: cispo caps its importance weight at 1 + clip_range_high; set "
+                             "clip_range_high (e.g. 4.0: a cap of 5, as ScaleRL recommends)")
+        if self.importance_lower is not None and self.importance_correction == "none":
+            raise ValueError("importance_lower is set but importance_correction: none applies no bound; pick a "
+                             "correction mode or drop importance_lower")
         per_epoch = self.num_minibatches * self.gradient_accumulation_steps
         if self.rollout_batch_size % per_epoch:
             raise ValueError(

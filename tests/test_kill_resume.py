@@ -140,6 +140,27 @@ def test_grpo_killed_inside_a_checkpoint_write_resumes_to_the_same_weights(ppo_u
     assert_same_weights(weights, uninterrupted)
 
 
+def test_grpo_one_step_off_policy_killed_resumes_to_the_same_weights_without_losing_the_rollout_ahead(ppo_upstream):
+    """With max_staleness 1 each checkpoint holds the next step's rollout, sampled with the weights one update
+    old: a resumed run takes it instead of sampling it again (with newer weights), so it ends where the run
+    never killed ends."""
+    prompts = load_experiment(ppo_upstream).stages["ppo"].config.prompts
+    run = [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=4", "stages.grpo.save_every=1",
+           "stages.grpo.rollout_batch_size=8", "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2",
+           "stages.grpo.max_new_tokens=8", "stages.grpo.eval_every=0", "stages.grpo.min_unique_share=null",
+           "stages.grpo.no_eos_score=null", "stages.grpo.max_staleness=1",
+           "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}"]
+    _, result, uninterrupted = run_stage(ppo_upstream, "grpo", *run)
+    forget(ppo_upstream, result.key)
+    killed_in = run_killed(ppo_upstream, 3, "written", "--until", "grpo", *run)
+    work = ppo_upstream.parent / "store" / "work" / result.key
+    assert work in killed_in.parents
+    assert (CheckpointDir(work / "checkpoints").latest() / "rollouts.pt").exists()  # step 3's, sampled ahead
+    _, resumed, weights = run_stage(ppo_upstream, "grpo", *run)
+    assert resumed.key == result.key and resumed.metrics["resumed_from_step"] == 2
+    assert_same_weights(weights, uninterrupted)
+
+
 # ---- a Trainer-based stage: SFT through trl.SFTTrainer --------------------------------------------
 
 SFT_RUN = ["stages.sft.max_steps=9", "stages.sft.save_steps=3"]

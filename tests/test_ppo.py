@@ -304,11 +304,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(upstream, monkeyp
     original = PPOStage.make_trajectory
     calls = {"n": 0}
 
-    def dies_at_third_rollout(self, prompts):  # killed after the checkpoint of step 2
+    def dies_at_third_rollout(self, *args, **kwargs):  # killed after the checkpoint of step 2
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, prompts)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(PPOStage, "make_trajectory", dies_at_third_rollout)
     with pytest.raises(KeyboardInterrupt):

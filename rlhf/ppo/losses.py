@@ -23,7 +23,7 @@ import torch
 
 from rlhf.ppo.core import kl_k3, masked_mean
 
-__all__ = ["cispo_policy_loss", "gspo_policy_loss", "policy_loss", "value_loss"]
+__all__ = ["POLICY_LOSSES", "cispo_policy_loss", "gspo_policy_loss", "policy_loss", "value_loss"]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -205,3 +205,12 @@ def value_loss(
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((clipped_err > unclipped_err).to(values.dtype), response_mask)}
     return loss, stats
+
+
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]] = {
+    "ppo": lambda lp, old, adv, mask, low, high, **kw: policy_loss(lp, old, adv, mask, low, clip_range_high=high, **kw),
+    "gspo": lambda lp, old, adv, mask, low, high, **kw: gspo_policy_loss(lp, old, adv, mask, low, high, **kw),
+    "cispo": lambda lp, old, adv, mask, low, high, **kw: cispo_policy_loss(lp, old, adv, mask, high, **kw),
+}
+"""The policy losses by name, called alike: (logprobs, old_logprobs, advantages, response_mask, clip_range,
+clip_range_high, reduce=..., token_weights=...). CISPO takes only the upper bound, 1 + clip_range_high."""

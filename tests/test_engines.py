@@ -1,0 +1,176 @@
+"""Rollout engines and sampling ahead (rlhf/engines.py) in the RL loop, without vLLM.
+
+The `Sampler` keeps the order the loop asks for (a weight sync lands between the rollouts before and after
+it); an engine with its own copy of the policy trains the same weights as sampling from the policy itself;
+one step off-policy samples with the previous update's weights, and the mismatch it logs says so; the loss
+variants (GSPO, CISPO, clip-higher) run through the loop.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhf.config import load_experiment
+from rlhf.engines import HFEngine, Rollout, RolloutEngine, Sampler
+from rlhf.pipeline import Pipeline
+
+
+class Counter(RolloutEngine):
+    """A fake engine whose weights are one number; every rollout carries the number it sampled with."""
+
+    holds_weights = True
+
+    def __init__(self):
+        super().__init__(None, None, None)
+        self.current, self.log = 0, []
+
+    def sample(self, prompts):
+        self.log.append(("sample", self.current))
+        return Rollout(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), torch.tensor([[self.current]]),
+                       torch.ones(1, 1, dtype=torch.bool))
+
+    def weights(self, policy):
+        return {"w": torch.tensor(policy["w"])}  # a snapshot: the trainer may change policy["w"] afterwards
+
+    def load(self, weights):
+        self.current = int(weights["w"])
+        self.log.append(("load", self.current))
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 2])
+def test_a_rollout_asked_for_after_a_sync_samples_with_those_weights(staleness, tmp_path):
+    engine, policy = Counter(), {"w": 0}
+    sampler = Sampler(engine.sample, engine, staleness)
+    # the loop's schedule: at step s ask for s .. s + staleness, take s, update, sync
+    seen = []
+    for step in range(4):
+        for ahead in range(step, step + staleness + 1):
+            sampler.submit(ahead, ["p"])
+        seen.append(int(sampler.take(step).response_ids))
+        policy["w"] = step + 1  # the update
+        sampler.sync(policy)
+    # step s trains on weights s (after s updates), sampled with weights max(s - staleness, 0)
+    assert seen == [max(s - staleness, 0) for s in range(4)]
+    ahead = sampler.drain()
+    assert sorted(ahead) == list(range(4, 4 + staleness))
+    sampler.save(tmp_path)
+    again = Sampler(engine.sample, Counter(), staleness)
+    again.load(tmp_path)
+    assert {s: int(again.take(s).response_ids) for s in ahead} == {s: int(r.response_ids) for s, r in ahead.items()}
+    assert (tmp_path / "rollouts.pt").exists() == bool(staleness)
+    sampler.close()
+
+
+def test_a_failed_weight_load_on_the_worker_stops_the_next_rollout():
+    class Broken(Counter):
+        def load(self, weights):
+            raise RuntimeError("weights do not fit")
+
+    engine = Broken()
+    sampler = Sampler(engine.sample, engine, 1)
+    sampler.submit(0, ["p"])
+    sampler.take(0)
+    sampler.sync({"w": 1})
+    sampler.submit(1, ["p"])
+    sampler.pending[1].result()
+    with pytest.raises(RuntimeError, match="weights do not fit"):
+        sampler.take(1)
+    sampler.close()
+
+
+@pytest.fixture(scope="module")
+def upstream(ppo_upstream):
+    return ppo_upstream
+
+
+def grpo(upstream, *overrides):
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+    return [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=3", "stages.grpo.rollout_batch_size=8",
+            "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2", "stages.grpo.max_new_tokens=8",
+            "stages.grpo.eval_every=0", "stages.grpo.save_every=0", "stages.grpo.min_unique_share=null",
+            "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}", "stages.grpo.no_eos_score=null",
+            *overrides]
+
+
+def run_grpo(upstream, *overrides):
+    """(metrics rows, weights, manifest metrics) of a GRPO run from the tiny upstream."""
+    from transformers import AutoModelForCausalLM
+
+    pipe = Pipeline(load_experiment(upstream, grpo(upstream, *overrides)))
+    result = {r.name: r for r in pipe.run(until="grpo")}["grpo"]
+    out = pipe.store.local_dir(result.key)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "env/score" in r], AutoModelForCausalLM.from_pretrained(out).state_dict(), result
+
+
+@pytest.fixture(scope="module")
+def in_place(upstream):
+    return run_grpo(upstream)
+
+
+def test_an_engine_with_its_own_copy_trains_the_same_weights_at_staleness_0(upstream, in_place, monkeypatch):
+    """The copy is refreshed after every update, so it samples what the policy itself would: the same tokens,
+    importance weights of 1 (up to float rounding between padded and packed forwards), the same weights."""
+    from stages.ppo import PPOStage
+
+    build = PPOStage.build_engine
+
+    def copying_engine(self):
+        engine = build(self)
+        return HFEngine(engine.tokenizer, engine.launch, engine.settings, copy=True)
+
+    monkeypatch.setattr(PPOStage, "build_engine", copying_engine)
+    rows, weights, _ = run_grpo(upstream, "stages.grpo.seed=0", "stages.grpo.importance_upper=1.5")
+    ref_rows, ref_weights, _ = in_place
+    assert [r["env/score"] for r in rows] == pytest.approx([r["env/score"] for r in ref_rows], abs=1e-5)
+    assert all(r["rollout/mismatch_kl"] < 1e-9 and abs(r["rollout/ratio_mean"] - 1) < 1e-5 for r in rows)
+    for k in ref_weights:
+        assert torch.allclose(weights[k], ref_weights[k], atol=1e-5), k
+    assert any(not torch.equal(ref_weights[k], v) for k, v in _sft(upstream).items())  # it trained
+
+
+def _sft(upstream):
+    from transformers import AutoModelForCausalLM
+
+    pipe = Pipeline(load_experiment(upstream))
+    return AutoModelForCausalLM.from_pretrained(pipe.store.local_dir(pipe.stages["sft"].key)).state_dict()
+
+
+def test_one_step_off_policy_samples_with_the_previous_updates_weights(upstream, in_place):
+    rows, weights, result = run_grpo(upstream, "stages.grpo.max_staleness=1")
+    # step 1's rollout was sampled before any update (no mismatch); steps 2 and 3 with weights one update old
+    assert rows[0]["rollout/mismatch_kl"] < 1e-9
+    assert all(r["rollout/mismatch_kl"] > 1e-7 for r in rows[1:])
+    assert all(0 <= r["rollout/truncated_share"] <= 1 for r in rows)
+    assert result.metrics["train_steps"] == 3
+    _, ref_weights, _ = in_place
+    assert any(not torch.allclose(weights[k], ref_weights[k]) for k in ref_weights)  # another run, not the same
+
+
+@pytest.mark.parametrize("loss", ["policy_loss=gspo", "policy_loss=cispo", "clip_range_high=0.28"])
+def test_the_loss_variants_train_through_the_loop(upstream, in_place, loss):
+    """Each variant trains. Where the PPO run clipped nothing, CISPO (weight capped at 5) and clip-higher give
+    PPO's gradients exactly, so the same weights; GSPO's one ratio per sequence gives other ones."""
+    overrides = [f"stages.grpo.{loss}"] + (["stages.grpo.clip_range_high=4.0"] if "cispo" in loss else [])
+    rows, weights, _ = run_grpo(upstream, *overrides)
+    assert all(torch.isfinite(torch.tensor(r["policy/loss"])) for r in rows)
+    assert any(not torch.equal(weights[k], v) for k, v in _sft(upstream).items())  # it trained
+    ref_rows, ref_weights, _ = in_place
+    assert all(r["policy/clipfrac"] == 0 for r in ref_rows)  # the premise of the comparison below
+    same = all(torch.allclose(weights[k], ref_weights[k], atol=1e-6) for k in ref_weights)
+    assert same == (loss != "policy_loss=gspo")
+
+
+def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
+    from rlhf.cli import main
+
+    assert main(["plan", str(upstream), "--until", "grpo", *grpo(upstream, "stages.grpo.policy_loss=cispo")]) != 0
+    assert "caps its importance weight at 1 + clip_range_high" in capsys.readouterr().err
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        assert main(["plan", str(upstream), "--until", "grpo", *grpo(upstream, "stages.grpo.rollout_engine=vllm")]) != 0
+        assert "make vllm-setup" in capsys.readouterr().err
