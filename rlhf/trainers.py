@@ -96,7 +96,6 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
         bf16=c.bf16,
         # bf16 on a machine without a GPU: the Trainer autocasts on the CPU only when told it runs there
         use_cpu=c.bf16 and not torch.cuda.is_available(),
-        activation_checkpointing=c.gradient_checkpointing,  # transformers 5's name; the old one only warns
         logging_steps=c.logging_steps,
         save_steps=c.save_steps,
         save_total_limit=SAVE_TOTAL_LIMIT,
@@ -106,7 +105,11 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
         dataloader_pin_memory=torch.cuda.is_available(),
         accelerator_config=trainer_accelerator_config(),
     )
-    if "dataset_num_proc" in {f.name for f in dataclasses.fields(args_class)}:  # TRL's configs, not TrainingArguments
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    # transformers >= 5.20's name (the old one only warns there); .venv-vllm's 5.19 knows only the old one
+    shared["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = (
+        c.gradient_checkpointing)
+    if "dataset_num_proc" in fields:  # TRL's configs, not TrainingArguments
         shared["dataset_num_proc"] = c.dataset_num_proc
     return args_class(**{**shared, **extra})
 
