@@ -11,15 +11,16 @@ et al. 2022, Huang et al. 2024), and the critic-free estimators that need none, 
 REINFORCE++ (rlhf/ppo/estimators.py). They differ in small pure functions chosen by the config: the
 advantage estimator, how token losses aggregate (rlhf/ppo/aggregation.py) and where the KL goes (in the
 reward or in the loss). `stages/grpo.py` is this stage with GRPO's defaults. Every step of the loop is a
-small method a subclass can replace. What running under `accelerate launch` needs (sharding, gathering,
-reductions) is the `RLLaunch` object the stage owns (rlhf/launch.py); with one process it stays out of
-the way.
+small method a subclass can replace. The setup (models, optimizer, rewards, rollout engine, prompts) and
+the end (evaluation, save) are `RLStage`'s (rlhf/rl.py); what running under `accelerate launch` needs
+(sharding, gathering, reductions) is the `RLLaunch` object the stage owns (rlhf/launch.py). Rollouts come
+from a rollout engine, possibly running ahead (`max_staleness`), corrected for the difference between its
+probabilities and the trainer's (`importance_correction`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import time
@@ -27,24 +28,16 @@ import time
 import torch
 
 from rlhf.checkpoints import CheckpointDir
-from rlhf.engines import Rollout, Sampler, SamplingSettings, engine_class
-from rlhf.errors import ConfigError, StageError
+from rlhf.engines import Rollout
 from rlhf.evaluation import summarize
-from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
-from rlhf.models import count_parameters, save_policy, verify_checkpoint
 from rlhf.packing import pack
-from rlhf.policy import PolicyStage
-from rlhf.ppo import (AdaptiveKLController, FixedKLController, apply_no_eos_penalty, compute_rewards,
-                      explained_variance, has_eos, kl_k3, masked_mean, masked_sum, value_loss,
-                      with_state_after_eos)
+from rlhf.ppo import apply_no_eos_penalty, compute_rewards, explained_variance, has_eos, kl_k3, masked_mean, \
+    masked_sum, value_loss, with_state_after_eos
 from rlhf.ppo.aggregation import aggregate
 from rlhf.ppo.correction import importance_weights
-from rlhf.ppo.estimators import ESTIMATORS
 from rlhf.ppo.losses import POLICY_LOSSES
-from rlhf.prompts import Prompts, step_rows, within_length
-from rlhf.rewards import Rewards, is_function, model_sources
-from rlhf.rollout import Trajectory, load_rl_models, policy_forward, score_at_eos, value_forward
-from rlhf.tokenizer import tokenizer_facts
+from rlhf.rl import RLStage
+from rlhf.rollout import Trajectory, policy_forward, score_at_eos, value_forward
 from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 
 __all__ = ["PPOConfig", "PPOStage"]
@@ -52,147 +45,15 @@ __all__ = ["PPOConfig", "PPOStage"]
 log = logging.getLogger("rlhf")
 
 
-class PPOStage(PolicyStage):
+class PPOStage(RLStage):
     """The RL loop: rollout, score, rewards, advantages (GAE with a value model, or critic-free), clipped update."""
 
     name = "ppo"
     config_class = PPOConfig
     training_panels = (("env/score", "score"), ("env/kl", "KL to reference"), ("env/response_length", "response length"),
                        ("env/unique_share", "unique responses"))
-    inputs = {"policy": "sft"}
-    data_schemas = {"prompts": "prompts"}
-
-    @classmethod
-    def input_values(cls, config) -> dict[str, str | None]:
-        """The policy, every reward model of `rewards` (as `rewards.<name>`) and an explicit value model."""
-        values = {"policy": config.policy, **{f"rewards.{name}": name for name in model_sources(config.rewards)}}
-        if ESTIMATORS[config.estimator].needs_values and config.value_model is not None:
-            values["value_model"] = config.value_model
-        return values
-
-    def data_files(self):
-        return {"prompts": self.config.prompts}
-
-    def check(self) -> None:
-        """Also before anything trains: every reward function loads and scores two rows of the prompts with
-        one finite real number each (`check_judge`; the loaded function is called as the stage calls it,
-        with the columns it takes, and its scores checked by the same `checked_scores`)."""
-        super().check()
-        for name in self.config.rewards:
-            if is_function(name):
-                self.check_judge(name, "rewards", self.config.prompts)
-        if self.config.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError(f"{self.where('rollout_engine')}: vllm is not installed in this environment; "
-                              "`make vllm-setup` makes .venv-vllm with vLLM's CPU build (GPU: pip install vllm)")
-
-    def validate_inputs(self) -> None:
-        super().validate_inputs()
-        self.require_same_tokenizer(*self.input_refs)
-
-    @property
-    def estimator(self):
-        return ESTIMATORS[self.config.estimator]
-
-    # ---- setup ---------------------------------------------------------------------------------
-
-    def build_models(self):
-        """(policy, reference or None, value model or None, {reward model source: model}, tokenizer)
-        (rlhf.rollout.load_rl_models). No reference without a KL term (or with LoRA: the adapters-off policy
-        is the reference); a value model only where the estimator needs one, starting from `value_model`, the
-        first reward model (its head then starts as the reward head) or the policy with a fresh head."""
-        c = self.config
-        rewards = {name: self.input_path(f"rewards.{name}") for name in model_sources(c.rewards)}
-        value = None
-        if self.estimator.needs_values:
-            value = self.input_path("value_model" if "value_model" in self.input_refs else
-                                    f"rewards.{next(iter(rewards))}" if rewards else "policy")
-        return load_rl_models(self.input_path("policy"), rewards, value, lora=c.lora, reference=c.uses_reference,
-                              packed=c.pack_sequences)
-
-    def build_optimizer(self):
-        """AdamW over policy and value parameters, each with its own learning rate."""
-        c = self.config
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": c.learning_rate}]
-        if self.value_model is not None:
-            groups.append({"params": [p for p in self.value_model.parameters() if p.requires_grad],
-                           "lr": c.value_learning_rate})
-        return self.launch.adamw(groups)
-
-    def build_kl_controller(self):
-        c = self.config
-        if c.adaptive_kl:
-            return AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
-        return FixedKLController(c.kl_coef)
-
-    def build_rewards(self, models: dict) -> Rewards:
-        """The weighted reward sources: reward models with their manifest's normalisation, functions checked
-        at every call (rlhf.rewards.Rewards.build)."""
-        c = self.config
-        return Rewards.build(c.rewards, models, lambda name: (self.input_manifest(f"rewards.{name}") or {}).get(
-            "metrics", {}), normalize=c.normalize_score, field=f"stages.{self.stage_name}.rewards")
-
-    def build_engine(self):
-        """The rollout engine (`rollout_engine`, rlhf/engines.py) sampling with this stage's settings: hf on
-        the policy itself, or on a copy where rollouts run ahead (`max_staleness`); vllm from the policy's
-        checkpoint, its weights replaced after every update."""
-        c, options = self.config, dict(self.config.engine_options or {})
-        settings = SamplingSettings(c.max_new_tokens, c.temperature, c.top_p, bf16=c.bf16_sampling)
-        if self.launch.num_processes > 1 and (c.rollout_engine != "hf" or c.max_staleness):
-            raise StageError(f"{self.stage_name}: rollout_engine: {c.rollout_engine} and max_staleness > 0 are "
-                             "tested in one process only; launch without several processes")
-        if c.rollout_engine == "hf":
-            return engine_class("hf")(self.tokenizer, self.launch, settings, copy=c.max_staleness > 0, **options)
-        return engine_class(c.rollout_engine)(self.tokenizer, self.launch, settings, model=self.input_path("policy"),
-                                              seed=self.seed, **options)
-
-    def setup(self) -> None:
-        c = self.config
-        self.launch = RLLaunch.start(self.stage_name, micro_batch_size=c.micro_batch_size, seed=self.seed,
-                                     gradient_accumulation_steps=c.gradient_accumulation_steps,
-                                     max_grad_norm=c.max_grad_norm, lora=c.lora.enabled)
-        self.accelerator = self.launch.accelerator
-        self.launch.check_split(self.stage_name, c.rollout_batch_size, c.num_minibatches, c.samples_per_prompt)
-        policy, reference, value, reward_models, self.tokenizer = self.build_models()
-        self.policy, self.value_model = policy, value
-        self.optimizer = self.build_optimizer()
-        self.policy, self.reference, self.value_model, frozen, self.optimizer = self.launch.prepare(
-            policy, reference, value, list(reward_models.values()), self.optimizer)
-        self.rewards = self.build_rewards(dict(zip(reward_models, frozen)))
-        self.kl_ctl = self.build_kl_controller()
-        self.progress = StepCounter()
-        self.timer = PhaseTimer()
-        self.accelerator.register_for_checkpointing(self.kl_ctl, self.progress)
-        self.rollout_engine = self.build_engine()
-        self.sampler = Sampler(self.rollout, self.rollout_engine, c.max_staleness)
-        rows = Prompts.load(c.prompts)
-        keep = set(self.drop_long_prompts(rows.texts, f"stages.{self.stage_name}.prompts ({c.prompts})"))
-        rows = rows.select([i for i, p in enumerate(rows.texts) if p in keep])
-        self.prompts, self.prompt_columns = rows.texts, rows.columns  # the kept rows and their other columns
-        self.start_evaluation()
-        kept = set(self.drop_long_prompts(self.evaluation.prompts,
-                                          f"evaluation.prompts ({self.experiment.evaluation.prompts})"))
-        self.evaluation.keep_prompts(kept.__contains__)
-        log.info("%s: policy %d trainable parameters, %s; %d prompts, %d steps of %d responses (%d per prompt)",
-                 self.stage_name, count_parameters(self.policy, True),
-                 f"value {count_parameters(self.value_model, True)}" if self.value_model is not None else "no value model",
-                 len(self.prompts), c.num_steps, c.rollout_batch_size, c.samples_per_prompt)
-
-    def drop_long_prompts(self, prompts: list[str], field: str) -> list[str]:
-        """`prompts` without those longer than `max_prompt_tokens` (all of them when it is None)."""
-        return within_length(self.tokenizer, prompts, self.config.max_prompt_tokens, field,
-                             f"stages.{self.stage_name}.max_prompt_tokens")
 
     # ---- override points: one per step of the loop ---------------------------------------------
-
-    def prompts_for_step(self, step: int) -> list[int]:
-        """Indices into `self.prompts` of `step`'s rollout: rollout_batch_size / K prompts, each repeated
-        K = samples_per_prompt times in a row (a group), in a seeded shuffle per pass (rlhf.prompts.step_rows)."""
-        c = self.config
-        return step_rows(step, c.rollout_batch_size, c.samples_per_prompt, len(self.prompts), self.seed)
-
-    def rollout(self, prompts: list[str]):
-        """Step 1: sample responses with the rollout engine. Returns an `rlhf.engines.Rollout`."""
-        return self.rollout_engine.sample(prompts)
 
     @torch.no_grad()
     def score(self, query_ids, query_mask, response_ids, response_mask, prompts: list[str],
@@ -447,16 +308,6 @@ class PPOStage(PolicyStage):
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}
 
-    def step_rows(self, step: int) -> list[int]:
-        """This rank's rows of `step`'s rollout (`prompts_for_step`, then `RLLaunch.local_rows`)."""
-        return self.launch.local_rows(self.prompts_for_step(step))
-
-    def save_checkpoint(self, path) -> None:
-        """The accelerator's state (models, optimizer, RNG, KL controller, step) and the rollouts sampled
-        ahead, so a resumed run neither loses them nor samples them again."""
-        self.accelerator.save_state(str(path))
-        self.sampler.save(path)
-
     def watchdog(self, seq_kl: float, length: float, unique_share: float) -> str | None:
         """A reason to stop, or None. KL past the budget, collapsing responses or the same few answers to
         every prompt mean the policy is gaming its rewards."""
@@ -469,40 +320,3 @@ class PPOStage(PolicyStage):
             return (f"only {unique_share:.0%} of the rollout's responses are distinct, below "
                     f"{key}.min_unique_share={c.min_unique_share}")
         return None
-
-    # ---- evaluation and saving -----------------------------------------------------------------
-
-    def judge_policy(self, greedy: bool | None) -> dict:
-        """The experiment's evaluation of the current policy (per-prompt lists; KL to the reference where
-        the stage holds one). `greedy` None: as the evaluation config says; False: sampled responses only."""
-        with self.launch.generation_model() as policy:
-            return self.evaluation.run(policy, self.tokenizer, greedy=greedy, **self.reference_kwargs(policy))
-
-    def evaluate(self) -> dict:
-        return self.compare_with_reference(self.judge_policy(greedy=None), self.progress.step)
-
-    def save(self, out) -> None:
-        policy = self.accelerator.unwrap_model(self.policy)
-        if self.config.lora.enabled:
-            policy.save_pretrained(str(out / "adapter"))
-            policy = policy.merge_and_unload()
-            self.policy = policy
-        # Sharded runs (ZeRO-3, FSDP) save the state every rank gathered at the end of training.
-        save_policy(policy, self.tokenizer, out, getattr(self, "final_state", None))
-
-    def verify_saved(self, out) -> None:
-        from transformers import AutoModelForCausalLM
-
-        verify_checkpoint(self.accelerator.unwrap_model(self.policy), out, AutoModelForCausalLM, self.tokenizer,
-                          getattr(self, "final_state", None))
-
-    def manifest_extra(self):
-        return tokenizer_facts(self.tokenizer)
-
-    @classmethod
-    def report_notes(cls, m):
-        return [f"**Stopped early:** {m['stopped_early']}."] if m.get("stopped_early") else []
-
-    def memory_plan(self):
-        """This stage's models, batch sizes and lengths, for `rlhf plan --memory` (PPOConfig.memory_plan)."""
-        return self.config.memory_plan()
