@@ -82,6 +82,10 @@ def main() -> None:
         "train_reward_first": rows[0][f"env/reward/{a.reward}"],
         "train_reward_last": rows[-1][f"env/reward/{a.reward}"],
         "train_kl_per_sequence_last": rows[-1]["env/kl"], "train_length_last": rows[-1]["env/response_length"],
+        "train_rewards": [r[f"env/reward/{a.reward}"] for r in rows],
+        "generated_tokens": sum(r["env/response_length"] for r in rows) * a.prompts_per_step * a.group_size,
+        "mismatch": {k: sum(r[k] for r in rows) / len(rows) for k in sorted({k for r in rows for k in r
+                                                                             if k.startswith("rollout/")})},
         "policy_dir": str(out / "policy"), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
     })
 
