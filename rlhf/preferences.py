@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.models import LoraSettings
+from rlhf.schema import checked, logging_only
+from rlhf.trainers import LR_SCHEDULERS, TrainerSettings
+
 SPLITS = ("train", "eval")
 SAMPLES = "samples.jsonl"
 HUMAN = "human"
@@ -156,6 +160,39 @@ def check_input(stage: Any, field: str = "preferences") -> None:
             "experiment nor a directory holding train.jsonl; name a preferences stage or such a directory, or give "
             f"preference files and hub datasets as stages.{stage.stage_name}.train_data / eval_data"
         )
+
+
+@dataclass
+class PairPolicySettings(TrainerSettings):
+    """The settings every policy stage that learns from preference pairs with a Trainer has alike (DPO, KTO):
+    the policy and its pairs, the schedule, LoRA, the EOS floor and the periodic evaluation; the Trainer's
+    (`batch_size`, `bf16`, ...) come from `TrainerSettings`. A method's config adds its own loss's."""
+
+    policy: str = "sft"
+    """Policy to optimise, and the reference it is held near: an upstream stage, a hub id or a local HF directory."""
+    preferences: str | None = "preferences"
+    """Pairs: a preferences stage, or a directory of its files (train.jsonl, eval.jsonl); None: only `train_data`."""
+    train_data: str | None = None
+    """More preference pairs ({"prompt","chosen","rejected"}; a local file or hub dataset, source "human")."""
+    eval_data: str | None = None
+    """More held-out preference pairs (source "human")."""
+    max_length: int = checked(128, ge=2)
+    """Longest tokenized prompt + answer; longer ones are truncated (DPO drops a pair whose prompt alone fills it)."""
+    max_steps: int = checked(200, ge=1)
+    """Optimizer steps."""
+    learning_rate: float = checked(1e-4, gt=0)
+    """Peak learning rate."""
+    warmup_steps: int = checked(10, ge=0)
+    """Linear warmup steps before the learning-rate schedule."""
+    lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
+    """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Train LoRA adapters instead of all weights (merged into the artifact; the reference is then the
+    policy with its adapters disabled)."""
+    min_eos_rate: float = checked(0.8, ge=0, le=1)
+    """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS."""
+    eval_every: int = logging_only(50, ge=0)
+    """Run the experiment's evaluation (sampled responses only) every N steps, for the report's curves (0: never)."""
 
 
 class LearnsFromPairs:

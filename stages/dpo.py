@@ -19,18 +19,18 @@ that prefers the rejected response of held-out pairs, or that stops ending its a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from rlhf.schema import checked, logging_only
+from rlhf.schema import checked
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
 from rlhf.errors import StageError
-from rlhf.models import LoraSettings, load_causal_lm
+from rlhf.models import load_causal_lm
 from rlhf.policy import PolicyStage
-from rlhf.preferences import LearnsFromPairs
+from rlhf.preferences import LearnsFromPairs, PairPolicySettings
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import LR_SCHEDULERS, TrainerSettings, TrainerStage, trainer_arguments
+from rlhf.trainers import TrainerStage, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -41,18 +41,10 @@ the installed TRL)."""
 
 
 @dataclass
-class DPOConfig(TrainerSettings):
-    """The DPO stage's settings; the Trainer's (`batch_size`, `bf16`, ...) come from `TrainerSettings`,
-    with DPO's own defaults redeclared here."""
+class DPOConfig(PairPolicySettings):
+    """The DPO stage's settings: its loss's, beside those of every pair-learning policy stage
+    (`PairPolicySettings`: policy, pairs, schedule, LoRA, EOS floor) and the Trainer's."""
 
-    policy: str = "sft"
-    """Policy to optimise, and the reference it is held near: an upstream stage, a hub id or a local HF directory."""
-    preferences: str | None = "preferences"
-    """Pairs: a preferences stage, or a directory of its files (train.jsonl, eval.jsonl); None: only `train_data`."""
-    train_data: str | None = None
-    """More preference pairs ({"prompt","chosen","rejected"}; a local file or hub dataset, source "human")."""
-    eval_data: str | None = None
-    """More held-out preference pairs (source "human")."""
     loss_type: str = checked("sigmoid", choices=LOSS_TYPES)
     """TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot,
     aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm."""
@@ -63,25 +55,8 @@ class DPOConfig(TrainerSettings):
     precompute_ref_log_probs: bool = False
     """Compute the reference's logprobs of every pair once before training instead of keeping the reference
     model in memory while training (the final evaluation still loads it, to measure KL)."""
-    max_length: int = checked(128, ge=2)
-    """Longest tokenized prompt + response; longer ones are truncated, pairs whose prompt alone fills it dropped."""
-    max_steps: int = checked(200, ge=1)
-    """Optimizer steps."""
-    learning_rate: float = checked(1e-4, gt=0)
-    """Peak learning rate."""
-    warmup_steps: int = checked(10, ge=0)
-    """Linear warmup steps before the learning-rate schedule."""
-    lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
-    """Learning-rate schedule after warmup, a transformers `SchedulerType` (cosine, linear, constant, ...)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """Train LoRA adapters instead of all weights (merged into the artifact; the reference is then the
-    policy with its adapters disabled)."""
     min_accuracy: float = checked(0.6, ge=0, le=1)
     """Fail the stage when the implicit reward prefers the chosen response on fewer held-out pairs than this."""
-    min_eos_rate: float = checked(0.8, ge=0, le=1)
-    """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS."""
-    eval_every: int = logging_only(50, ge=0)
-    """Run the experiment's evaluation (sampled responses only) every N steps, for the report's curves (0: never)."""
 
     def __post_init__(self) -> None:
         if self.loss_type == "exo_pair" and not 0 < self.label_smoothing < 1:

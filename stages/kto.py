@@ -15,53 +15,29 @@ come from its base classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from rlhf.schema import checked, logging_only
-from rlhf.models import LoraSettings, load_causal_lm
+from rlhf.schema import checked
+from rlhf.models import load_causal_lm
 from rlhf.policy import PolicyStage
-from rlhf.preferences import LearnsFromPairs
+from rlhf.preferences import LearnsFromPairs, PairPolicySettings
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import LR_SCHEDULERS, TrainerSettings, TrainerStage, trainer_arguments
+from rlhf.trainers import TrainerStage, trainer_arguments
 
 
 @dataclass
-class KTOConfig(TrainerSettings):
-    """The KTO stage's settings; the Trainer's (`bf16`, `gradient_accumulation_steps`, ...) come from
-    `TrainerSettings`, with KTO's own defaults redeclared here."""
+class KTOConfig(PairPolicySettings):
+    """The KTO stage's settings: its loss's, beside those of every pair-learning policy stage
+    (`PairPolicySettings`: policy, pairs to unpair, schedule, LoRA, EOS floor) and the Trainer's."""
 
-    policy: str = "sft"
-    """Policy to optimise, and the reference it is held near: an upstream stage, a hub id or a local HF directory."""
-    preferences: str | None = "preferences"
-    """Pairs to unpair: a preferences stage, or a directory of its files; None: only `train_data`."""
-    train_data: str | None = None
-    """More preference pairs ({"prompt","chosen","rejected"}; a local file or hub dataset, source "human")."""
-    eval_data: str | None = None
-    """More held-out preference pairs (source "human")."""
     beta: float = checked(0.1, gt=0)
     """Strength of the pull towards the reference (higher: closer)."""
     desirable_weight: float = checked(1.0, gt=0)
     """Weight of the desirable answers' loss (raise it where desirable answers are fewer)."""
     undesirable_weight: float = checked(1.0, gt=0)
     """Weight of the undesirable answers' loss."""
-    max_length: int = checked(128, ge=2)
-    """Longest tokenized prompt + answer; longer ones are truncated."""
-    max_steps: int = checked(200, ge=1)
-    """Optimizer steps."""
     batch_size: int = checked(16, ge=2, hint="KTO estimates its KL term from the other answers of the batch")
     """Unpaired examples per device per forward pass (a pair gives two)."""
-    learning_rate: float = checked(1e-4, gt=0)
-    """Peak learning rate."""
-    warmup_steps: int = checked(10, ge=0)
-    """Linear warmup steps before the learning-rate schedule."""
-    lr_scheduler_type: str = checked("cosine", choices=LR_SCHEDULERS)
-    """Learning-rate schedule after warmup, a transformers `SchedulerType`."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """Train LoRA adapters (merged into the artifact; the reference is the policy with its adapters off)."""
-    min_eos_rate: float = checked(0.8, ge=0, le=1)
-    """Fail the stage when fewer of the evaluation's sampled responses than this end with EOS."""
-    eval_every: int = logging_only(50, ge=0)
-    """Run the experiment's evaluation (sampled responses only) every N steps, for the report's curves (0: never)."""
 
 
 class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage):
