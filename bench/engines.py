@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=HERE / "out" / "engines")
+    ap.add_argument("--env", nargs="*", default=[], help="NAME=VALUE settings for every variant's process")
+    ap.add_argument("--eval", type=int, default=0, metavar="N",
+                    help="then sample each trained policy on the first N held-out prompts (bench/eval_task.py) and set "
+                         "its task success against the first variant's, with a paired-bootstrap 95%% interval")
     a = ap.parse_args()
     policy = a.policy or smol_source()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -60,14 +64,37 @@ def main() -> None:
         start = time.time()
         with open(a.out / f"{name}.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           env={**os.environ, "HF_HUB_OFFLINE": "1", **dict(e.split("=", 1) for e in a.env)})
         print(f"{name}: {time.time() - start:.0f} s", file=sys.stderr)
+        if a.eval:
+            subprocess.run([sys.executable, str(HERE / "eval_task.py"), "--policy", str(out / "policy"),
+                            "--prompts", str(REPO / "data/prompts/eval.jsonl.gz"), "--num-prompts", str(a.eval),
+                            "--response-length", "48", "--temperature", "0.7", "--json",
+                            str(a.out / f"{name}.eval.json")], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if a.eval:
+        print(held_out([(n, json.loads((a.out / f"{n}.eval.json").read_text())) for n in a.only]))
     print(table([json.loads((a.out / f"{n}.json").read_text()) | {"name": n} for n in a.only
                  if (a.out / f"{n}.json").exists()]))
 
 
+def held_out(evals: list[tuple[str, dict]]) -> str:
+    """Each variant's held-out task success, and its difference from the first variant's with a paired
+    bootstrap 95% interval over the prompts (the same prompts and sampling seed for every variant)."""
+    import random
+
+    base = evals[0][1]["scores"]
+    lines = ["| variant | held-out task success | difference from " + evals[0][0] + " (95% CI) |", "|---|---|---|"]
+    for name, e in evals:
+        d = [x - y for x, y in zip(e["scores"], base)]
+        rng = random.Random(0)
+        boot = sorted(sum(rng.choice(d) for _ in d) / len(d) for _ in range(2000))
+        lines.append(f"| {name} | {e['reward']:.3f} | {sum(d) / len(d):+.3f} ({boot[50]:+.3f}, {boot[1949]:+.3f}) |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
-    phases = ["time/rollout", "time/policy_forward", "time/reference_forward", "time/score", "time/update"]
+    phases = ["time/rollout", "time/policy_forward", "time/reference_forward", "time/score", "time/update", "time/sync"]
     head = ("| variant | completions/s | new tokens/s (rollout) | " + " | ".join(p[5:] for p in phases)
             + " | train reward, first -> last 2 steps | mismatch KL | tokens truncated |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]

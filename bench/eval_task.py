@@ -46,6 +46,7 @@ def main() -> None:
         "policy": a.policy, "reward_function": a.reward, "prompts": n, "reward": sum(scores) / n,
         "eos_rate": sum(s.ended for s in samples) / n,
         "length": sum(s.num_tokens for s in samples) / n, "samples": [s.response for s in samples[:3]],
+        "scores": [float(x) for x in scores],
     })
 
 

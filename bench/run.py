@@ -329,6 +329,32 @@ def kept_sections(old: str, new: str) -> str:
     return "".join(out)
 
 
+def bench_engines(quick: bool, threads: int, out: Path) -> dict:
+    """bench/engines.py in .venv-vllm (make vllm-setup), where it exists: each variant's phases, throughput and
+    mismatch, and the held-out task success of the two bfloat16 variants trained longer."""
+    py = ROOT / ".venv-vllm" / "bin" / "python"
+    if not py.exists():
+        return {"text": "Not measured: .venv-vllm does not exist (`make vllm-setup`).\n"}
+    if not (ROOT / "artifacts" / "aliases" / "smol" / "grpo").exists():
+        return {"text": "Not measured: SmolLM2 is not in the store (`make smol`).\n"}
+    steps, longer, prompts = (2, 2, 16) if quick else (6, 16, 256)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for args in (["--steps", str(steps)],
+                 ["--steps", str(longer), "--only", "hf-bf16", "vllm-bf16", "--eval", str(prompts),
+                  "--out", str(out / "engines-reward")]):
+        done = subprocess.run([str(py), str(ROOT / "bench" / "engines.py"), *args], cwd=ROOT, env=env(threads),
+                              capture_output=True, text=True, check=True)
+        (logs / "engines.log").open("a").write(done.stderr)
+        parts.append(done.stdout)
+    text = (f"`bench/engines.py --steps {steps}` (SmolLM2 from `make smol`'s store, configs/smol.yaml's GRPO with "
+            "LoRA, 8 prompts x 4 responses of at most 48 tokens, task-check reward; per step, one run each, in "
+            f"turn):\n\n{parts[0]}\nThe two bfloat16 variants trained {longer} steps, then sampled on {prompts} "
+            f"held-out prompts (`bench/engines.py --steps {longer} --eval {prompts}`):\n\n{parts[1]}")
+    return {"text": text}
+
+
 def report(res: dict) -> str:
     s, lines = res["settings"], []
     add = lines.append
@@ -416,14 +442,18 @@ def report(res: dict) -> str:
         add(f"\nOurs / plain tokens per second (medians): **{ratio:.3f}**.\n")
     if "grpo" in res:
         grpo_report(res, add, measured)
+    if "engines" in res:
+        add("## Rollout engines: GRPO on SmolLM2-135M-Instruct through `generate` and vLLM\n")
+        measured("engines")
+        add(res["engines"]["text"])
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs on small settings (checks the benchmark)")
-    ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft", "grpo"],
-                    default=["pipeline", "ppo", "sft", "grpo"])
+    ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft", "grpo", "engines"],
+                    default=["pipeline", "ppo", "sft", "grpo", "engines"])
     ap.add_argument("--runs", type=int, help="runs per framework (default 3; quick: GRPO 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
@@ -468,8 +498,10 @@ def main() -> None:
         hp = s["grpo"]
         res["grpo"] = {**bench_grpo(s, artifact(store, experiment, "sft"), a.threads, out), "date": res["date"],
                        "trl_loss_type": trl_loss_type(hp["loss"], hp["minibatches"], hp.get("grad-accum", 1))}
+    if "engines" in a.only:
+        res["engines"] = {**bench_engines(a.quick, a.threads, out), "date": res["date"]}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    for section in ("pipeline", "ppo", "sft", "grpo"):  # keep what this run did not redo, saying when it ran
+    for section in ("pipeline", "ppo", "sft", "grpo", "engines"):  # keep what this run did not redo, saying when it ran
         if section not in res and section in previous and previous.get("quick") == a.quick:
             res[section] = {**previous[section], "date": previous[section].get("date", previous["date"])}
             if section == "ppo" and "trl" not in res["versions"] and "trl" in previous.get("versions", {}):

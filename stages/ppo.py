@@ -276,7 +276,8 @@ class PPOStage(RLStage):
             self.update_rng = torch.Generator().manual_seed(self.seed * 1000003 + step) if c.max_staleness else None
             with self.timer("update"):
                 stats = self.update(traj, advantages, returns)
-            self.sampler.sync(self.policy)
+            with self.timer("sync"):  # the engine takes the new weights (nothing to do for hf at staleness 0)
+                self.sampler.sync(self.policy)
             self.kl_ctl.update(seq_kl, c.rollout_batch_size)
             # 6. log
             stats.update({
