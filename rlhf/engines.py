@@ -71,8 +71,10 @@ class RolloutEngine:
     def start(self, policy) -> None:
         """Take the policy's current weights, once, before the first rollout."""
 
-    def sample(self, prompts: list[str]) -> Rollout:
-        """One response per prompt (repeat a prompt for several)."""
+    def sample(self, prompts: list[str], settings: SamplingSettings | None = None, seed: int | None = None) -> Rollout:
+        """One response per prompt (repeat a prompt for several), with the engine's settings or `settings`
+        (temperature 0: greedy). `seed`: prompt i's draws are seeded with seed + i (the same draws whatever
+        the weights, for paired comparisons), where the engine supports it."""
         raise NotImplementedError
 
     def weights(self, policy) -> dict[str, torch.Tensor] | None:
@@ -118,8 +120,8 @@ class HFEngine(RolloutEngine):
             self.model = model.requires_grad_(False).eval()
 
     @torch.no_grad()
-    def sample(self, prompts: list[str]) -> Rollout:
-        tok, s = self.tokenizer, self.settings
+    def sample(self, prompts: list[str], settings: SamplingSettings | None = None, seed: int | None = None) -> Rollout:
+        tok, s = self.tokenizer, settings or self.settings
         enc = encode_prompts(tok, prompts, self.launch.accelerator.device)
         # these settings alone: the checkpoint's generation_config must not reshape what is sampled
         config = generation_config(tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)

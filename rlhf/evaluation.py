@@ -86,11 +86,12 @@ def templates(prompts: list[str], responses: list[str]) -> list[str]:
 class PolicyEvaluation:
     """The experiment's held-out prompts and judges, loaded once; `run` measures one policy on them."""
 
-    def __init__(self, config, seed: int, field: str = "evaluation"):
+    def __init__(self, config, seed: int, field: str = "evaluation", model_path: str | None = None):
         from rlhf.data import load_rows
         from rlhf.judges import load_judge
 
         self.config, self.seed = config, seed
+        self.model_path, self.engine = model_path, None  # where evaluation.engine: vllm starts from; the engine
         rows = load_rows(config.prompts, "prompts", limit=config.num_prompts)
         self.prompts: list[str] = rows["prompt"]
         self.columns: dict[str, list] = {c: rows[c] for c in rows.column_names if c != "prompt"}
@@ -119,9 +120,10 @@ class PolicyEvaluation:
         """
         c = self.config
         greedy = c.greedy if greedy is None else greedy
-        out = {"sampled": self._decode(policy, tokenizer, c.temperature, reference, reference_context)}
+        engine = self._engine(policy, tokenizer)
+        out = {"sampled": self._decode(policy, tokenizer, c.temperature, reference, reference_context, engine)}
         if greedy:
-            out["greedy"] = self._decode(policy, tokenizer, 0.0, None, None)
+            out["greedy"] = self._decode(policy, tokenizer, 0.0, None, None, engine)
         for results in out.values():
             results["templates"] = templates(self.prompts, results["responses"])
             for role, judge in self.judges.items():
@@ -131,14 +133,42 @@ class PolicyEvaluation:
     def greedy(self, policy, tokenizer) -> list[str]:
         """The greedy responses alone, decoded as `run` decodes its greedy half (for measuring a policy
         with judges of one's own, e.g. bench/smol_dpo_settings.py)."""
-        return self._decode(policy, tokenizer, 0.0, None, None)["responses"]
+        return self._decode(policy, tokenizer, 0.0, None, None, self._engine(policy, tokenizer))["responses"]
 
-    def _decode(self, policy, tokenizer, temperature: float, reference, reference_context) -> dict[str, list]:
+    def _engine(self, policy, tokenizer):
+        """None for `generate`; for evaluation.engine: vllm, vLLM (rlhf/vllm_engine.py) started once on
+        `model_path` (the stage's starting checkpoint: same architecture and tokenizer) and given `policy`'s
+        weights at every call. One process only."""
+        if self.config.engine == "hf":
+            return None
+        from types import SimpleNamespace
+
+        from rlhf.distributed import process_state
+        from rlhf.engines import SamplingSettings, engine_class
+        from rlhf.errors import StageError
+
+        c = self.config
+        if self.model_path is None or process_state().num_processes > 1:
+            raise StageError("evaluation.engine: vllm needs one process and the stage's starting checkpoint; "
+                             "use evaluation.engine: hf here")
+        if self.engine is None:
+            launch = SimpleNamespace(accelerator=SimpleNamespace(device=policy.device, unwrap_model=lambda m: m))
+            settings = SamplingSettings(c.max_new_tokens, c.temperature, bf16=c.bf16_sampling)
+            self.engine = engine_class(c.engine)(tokenizer, launch, settings, model=self.model_path, seed=self.seed,
+                                                 **(c.engine_options or {}))
+            self.engine.start(policy)
+        else:
+            self.engine.load(self.engine.weights(policy))
+        return self.engine
+
+    def _decode(self, policy, tokenizer, temperature: float, reference, reference_context,
+                engine=None) -> dict[str, list]:
         from rlhf.ppo.core import masked_sum, response_mask_from_eos
         from rlhf.rollout import policy_forward
         from tqdm.auto import tqdm
 
         from rlhf.distributed import process_state
+        from rlhf.engines import SamplingSettings
         from rlhf.sampling import batches, encode_prompts, generate, generation_config
 
         c, eos = self.config, tokenizer.eos_token_id
@@ -153,13 +183,18 @@ class PolicyEvaluation:
             torch.manual_seed(self.seed)
             chunks = list(batches(self.prompts, c.batch_size))
             mode = "sampled" if temperature > 0 else "greedy"
-            for chunk in tqdm(chunks, desc=f"evaluation ({mode})", leave=False,
-                              disable=len(chunks) < 2 or not process_state().is_main_process):
-                enc = encode_prompts(tokenizer, chunk, policy.device)
-                seqs = generate(policy, config, bf16=c.bf16_sampling, **enc)
-                q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
-                r_ids = seqs[:, q_ids.shape[1]:]
-                r_mask = response_mask_from_eos(r_ids, eos)
+            for i, chunk in enumerate(tqdm(chunks, desc=f"evaluation ({mode})", leave=False,
+                                           disable=len(chunks) < 2 or not process_state().is_main_process)):
+                if engine is not None:  # prompt j's draws seeded by seed + j: the same for every policy
+                    settings = SamplingSettings(c.max_new_tokens, temperature, bf16=c.bf16_sampling)
+                    q_ids, q_mask, r_ids, r_mask = (t.to(policy.device) for t in engine.sample(
+                        chunk, settings, seed=self.seed + i * c.batch_size)[:4])
+                else:
+                    enc = encode_prompts(tokenizer, chunk, policy.device)
+                    seqs = generate(policy, config, bf16=c.bf16_sampling, **enc)
+                    q_ids, q_mask = enc["input_ids"], enc["attention_mask"].bool()
+                    r_ids = seqs[:, q_ids.shape[1]:]
+                    r_mask = response_mask_from_eos(r_ids, eos)
                 if measure_kl:
                     logp, _ = policy_forward(policy, q_ids, q_mask, r_ids, r_mask, temperature)
                     with reference_context():

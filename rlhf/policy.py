@@ -25,11 +25,12 @@ A new method is a subclass that sets `name`, `config_class`, `inputs` and writes
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from rlhf.errors import StageError
+from rlhf.errors import ConfigError, StageError
 from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
 from rlhf.schema import result_config
 from rlhf.stage import Stage
@@ -73,12 +74,19 @@ class PolicyStage(Stage):
         for role, spec in ev.judges.items():
             if spec:
                 self.check_judge(spec, f"evaluation.judges.{role}", ev.prompts, top=True)
+        if ev.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(f"{self.where('evaluation.engine', top=True)}: vllm is not installed in this "
+                              "environment; `make vllm-setup` makes .venv-vllm with vLLM's CPU build")
 
     # ---- the evaluation's lifecycle --------------------------------------------------------------
 
     def start_evaluation(self) -> PolicyEvaluation:
         """The experiment's evaluation, seeded by this stage: call it in `setup`."""
-        self.evaluation = PolicyEvaluation(self.experiment.evaluation, self.seed)
+        ev = self.experiment.evaluation
+        # evaluation.engine: vllm starts from the starting checkpoint (SFT's: the model it fine-tunes)
+        source = self.reference_input if self.reference_input in self.input_refs else next(iter(self.input_refs), None)
+        self.evaluation = PolicyEvaluation(ev, self.seed, model_path=self.input_path(source)
+                                           if source and ev.engine != "hf" else None)
         return self.evaluation
 
     def measure_reference(self, measure: Callable[[], dict]) -> dict:

@@ -203,6 +203,11 @@ class EvalConfig:
     bf16_sampling: bool = checked(False, keyed_when_set=True)
     """Generate under bfloat16 autocast (faster on CPUs with AVX512-BF16 and on GPUs); judges and KL are
     computed as before, KL in float32 (rlhf.sampling.generate)."""
+    engine: str = checked("hf", choices=("hf", "vllm"), keyed_when_set=True)
+    """What samples the evaluation's responses, for every policy alike (the comparison needs one sampler):
+    hf (`generate`) or vllm (rlhf/vllm_engine.py: `make vllm-setup`; one process)."""
+    engine_options: dict[str, Any] | None = checked(None, keyed_when_set=True)
+    """Extra arguments of `vllm.LLM` where `engine` is vllm."""
     num_logged_samples: int = logging_only(8, ge=0)
     """Prompts whose responses the manifest and the report show side by side."""
 

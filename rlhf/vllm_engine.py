@@ -11,6 +11,11 @@ probabilities it sampled from, which the importance-sampling correction sets aga
 In-process engines need `VLLM_ENABLE_V1_MULTIPROCESSING=0` before vLLM starts; on CPU, vLLM would pin
 OpenMP threads to cores (`VLLM_CPU_OMP_THREADS_BIND`), which the trainer in the same process shares, so
 it is told not to. Both are set here unless the environment sets them.
+
+vLLM's parallel state is global to the process: an `LLM` that is destroyed takes it down for every other
+one. So an `LLM` is made once per checkpoint and settings and kept for the process (`_LLMS`); the rollout
+engine and `evaluation.engine: vllm` of one stage share it, each loading the weights it needs before it
+samples.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import torch
 
 from rlhf.engines import Rollout, RolloutEngine, SamplingSettings
 from rlhf.sampling import encode_prompts
+
+_LLMS: dict[str, object] = {}
+"""Every `vllm.LLM` this process made, by checkpoint and settings (never destroyed: see above)."""
 
 
 class VLLMEngine(RolloutEngine):
@@ -47,20 +55,24 @@ class VLLMEngine(RolloutEngine):
             options.setdefault("gpu_memory_utilization", 0.3)
         else:  # on CPU vLLM would reserve 92% of the machine's memory for its KV cache
             options.setdefault("kv_cache_memory_bytes", 1 << 30)
-        self.llm = LLM(model=self.model_path, seed=self.seed, **options)
-        torch.set_num_threads(threads)  # vLLM's CPU worker sets its own
+        key = repr((self.model_path, self.seed, sorted(options.items())))
+        if key not in _LLMS:
+            _LLMS[key] = LLM(model=self.model_path, seed=self.seed, **options)
+            torch.set_num_threads(threads)  # vLLM's CPU worker sets its own
+        self.llm = _LLMS[key]
         self.load(self.weights(policy))
 
     @torch.no_grad()
-    def sample(self, prompts: list[str]) -> Rollout:
+    def sample(self, prompts: list[str], settings: SamplingSettings | None = None, seed: int | None = None) -> Rollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        tok, s = self.tokenizer, self.settings
+        tok, s = self.tokenizer, settings or self.settings
         enc = encode_prompts(tok, prompts)
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
-        params = SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                logprobs=0, stop_token_ids=[tok.eos_token_id], detokenize=False)
+        params = [SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 logprobs=0, stop_token_ids=[tok.eos_token_id], detokenize=False,
+                                 seed=None if seed is None else seed + i) for i in range(len(prompts))]
         requests = [TokensPrompt(prompt_token_ids=ids[mask].tolist()) for ids, mask in zip(query_ids, query_mask)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         width = max(1, max(len(o.outputs[0].token_ids) for o in outputs))
@@ -86,4 +98,4 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        self.llm = None
+        self.llm = None  # the LLM itself stays in `_LLMS` for the process

@@ -173,4 +173,6 @@ def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_instal
 
     if importlib.util.find_spec("vllm") is None:
         assert main(["plan", str(upstream), "--until", "grpo", *grpo(upstream, "stages.grpo.rollout_engine=vllm")]) != 0
-        assert "make vllm-setup" in capsys.readouterr().err
+        assert "stages.grpo.rollout_engine: vllm is not installed" in capsys.readouterr().err
+        assert main(["plan", str(upstream), "--until", "grpo", *grpo(upstream, "evaluation.engine=vllm")]) != 0
+        assert "evaluation.engine: vllm is not installed" in capsys.readouterr().err

@@ -78,17 +78,41 @@ def test_engine_logprobs_match_the_trainers_after_a_weight_sync(engine_and_polic
     assert gap(engine, policy, prompts) < ATOL
 
 
-def test_grpo_samples_through_vllm_and_logs_the_mismatch(vllm_upstream):
+def test_grpo_samples_and_is_evaluated_through_vllm_and_logs_the_mismatch(vllm_upstream):
     prompts = load_experiment(vllm_upstream).stages["ppo"].config.prompts
     run = [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=2", "stages.grpo.rollout_batch_size=8",
            "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2", "stages.grpo.max_new_tokens=8",
            "stages.grpo.eval_every=0", "stages.grpo.save_every=0", "stages.grpo.min_unique_share=null",
-           "stages.grpo.no_eos_score=null", "stages.grpo.rollout_engine=vllm",
+           "stages.grpo.no_eos_score=null", "stages.grpo.rollout_engine=vllm", "evaluation.engine=vllm",
+           "evaluation.num_prompts=16",
            "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}"]
     pipe = Pipeline(load_experiment(vllm_upstream, run))
     result = {r.name: r for r in pipe.run(until="grpo")}["grpo"]
     rows = [json.loads(line) for line in (pipe.store.local_dir(result.key) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "env/score" in r]
-    assert len(rows) == 2 and result.metrics["train_steps"] == 2
+    assert len(rows) == 2 and result.metrics["train_steps"] == 2 and result.metrics["eval_prompts"] == 16
+    assert "gold_gain_ci" in result.metrics  # the evaluation, of the reference and of the policy, through vLLM
     # the engine took the update between the steps: step 2's rollout agrees with the trainer as step 1's did
     assert all(0 <= r["rollout/mismatch_kl"] < 1e-4 and r["rollout/truncated_share"] == 0 for r in rows)
+
+
+def test_the_evaluation_samples_through_vllm_for_every_policy_alike(vllm_upstream):
+    """`evaluation.engine: vllm`: greedy answers as `generate` gives them (float32; a near-tie may flip a
+    token), sampled ones seeded per prompt, so the same policy gets the same draws every time."""
+    import dataclasses
+
+    from rlhf.evaluation import PolicyEvaluation
+    from rlhf.models import load_causal_lm
+
+    exp = load_experiment(vllm_upstream)
+    path = str(Pipeline(exp).store.local_dir(Pipeline(exp).stages["sft"].key))
+    policy, tok = load_causal_lm(path)
+    config = dataclasses.replace(exp.config.evaluation, num_prompts=32, engine="vllm")
+    through_vllm = PolicyEvaluation(config, seed=0, model_path=path)
+    first, again = through_vllm.run(policy, tok, reference=policy), through_vllm.run(policy, tok)
+    plain = PolicyEvaluation(dataclasses.replace(config, engine="hf"), seed=0).run(policy, tok)
+    same = sum(a == b for a, b in zip(first["greedy"]["responses"], plain["greedy"]["responses"]))
+    assert same >= 0.9 * 32, f"{same} of 32 greedy answers agree"
+    assert first["sampled"]["responses"] == again["sampled"]["responses"]
+    assert first["sampled"]["kl"] == pytest.approx([0.0] * 32, abs=1e-5)  # against itself
+    assert set(first["sampled"]) >= {"responses", "length", "ended", "gold"}
