@@ -37,6 +37,16 @@ def _reduce(per_token: torch.Tensor, response_mask: torch.Tensor, reduce: Reduce
     return (token_mean if reduce is None else reduce(per_token)), token_mean
 
 
+def _clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, low: float,
+                       high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token -min(r * A, clip(r, 1 - low, 1 + high) * A) (B, T), and where the clipped term was selected
+    (strictly larger loss) (B, T) bool."""
+    unclipped = -advantages * ratio  # (B, T)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - low, 1.0 + high)  # (B, T)
+    # max of the negated terms == -min of the surrogate terms.
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
 def _policy_stats(token_mean: torch.Tensor, clipped: torch.Tensor, old_logprobs: torch.Tensor,
                   logprobs: torch.Tensor, ratio: torch.Tensor, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """The statistics every policy loss reports; `clipped` (B, T) bool marks the tokens clipping changed."""
@@ -85,12 +95,9 @@ def policy_loss(
     high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
-    unclipped = -advantages * ratio  # (B, T)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)  # (B, T)
-    # max of the negated terms == -min of the surrogate terms.
-    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    per_token, was_clipped = _clipped_surrogate(ratio, advantages, clip_range, high)
     loss, token_mean = _reduce(per_token, response_mask, reduce, token_weights)
-    return loss, _policy_stats(token_mean, clipped > unclipped, old_logprobs, logprobs, ratio, response_mask)
+    return loss, _policy_stats(token_mean, was_clipped, old_logprobs, logprobs, ratio, response_mask)
 
 
 def gspo_policy_loss(
@@ -134,11 +141,9 @@ def gspo_policy_loss(
     ratio = torch.exp(seq_log_ratio.unsqueeze(1) + real_logprobs - real_logprobs.detach())  # (B, T), s_i,t
     high = clip_range if clip_range_high is None else clip_range_high
     advantages = torch.where(response_mask, advantages, zero)  # (B, T)
-    unclipped = -advantages * ratio  # (B, T)
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)  # (B, T)
-    per_token = torch.maximum(unclipped, clipped)  # (B, T)
+    per_token, was_clipped = _clipped_surrogate(ratio, advantages, clip_range, high)
     loss, token_mean = _reduce(per_token, response_mask, reduce, token_weights)
-    return loss, _policy_stats(token_mean, clipped > unclipped, old_logprobs, logprobs, ratio, response_mask)
+    return loss, _policy_stats(token_mean, was_clipped, old_logprobs, logprobs, ratio, response_mask)
 
 
 def cispo_policy_loss(
