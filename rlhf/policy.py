@@ -25,12 +25,12 @@ A new method is a subclass that sets `name`, `config_class`, `inputs` and writes
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from rlhf.errors import ConfigError, StageError
+from rlhf.engines import require_installed
+from rlhf.errors import StageError
 from rlhf.evaluation import PolicyEvaluation, compare, reference_results, summarize
 from rlhf.schema import result_config
 from rlhf.stage import Stage
@@ -74,9 +74,7 @@ class PolicyStage(Stage):
         for role, spec in ev.judges.items():
             if spec:
                 self.check_judge(spec, f"evaluation.judges.{role}", ev.prompts, top=True)
-        if ev.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError(f"{self.where('evaluation.engine', top=True)}: vllm is not installed in this "
-                              "environment; `make vllm-setup` makes .venv-vllm with vLLM's CPU build")
+        require_installed(ev.engine, self.where("evaluation.engine", top=True))
 
     # ---- the evaluation's lifecycle --------------------------------------------------------------
 

@@ -17,11 +17,10 @@ Each `build_*` is a method a subclass may replace.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
-from rlhf.engines import Sampler, SamplingSettings, engine_class
-from rlhf.errors import ConfigError, StageError
+from rlhf.engines import Sampler, SamplingSettings, engine_class, require_installed
+from rlhf.errors import StageError
 from rlhf.launch import PhaseTimer, RLLaunch, StepCounter
 from rlhf.models import count_parameters, save_policy, verify_checkpoint
 from rlhf.policy import PolicyStage
@@ -60,9 +59,7 @@ class RLStage(PolicyStage):
         for name in self.config.rewards:
             if is_function(name):
                 self.check_judge(name, "rewards", self.config.prompts)
-        if self.config.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
-            raise ConfigError(f"{self.where('rollout_engine')}: vllm is not installed in this environment; "
-                              "`make vllm-setup` makes .venv-vllm with vLLM's CPU build (GPU: pip install vllm)")
+        require_installed(self.config.rollout_engine, self.where("rollout_engine"))
 
     def validate_inputs(self) -> None:
         super().validate_inputs()
@@ -171,7 +168,7 @@ class RLStage(PolicyStage):
         """Step 1: sample responses with the rollout engine. Returns an `rlhf.engines.Rollout`."""
         return self.rollout_engine.sample(prompts)
 
-    def step_rows(self, step: int) -> list[int]:
+    def rank_rows(self, step: int) -> list[int]:
         """This rank's rows of `step`'s rollout (`prompts_for_step`, then `RLLaunch.local_rows`)."""
         return self.launch.local_rows(self.prompts_for_step(step))
 

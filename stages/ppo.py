@@ -247,9 +247,9 @@ class PPOStage(RLStage):
             # max_staleness steps are asked for now: they sample while this step trains.
             with self.timer("rollout"):
                 for ahead in range(step, min(step + c.max_staleness + 1, c.num_steps)):
-                    self.sampler.submit(ahead, [self.prompts[i] for i in self.step_rows(ahead)])
+                    self.sampler.submit(ahead, [self.prompts[i] for i in self.rank_rows(ahead)])
                 sampled = self.sampler.take(step)
-            traj = self.make_trajectory(self.step_rows(step), sampled, step)
+            traj = self.make_trajectory(self.rank_rows(step), sampled, step)
             # 3. rewards: per-token KL penalty (if in the reward) plus the score at the episode's end
             rewards, kl = self.compute_rewards(traj)
             # 4. advantages
