@@ -180,6 +180,15 @@ def tiny_config(data: dict[str, Path], store: str, stages: tuple[str, ...] = ("p
             "evaluation": evaluation, "stages": {name: blocks[name] for name in stages}}
 
 
+def small_rl_run(stage: str, prompts, **settings) -> list[str]:
+    """Dotted overrides for a short run of RL stage `stage` on the tiny models: 8 responses per step in groups
+    of 4, at most 8 tokens each, 2 minibatches, 2 steps, no evaluation during training, no checkpoints, no
+    diversity watchdog. `settings` (YAML values, e.g. rewards="{reward: 1.0}") add to or replace these."""
+    base = {"prompts": prompts, "num_steps": 2, "rollout_batch_size": 8, "samples_per_prompt": 4,
+            "num_minibatches": 2, "max_new_tokens": 8, "eval_every": 0, "save_every": 0, "min_unique_share": "null"}
+    return [f"stages.{stage}.{k}={v}" for k, v in {**base, **settings}.items()]
+
+
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from conftest import small_rl_run
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.ppo.sampling_filters import groups_with_signal
@@ -44,10 +45,8 @@ def upstream(ppo_upstream):
 
 def dapo(upstream, *overrides):
     prompts = load_experiment(upstream).stages["ppo"].config.prompts
-    return [f"stages.dapo.prompts={prompts}", "stages.dapo.num_steps=2", "stages.dapo.rollout_batch_size=8",
-            "stages.dapo.samples_per_prompt=2", "stages.dapo.num_minibatches=2", "stages.dapo.max_new_tokens=8",
-            "stages.dapo.eval_every=0", "stages.dapo.save_every=0", "stages.dapo.min_unique_share=null",
-            "stages.dapo.no_eos_score=null", "stages.dapo.rewards={test_dapo:parity: 1.0}", *overrides]
+    return [*small_rl_run("dapo", prompts, samples_per_prompt=2, no_eos_score="null",
+                          rewards="{test_dapo:parity: 1.0}"), *overrides]
 
 
 def test_a_batch_keeps_groups_with_a_signal_and_tops_up_from_more_rollouts(upstream):

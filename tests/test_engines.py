@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from conftest import small_rl_run
 from rlhf.config import load_experiment
 from rlhf.engines import HFEngine, Rollout, RolloutEngine, Sampler
 from rlhf.pipeline import Pipeline
@@ -88,11 +89,8 @@ def upstream(ppo_upstream):
 
 def grpo(upstream, *overrides):
     prompts = load_experiment(upstream).stages["ppo"].config.prompts
-    return [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=3", "stages.grpo.rollout_batch_size=8",
-            "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2", "stages.grpo.max_new_tokens=8",
-            "stages.grpo.eval_every=0", "stages.grpo.save_every=0", "stages.grpo.min_unique_share=null",
-            "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}", "stages.grpo.no_eos_score=null",
-            *overrides]
+    return [*small_rl_run("grpo", prompts, num_steps=3, no_eos_score="null",
+                          rewards="{reward: 1.0, conftest:length_judge: 0.1}"), *overrides]
 
 
 def run_grpo(upstream, *overrides):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import small_rl_run, write_jsonl
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.stage import StageError
@@ -40,10 +40,8 @@ def upstream(ppo_upstream):
 
 def grpo(upstream, *overrides):
     path, prompts = upstream
-    return [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=2", "stages.grpo.rollout_batch_size=8",
-            "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2", "stages.grpo.max_new_tokens=8",
-            "stages.grpo.eval_every=0", "stages.grpo.save_every=1", "stages.grpo.min_unique_share=null",
-            "stages.grpo.rewards={test_grpo:word_reward: 1.0, reward: 0.5}", *overrides]
+    return [*small_rl_run("grpo", prompts, save_every=1, rewards="{test_grpo:word_reward: 1.0, reward: 0.5}"),
+            *overrides]
 
 
 def open_stage(upstream, *overrides):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import small_rl_run
 from rlhf.checkpoints import COMPLETE, CheckpointDir, write_aside, write_atomic
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
@@ -127,10 +128,7 @@ def test_grpo_killed_inside_a_checkpoint_write_resumes_to_the_same_weights(ppo_u
     """The critic-free path of the same loop (groups, no value model, the KL in the loss, a reward
     function beside the reward model): a kill in the step-3 save resumes from step 2 to the same weights."""
     prompts = load_experiment(ppo_upstream).stages["ppo"].config.prompts
-    run = [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=4", "stages.grpo.save_every=1",
-           "stages.grpo.rollout_batch_size=8", "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2",
-           "stages.grpo.max_new_tokens=8", "stages.grpo.eval_every=0", "stages.grpo.min_unique_share=null",
-           "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}"]
+    run = small_rl_run("grpo", prompts, num_steps=4, save_every=1, rewards="{reward: 1.0, conftest:length_judge: 0.1}")
     _, result, uninterrupted = run_stage(ppo_upstream, "grpo", *run)
     forget(ppo_upstream, result.key)
     killed_in = run_killed(ppo_upstream, 3, "written", "--until", "grpo", *run)
@@ -145,11 +143,8 @@ def test_grpo_one_step_off_policy_killed_resumes_to_the_same_weights_without_los
     old: a resumed run takes it instead of sampling it again (with newer weights), so it ends where the run
     never killed ends."""
     prompts = load_experiment(ppo_upstream).stages["ppo"].config.prompts
-    run = [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=4", "stages.grpo.save_every=1",
-           "stages.grpo.rollout_batch_size=8", "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2",
-           "stages.grpo.max_new_tokens=8", "stages.grpo.eval_every=0", "stages.grpo.min_unique_share=null",
-           "stages.grpo.no_eos_score=null", "stages.grpo.max_staleness=1",
-           "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}"]
+    run = small_rl_run("grpo", prompts, num_steps=4, save_every=1, no_eos_score="null", max_staleness=1,
+                       rewards="{reward: 1.0, conftest:length_judge: 0.1}")
     _, result, uninterrupted = run_stage(ppo_upstream, "grpo", *run)
     forget(ppo_upstream, result.key)
     killed_in = run_killed(ppo_upstream, 3, "written", "--until", "grpo", *run)

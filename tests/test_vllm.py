@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from conftest import small_rl_run  # noqa: E402
 from rlhf.config import load_experiment  # noqa: E402
 from rlhf.engines import SamplingSettings  # noqa: E402
 from rlhf.pipeline import Pipeline  # noqa: E402
@@ -80,12 +81,8 @@ def test_engine_logprobs_match_the_trainers_after_a_weight_sync(engine_and_polic
 
 def test_grpo_samples_and_is_evaluated_through_vllm_and_logs_the_mismatch(vllm_upstream):
     prompts = load_experiment(vllm_upstream).stages["ppo"].config.prompts
-    run = [f"stages.grpo.prompts={prompts}", "stages.grpo.num_steps=2", "stages.grpo.rollout_batch_size=8",
-           "stages.grpo.samples_per_prompt=4", "stages.grpo.num_minibatches=2", "stages.grpo.max_new_tokens=8",
-           "stages.grpo.eval_every=0", "stages.grpo.save_every=0", "stages.grpo.min_unique_share=null",
-           "stages.grpo.no_eos_score=null", "stages.grpo.rollout_engine=vllm", "evaluation.engine=vllm",
-           "evaluation.num_prompts=16",
-           "stages.grpo.rewards={reward: 1.0, conftest:length_judge: 0.1}"]
+    run = [*small_rl_run("grpo", prompts, no_eos_score="null", rollout_engine="vllm", rewards="{reward: 1.0, conftest:length_judge: 0.1}"),
+           "evaluation.engine=vllm", "evaluation.num_prompts=16"]
     pipe = Pipeline(load_experiment(vllm_upstream, run))
     result = {r.name: r for r in pipe.run(until="grpo")}["grpo"]
     rows = [json.loads(line) for line in (pipe.store.local_dir(result.key) / "metrics.jsonl").read_text().splitlines()]
