@@ -27,9 +27,6 @@ class Prompts:
         rows = load_rows(path, "prompts")
         return cls(rows["prompt"], {name: rows[name] for name in rows.column_names if name != "prompt"})
 
-    def __len__(self) -> int:
-        return len(self.texts)
-
     def select(self, rows: list[int]) -> Prompts:
         """Rows `rows`, in that order (repeats allowed)."""
         return Prompts([self.texts[i] for i in rows], {k: [v[i] for i in rows] for k, v in self.columns.items()})
