@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -239,14 +240,36 @@ def ppo_config(data: dict[str, Path], store: str, **ppo) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def ppo_upstream(tmp_path_factory) -> Path:
-    """A PPO experiment with its pretrain -> sft -> preferences -> reward artifacts built, once per test module."""
+@pytest.fixture(scope="session")
+def shared_data(tmp_path_factory) -> dict[str, Path]:
+    """The tiny data, written once per test process. Experiments that name these files get the same
+    artifact keys (keys follow the data's paths), so their upstream artifacts can be built once."""
+    return make_tiny_data(tmp_path_factory.mktemp("shared-data"))
+
+
+@pytest.fixture(scope="session")
+def upstream_store(shared_data, tmp_path_factory) -> Path:
+    """A store holding the tiny experiment's pretrain -> sft -> preferences -> reward artifacts on
+    `shared_data`, built once per test process. Modules copy it (`seeded_store`) and never write to it."""
     from rlhf.config import load_experiment
     from rlhf.pipeline import Pipeline
 
-    root = tmp_path_factory.mktemp("ppo")
-    data = make_tiny_data(root)
-    path = write_config(root / "exp.yaml", ppo_config(data, str(root / "store")))
+    root = tmp_path_factory.mktemp("upstream")
+    path = write_config(root / "exp.yaml", ppo_config(shared_data, str(root / "store")))
     Pipeline(load_experiment(path)).run(until="reward")
-    return path
+    return root / "store"
+
+
+def seeded_store(upstream_store: Path, root: Path) -> Path:
+    """`root`/store: a copy of `upstream_store` of its own, where a module's experiment on `shared_data` finds
+    its pretrain .. reward artifacts already built (stages with other settings train as usual)."""
+    shutil.copytree(upstream_store, root / "store")
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def ppo_upstream(shared_data, upstream_store, tmp_path_factory) -> Path:
+    """A PPO experiment with its pretrain -> sft -> preferences -> reward artifacts built, in a store of this
+    test module's own."""
+    root = tmp_path_factory.mktemp("ppo")
+    return write_config(root / "exp.yaml", ppo_config(shared_data, str(seeded_store(upstream_store, root))))

@@ -39,7 +39,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_tiny_data, ppo_config, write_config
+from conftest import REPO, ppo_config, seeded_store, write_config
 from rlhf.config import load_experiment
 from rlhf.distributed import launch_command
 from rlhf.pipeline import Pipeline
@@ -86,12 +86,11 @@ def rlhf_launch(path: Path, *args: str, launch_file: Path = LAUNCH, timeout: int
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory) -> Path:
-    """The tiny four-stage experiment with its pretrain artifact, the common start of both runs."""
+def experiment(shared_data, upstream_store, tmp_path_factory) -> Path:
+    """The tiny four-stage experiment with its artifacts up to the reward model (built in one process),
+    the common start of both runs."""
     root = tmp_path_factory.mktemp("distributed")
-    path = write_config(root / "exp.yaml", ppo_config(make_tiny_data(root), str(root / "store")))
-    Pipeline(load_experiment(path)).run(until="pretrain")
-    return path
+    return write_config(root / "exp.yaml", ppo_config(shared_data, str(seeded_store(upstream_store, root))))
 
 
 # ZeRO-2 is left out of the two-process runs (its launch command is still built and checked below): what

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo_config, make_tiny_data, policy_reference_pairs, write_config
+from conftest import dpo_config, policy_reference_pairs, seeded_store, write_config
 from rlhf.config import ConfigError, load_experiment
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
 from rlhf.pipeline import Pipeline
@@ -98,12 +98,10 @@ def test_identical_policy_and_reference_give_ln2_and_zero_rewards(trl_batch):
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """pretrain -> sft -> preferences, built once for this module."""
+def upstream(shared_data, upstream_store, tmp_path_factory):
+    """pretrain -> sft -> preferences, built, in a store of this module's own."""
     root = tmp_path_factory.mktemp("dpo")
-    path = write_config(root / "exp.yaml", dpo_config(make_tiny_data(root), str(root / "store")))
-    _pipe(path).run(until="preferences")
-    return path
+    return write_config(root / "exp.yaml", dpo_config(shared_data, str(seeded_store(upstream_store, root))))
 
 
 def test_trainer_gets_the_stages_settings_and_the_policy_input_as_reference(upstream):

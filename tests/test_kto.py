@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo_config, make_tiny_data, policy_reference_pairs, write_config
+from conftest import dpo_config, policy_reference_pairs, seeded_store, write_config
 from rlhf.config import ConfigError, load_experiment
 from rlhf.dpo import sequence_logprobs
 from rlhf.pipeline import Pipeline
@@ -81,16 +81,14 @@ def test_each_pair_becomes_a_desirable_and_an_undesirable_example(trl_batch):
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """pretrain -> sft -> preferences, built once for this module, with a KTO stage after them."""
+def upstream(shared_data, upstream_store, tmp_path_factory):
+    """pretrain -> sft -> preferences, built, in a store of this module's own, with a KTO stage after them."""
     root = tmp_path_factory.mktemp("kto")
-    cfg = dpo_config(make_tiny_data(root), str(root / "store"))
+    cfg = dpo_config(shared_data, str(seeded_store(upstream_store, root)))
     cfg["stages"]["kto"] = cfg["stages"].pop("dpo") | KTO_BLOCK
     for key in ("loss_type", "min_accuracy", "precompute_ref_log_probs", "label_smoothing"):
         cfg["stages"]["kto"].pop(key, None)
-    path = write_config(root / "exp.yaml", cfg)
-    Pipeline(load_experiment(path)).run(until="preferences")
-    return path
+    return write_config(root / "exp.yaml", cfg)
 
 
 def test_kto_trains_and_is_evaluated_and_reported_like_every_policy(upstream, tmp_path, capsys):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import make_tiny_data, ppo_config, write_config
+from conftest import ppo_config, seeded_store, write_config
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.launch import PhaseTimer
@@ -43,9 +43,9 @@ class _Recorder:
         self.rows.append(dict(stats))
 
 
-def test_every_step_logs_each_phase_within_the_step_time(tmp_path):
-    data = make_tiny_data(tmp_path)
-    path = write_config(tmp_path / "exp.yaml", ppo_config(data, str(tmp_path / "store"), save_every=0))
+def test_every_step_logs_each_phase_within_the_step_time(shared_data, upstream_store, tmp_path):
+    path = write_config(tmp_path / "exp.yaml", ppo_config(shared_data, str(seeded_store(upstream_store, tmp_path)),
+                                                          save_every=0))
     pipe = Pipeline(load_experiment(path))
     pipe.run(until="reward")
     stage = pipe.stages["ppo"]

@@ -19,6 +19,7 @@ from rlhf.cli import main as rlhf_main
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 from rlhf.stage import StageError
+from rlhf.trainers import last_checkpoint
 from stages.pretrain import PretrainStage, unigram_perplexity
 
 
@@ -150,8 +151,9 @@ def test_sigkill_then_rerun_resumes_from_checkpoint(workdir, tiny_data):
     work = workdir / "store" / "work"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        states = list(work.glob("*/checkpoints/checkpoint-*/trainer_state.json"))
-        if any(int(p.parent.name.split("-")[1]) >= 10 for p in states):
+        # a complete checkpoint (what a resume may use): its trainer_state.json seen whole, not mid-write
+        done = [last_checkpoint(d, "pretrain") for d in work.glob("*/checkpoints")]
+        if any(c is not None and int(c.rsplit("-", 1)[1]) >= 10 for c in done):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "training finished before it could be killed"

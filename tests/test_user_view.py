@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DPO_BLOCK, make_tiny_data, ppo_config, write_config
+from conftest import DPO_BLOCK, ppo_config, seeded_store, write_config
 from rlhf.cli import main as rlhf_main
 from rlhf.config import load_experiment
 from rlhf.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """The whole tiny experiment, run once for this module."""
+def finished(shared_data, upstream_store, tmp_path_factory):
+    """The whole tiny experiment, run once for this module (on a copy of the upstream artifacts)."""
     root = tmp_path_factory.mktemp("pipeline")
-    data = make_tiny_data(root)
-    cfg = ppo_config(data, str(root / "store"), eval_every=1)
+    cfg = ppo_config(shared_data, str(seeded_store(upstream_store, root)), eval_every=1)
     # a second policy stage under a name no module knows: the report and status show it through its class
     cfg["stages"]["ppo_short"] = {**cfg["stages"]["ppo"], "class": "stages.ppo:PPOStage", "num_steps": 1}
     cfg["stages"]["dpo"] = dict(DPO_BLOCK)  # a third policy, trained by another method on the same pairs
@@ -133,7 +132,7 @@ def test_chat_answers_streams_resets_and_quits(finished):
     assert chat_loop(model, tok, read=eof, out=Writer()) == 0  # end of input exits cleanly
 
 
-def test_chat_command_over_stdin_and_generate(finished):
+def test_chat_command_over_stdin_and_generate(finished, shared_data):
     root, path = finished
     rlhf = str(Path(sys.executable).parent / "rlhf")
     run = subprocess.run([rlhf, "chat", "ppo", "--config", str(path), "--max-new-tokens", "4"],
@@ -142,7 +141,7 @@ def test_chat_command_over_stdin_and_generate(finished):
     assert "model> " in run.stdout and "/reset" in run.stdout
     out = root / "answers.jsonl"
     run = subprocess.run([rlhf, "generate", "test/ppo", "--config", str(path), "--prompts",
-                          str(root / "data" / "prompts.jsonl"), "--out", str(out), "--max-new-tokens", "4"],
+                          str(shared_data["prompts"]), "--out", str(out), "--max-new-tokens", "4"],
                          capture_output=True, text=True, cwd=root, timeout=120)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -151,13 +150,13 @@ def test_chat_command_over_stdin_and_generate(finished):
     assert bad.returncode == 2 and "'nope' is not a stage" in bad.stderr
 
 
-def test_chat_and_generate_take_any_policy_stage_and_refuse_other_kinds(finished, monkeypatch, capsys):
+def test_chat_and_generate_take_any_policy_stage_and_refuse_other_kinds(finished, shared_data, monkeypatch, capsys):
     root, path = finished
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
     assert rlhf_main(["chat", "dpo", "--config", str(path), "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.count("you> ") == 2  # answered "hello", then read /quit
     out = root / "dpo_answers.jsonl"
-    assert rlhf_main(["generate", "dpo", "--config", str(path), "--prompts", str(root / "data" / "prompts.jsonl"),
+    assert rlhf_main(["generate", "dpo", "--config", str(path), "--prompts", str(shared_data["prompts"]),
                       "--out", str(out), "--max-new-tokens", "4"]) == 0
     assert len(out.read_text().splitlines()) == 40
     for stage, kind in (("preferences", "preferences"), ("reward", "reward-model")):
@@ -193,7 +192,7 @@ def test_label_writes_preferences_and_resumes(tmp_path):
     assert [r["chosen"] for r in load_rows(str(out), "preferences")] == ["a dull day", "x", "good"]
 
 
-def test_candidates_and_labelling_through_the_cli(finished):
+def test_candidates_and_labelling_through_the_cli(finished, shared_data):
     """The README's human-feedback path as a user types it: `rlhf generate --samples 2`, then `rlhf label`,
     and the preference file loads as the reward stage's training data."""
     from rlhf.data import load_rows
@@ -203,7 +202,7 @@ def test_candidates_and_labelling_through_the_cli(finished):
     rlhf = str(Path(sys.executable).parent / "rlhf")
     cands = root / "cands.jsonl"
     run = subprocess.run([rlhf, "generate", "sft", "--config", str(path), "--samples", "2", "--temperature", "1.0",
-                          "--prompts", str(root / "data" / "prompts.jsonl"), "--out", str(cands),
+                          "--prompts", str(shared_data["prompts"]), "--out", str(cands),
                           "--max-new-tokens", "6"], capture_output=True, text=True, cwd=root, timeout=120)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in cands.read_text().splitlines()]
