@@ -49,13 +49,15 @@ class Rollout(NamedTuple):
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How rollouts are sampled: at most `max_new_tokens`, at `temperature` with nucleus `top_p`, and
-    (`bf16`) under bfloat16 autocast."""
+    """How rollouts are sampled: at most `max_new_tokens`, at `temperature` with nucleus `top_p`,
+    (`bf16`) under bfloat16 autocast, each token drawn by `sampler` (rlhf.sampling.SAMPLERS; the hf
+    engine's: vLLM has its own)."""
 
     max_new_tokens: int
     temperature: float
     top_p: float = 1.0
     bf16: bool = False
+    sampler: str = "multinomial"
 
 
 class RolloutEngine:
@@ -126,11 +128,12 @@ class HFEngine(RolloutEngine):
         # these settings alone: the checkpoint's generation_config must not reshape what is sampled
         config = generation_config(tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
         if self.holds_weights:
-            seqs = generate(self.model, config, bf16=s.bf16, **enc)
+            seqs = generate(self.model, config, bf16=s.bf16, sampler=s.sampler, **enc)
         else:
             with self.launch.generation_model() as policy:
                 policy.eval()
-                seqs = generate(policy, config, bf16=s.bf16, **enc, **self.launch.generate_extra())
+                seqs = generate(policy, config, bf16=s.bf16, sampler=s.sampler, **enc,
+                                **self.launch.generate_extra())
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         # generate pads finished rows with pad ids; made explicit for rows that never ended too
         response_ids, response_mask = self._ended(seqs[:, query_ids.shape[1] :])

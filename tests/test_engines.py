@@ -162,6 +162,20 @@ def test_the_loss_variants_train_through_the_loop(upstream, in_place, loss):
     assert same == (loss != "policy_loss=gspo")
 
 
+def test_the_gumbel_sampler_reaches_generate_and_trains(upstream, in_place, monkeypatch):
+    """`sampler: gumbel` draws every rollout through the Gumbel-max path (tests/test_sampling.py checks its
+    distribution): other draws than the multinomial run's, and the policy trains."""
+    import rlhf.engines
+
+    seen, real = [], rlhf.engines.generate
+    monkeypatch.setattr(rlhf.engines, "generate", lambda *a, **k: seen.append(k["sampler"]) or real(*a, **k))
+    rows, weights, _ = run_grpo(upstream, "stages.grpo.sampler=gumbel")
+    assert len(seen) == 3 and set(seen) == {"gumbel"}  # one rollout per step, none by multinomial
+    assert any(not torch.equal(weights[k], v) for k, v in _sft(upstream).items())
+    ref_rows, _, _ = in_place
+    assert [r["env/score"] for r in rows] != [r["env/score"] for r in ref_rows]
+
+
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
     from rlhf.cli import main
 

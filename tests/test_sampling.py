@@ -1,0 +1,89 @@
+"""How `rlhf.sampling.generate` draws tokens: transformers' multinomial sampling, or the Gumbel-max trick.
+
+The Gumbel-max trick: for scores s and G_i i.i.d. Gumbel(0, 1) (G = -log(-log U), U uniform),
+P(argmax_i (s_i + G_i) = k) = exp(s_k) / sum_i exp(s_i) (Gumbel 1954; e.g. Maddison et al. 2014). So
+greedy decoding over the warped scores plus that noise samples softmax(warped scores), the distribution
+transformers' sampling draws from with `torch.multinomial`. The tests count draws against the exact
+probabilities: with n draws a frequency's standard error is sqrt(p (1 - p) / n), and each test allows 5 of
+them (a true sampler fails that about once in 10^6 per frequency); the seeds are fixed, so the counts are too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.sampling import GumbelMax, generate, generation_config
+
+
+def _within(freq: torch.Tensor, probs: torch.Tensor, n: int, sigmas: float = 5.0) -> bool:
+    bound = sigmas * (probs * (1 - probs) / n).sqrt() + 1e-9
+    return bool(((freq - probs).abs() <= bound).all())
+
+
+def test_gumbel_max_draws_the_softmax_of_the_scores_and_never_a_removed_token():
+    torch.manual_seed(0)
+    scores = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    n = 200_000
+    picks = GumbelMax()(None, scores.expand(n, -1).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    probs = torch.softmax(scores.double(), -1)
+    assert freq[4] == 0  # a token top-k / top-p removed (-inf) is never drawn
+    assert _within(freq, probs, n)
+    # the noise matters: without it greedy decoding would always pick token 0
+    assert freq[0] < 0.7
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(30)} | {"<pad>": 30, "<eos>": 31}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, pad_token_id=30,
+                                         eos_token_id=31, bos_token_id=None)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a peaked next-token distribution, so top-p removes tokens
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_both_samplers_draw_the_first_token_from_the_warped_distribution(tiny_lm, temperature, top_p):
+    """The first response token of one prompt, drawn n times by each sampler, against softmax of the
+    logits at `temperature` with nucleus `top_p` (transformers' TopPLogitsWarper gives the nucleus)."""
+    from transformers import TopPLogitsWarper
+
+    model, tok = tiny_lm
+    n = 4000
+    enc = tok(["t1 t2 t3"] * n, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**{k: v[:1] for k, v in enc.items()}).logits[0, -1] / temperature
+    expected = torch.softmax(TopPLogitsWarper(top_p)(None, logits[None].clone())[0].double(), -1)
+    config = generation_config(tok, max_new_tokens=1, temperature=temperature, top_p=top_p)
+    freqs = {}
+    for sampler in ("multinomial", "gumbel"):
+        torch.manual_seed(1)
+        first = generate(model, config, sampler=sampler, **enc)[:, -1]
+        freqs[sampler] = torch.bincount(first, minlength=32).double() / n
+        assert _within(freqs[sampler], expected, n), sampler
+    assert (freqs["gumbel"][expected == 0] == 0).all()
+    if top_p < 1:
+        assert (expected == 0).sum() >= 10  # the premise: the nucleus removed tokens
+    # other draws of the same distribution, not the same draws
+    assert not torch.equal(freqs["gumbel"], freqs["multinomial"])
+
+
+def test_greedy_configs_stay_greedy_and_an_unknown_sampler_is_refused(tiny_lm):
+    model, tok = tiny_lm
+    enc = tok(["t1 t2 t3"] * 4, return_tensors="pt")
+    greedy = generation_config(tok, max_new_tokens=3, temperature=0)
+    a = generate(model, greedy, sampler="gumbel", **enc)
+    assert torch.equal(a, generate(model, greedy, **enc)) and (a[:, -3:] == a[:1, -3:]).all()
+    with pytest.raises(ValueError, match="sampler 'exponential'"):
+        generate(model, greedy, sampler="exponential", **enc)
