@@ -94,6 +94,10 @@ def add_ppo_args(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The linear layers LoRA adapts on both sides (configs/smol.yaml's)."""
+
+
 def add_grpo_args(p) -> None:
     """The GRPO settings both implementations receive, under one name each (bench/grpo_ours.py maps them
     to our stage's config, bench/grpo_trl.py to TRL's GRPOConfig)."""
@@ -120,5 +124,8 @@ def add_grpo_args(p) -> None:
                    help="loss aggregation (our names; bench/grpo_trl.py maps them to TRL's loss_type)")
     p.add_argument("--estimator", default="grpo", choices=["grpo", "dr_grpo"],
                    help="grpo: (r - group mean) / group std; dr_grpo: r - group mean")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every linear layer of the blocks (0: train "
+                                                           "every weight)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Recorder, add_grpo_args, peak_gpu_mib, peak_rss_mib, write_result  # noqa: E402
+from common import LORA_TARGETS, Recorder, add_grpo_args, peak_gpu_mib, peak_rss_mib, write_result  # noqa: E402
 
 def stage_config(a) -> dict:
     """stages.grpo of the benchmark's experiment, from the shared settings `a` (bench/common.py)."""
@@ -35,6 +35,8 @@ def stage_config(a) -> dict:
         # the benchmark measures training, not the watchdogs' judgement
         "kl_budget": 1e9, "min_response_length": 0.0, "min_unique_share": None,
         "eval_every": 0, "save_every": 0,
+        "lora": {"enabled": a.lora_r > 0, "r": max(a.lora_r, 1), "alpha": a.lora_alpha, "dropout": 0.0,
+                 "target_modules": LORA_TARGETS},
     }
 
 

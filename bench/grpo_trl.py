@@ -28,6 +28,7 @@ Setting by setting (ours: stages.grpo, built by bench/grpo_ours.py; TRL: GRPOCon
 | responses without EOS | `no_eos_score: null` (scored as they are) | `mask_truncated_completions=False` |
 | precision, checkpointing | fp32 | `bf16=False`, `activation_checkpointing=False` |
 | dropout | off in every model | `disable_dropout=True` |
+| --lora-r, --lora-alpha | `lora` on the seven linear layers of each block, dropout 0; the reference is the policy with adapters off | `peft_config=LoraConfig(...)` on the same layers; TRL's reference is then the same |
 | optimizer | torch AdamW (fused), eps 1e-5, weight decay 0.01 | Trainer's fused AdamW, `adam_epsilon=1e-5`, `weight_decay=0.01` |
 | device | the GPU when there is one | `use_cpu` only when there is no GPU |
 | generation | `model.generate` (transformers), KV cache | the same (`use_vllm=False`, no continuous batching) |
@@ -49,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_grpo_args, peak_gpu_mib, peak_rss_mib, read_rows, write_result  # noqa: E402
+from common import LORA_TARGETS, add_grpo_args, peak_gpu_mib, peak_rss_mib, read_rows, write_result  # noqa: E402
 
 SCALE_REWARDS = {"grpo": "group", "dr_grpo": "none"}
 """Our estimator -> TRL's scale_rewards (both subtract the group's mean)."""
@@ -151,12 +152,19 @@ def main() -> None:
             if logs:
                 logged.append(dict(logs))
 
+    peft = None
+    if a.lora_r:  # the reference is then the policy with its adapters disabled, as ours
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                          task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward_function(a.reward, columns)], args=cfg,
-                          train_dataset=train, processing_class=tok, callbacks=[Keep()])
+                          train_dataset=train, processing_class=tok, callbacks=[Keep()], peft_config=peft)
     trainer.train()
     train_s = clock["end"] - clock["start"]
     out = Path(a.out) / "policy"
-    trainer.model.save_pretrained(str(out))
+    model = trainer.model.merge_and_unload() if a.lora_r else trainer.model  # a plain policy, as ours saves
+    model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     rewards = [r[f"rewards/{a.reward}/mean"] for r in logged if r.get(f"rewards/{a.reward}/mean") is not None]
     steps = trainer.state.global_step // (a.minibatches * a.epochs)
@@ -168,6 +176,7 @@ def main() -> None:
         "completions_per_s": completions / train_s, "peak_rss_mib": peak_rss_mib(), "peak_gpu_mib": peak_gpu_mib(),
         "train_reward_first": rewards[0] if rewards else None, "train_reward_last": rewards[-1] if rewards else None,
         "train_kl_per_token_last": kls[-1] if kls else None, "train_length_last": lengths[-1] if lengths else None,
+        "train_lengths": lengths,
         "policy_dir": str(out), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
     })
 

@@ -7,7 +7,10 @@
 3. SFT: our SFT stage vs a plain trl.SFTTrainer script on the pretrain model, interleaved.
 4. GRPO: our GRPO stage vs TRL's GRPOTrainer (the project's own TRL) on the SFT policy pipeline built,
    rewarded by the task's check (uses_word), with the same prompts and settings, interleaved over seeds;
-   every final policy scored by one script (bench/eval_task.py) on the same held-out prompts.
+   every final policy scored by one script (bench/eval_task.py) on the same held-out prompts; our stage
+   also with `sampler: gumbel`.
+5. GRPO on SmolLM2-135M-Instruct (`make smol` converts it): the same comparison with LoRA, a few steps.
+6. Rollout engines (where `make vllm-setup` made .venv-vllm): `generate` against vLLM (bench/engines.py).
 
 Each run is its own process, so peak resident memory is per run. Benchmarks, never tests: nothing here
 asserts a speed. `--quick` runs the same steps at a size that finishes in minutes (bench/quick.yaml).
@@ -33,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS_PY = ROOT / ".venv" / "bin" / "python"
 TRL_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 DEV_NOTES = "## Measured during development"
+SECTIONS = ["pipeline", "ppo", "sft", "grpo", "smol_grpo", "engines"]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import difference, mean_se  # noqa: E402
 
@@ -46,7 +50,17 @@ SETTINGS = {
              "grpo_runs": 3,
              "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
-                      "loss": "sequence_mean", "estimator": "grpo"}},
+                      "loss": "sequence_mean", "estimator": "grpo"},
+             # our stage again with a non-default setting, beside the default (rlhf.sampling.GumbelMax)
+             "grpo_variants": {"ours, sampler gumbel": ["stages.grpo.sampler=gumbel"]},
+             # GRPO on SmolLM2-135M-Instruct (make smol): configs/smol.yaml's grpo block (LoRA r 16 on every
+             # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
+             # float32 on both sides, the task check as the reward; a few steps, to time them
+             "smol_grpo_runs": 2, "smol_grpo_eval_prompts": 64,
+             "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
+                           "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
+                           "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
+                           "lora-alpha": 32}},
     "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
               "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
                       "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
@@ -54,7 +68,13 @@ SETTINGS = {
               "grpo_runs": 2,
               "grpo": {"reward": "uses_word", "steps": 3, "prompts-per-step": 4, "group-size": 8, "minibatches": 2,
                        "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
-                       "loss": "sequence_mean", "estimator": "grpo"}},
+                       "loss": "sequence_mean", "estimator": "grpo"},
+              "grpo_variants": {"ours, sampler gumbel": ["stages.grpo.sampler=gumbel"]},
+              "smol_grpo_runs": 1, "smol_grpo_eval_prompts": 8,
+              "smol_grpo": {"reward": "uses_word", "steps": 1, "prompts-per-step": 4, "group-size": 4,
+                            "minibatches": 1, "epochs": 1, "response-length": 16, "temperature": 0.7, "lr": 3e-4,
+                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
+                            "lora-alpha": 32}},
 }
 
 
@@ -177,39 +197,59 @@ def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict
     return {"sft_eval": sft_eval, **results}
 
 
-def grpo_eval(s: dict, policy: Path, json_out: Path, threads: int, logfile: Path) -> dict:
-    """bench/eval_task.py on `policy`: the held-out prompts, length and temperature of `s`."""
+def grpo_eval(s: dict, key: str, policy: Path, json_out: Path, threads: int, logfile: Path) -> dict:
+    """bench/eval_task.py on `policy`: the held-out prompts, length and temperature of section `key` of `s`."""
+    hp = s[key]
     run([OURS_PY, "bench/eval_task.py", "--policy", policy, "--prompts", "data/prompts/eval.jsonl.gz",
-         "--num-prompts", s["eval_prompts"], "--response-length", s["grpo"]["response-length"],
-         "--temperature", s["grpo"]["temperature"], "--reward", s["grpo"]["reward"], "--json", json_out],
+         "--num-prompts", s.get(f"{key}_eval_prompts", s["eval_prompts"]), "--response-length",
+         hp["response-length"], "--temperature", hp["temperature"], "--reward", hp["reward"], "--json", json_out],
         threads, logfile)
     return json.loads(json_out.read_text())
 
 
-def grpo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, threads: int, logs: tuple[Path, Path]) -> dict:
-    """Train one GRPO run (`fw`: ours or trl, both in the project's virtualenv) with the settings `s` into
-    `d`, then score its final policy; the run's result.json with bench/eval_task.py's result under "eval"."""
+def grpo_run(fw: str, seed: int, d: Path, s: dict, key: str, policy: Path, threads: int, logs: tuple[Path, Path],
+             overrides: list[str] = ()) -> dict:
+    """Train one GRPO run (`fw`: ours or trl, both in the project's virtualenv) with the settings `s[key]` into
+    `d` (`overrides` go to our stage), then score its final policy; the run's result.json with
+    bench/eval_task.py's result under "eval"."""
     if d.exists():
         shutil.rmtree(d)  # a fresh run: nothing resumed, no stale policy scored
-    run([OURS_PY, f"bench/grpo_{fw}.py", "--policy", sft, "--prompts", "data/prompts/train.jsonl.gz",
-         *flags(s["grpo"]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json"],
-        threads, logs[0])
+    run([OURS_PY, f"bench/grpo_{fw}.py", "--policy", policy, "--prompts", "data/prompts/train.jsonl.gz",
+         *flags(s[key]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
+         *(["--set", *overrides] if overrides else [])], threads, logs[0])
     r = json.loads((d / "result.json").read_text())
-    r["eval"] = grpo_eval(s, Path(r["policy_dir"]), d / "eval.json", threads, logs[1])
+    r["eval"] = grpo_eval(s, key, Path(r["policy_dir"]), d / "eval.json", threads, logs[1])
     return r
 
 
-def bench_grpo(s: dict, sft: Path, threads: int, out: Path) -> dict:
-    results = {"ours": [], "trl": []}
-    sft_eval = grpo_eval(s, sft, out / "grpo" / "sft-eval.json", threads, out / "logs" / "grpo-eval-sft.log")
-    for i in range(s["grpo_runs"]):
-        for fw in (("ours", "trl") if i % 2 == 0 else ("trl", "ours")):
-            r = grpo_run(fw, i, out / "grpo" / f"{fw}-{i}", s, sft, threads,
-                         (out / "logs" / f"grpo-{fw}-{i}.log", out / "logs" / f"grpo-eval-{fw}-{i}.log"))
-            results[fw].append(r)
-            log(f"grpo {fw} run {i}: {r['completions_per_s']:.2f} completions/s, peak {r['peak_rss_mib']:.0f} MiB, "
+def bench_grpo(s: dict, key: str, policy: Path, threads: int, out: Path) -> dict:
+    """Section `key` (grpo, smol_grpo): ours, its variants (`s[key + "_variants"]`) and TRL, interleaved over
+    `s[key + "_runs"]` seeds, in alternating order."""
+    variants = {"ours": [], **s.get(f"{key}_variants", {}), "trl": []}
+    results: dict[str, list] = {name: [] for name in variants}
+    sft_eval = grpo_eval(s, key, policy, out / key / "sft-eval.json", threads, out / "logs" / f"{key}-eval-sft.log")
+    for i in range(s[f"{key}_runs"]):
+        for name in (list(variants) if i % 2 == 0 else list(reversed(variants))):
+            fw, tag = ("trl" if name == "trl" else "ours"), re.sub(r"\W+", "-", name)
+            r = grpo_run(fw, i, out / key / f"{tag}-{i}", s, key, policy, threads,
+                         (out / "logs" / f"{key}-{tag}-{i}.log", out / "logs" / f"{key}-eval-{tag}-{i}.log"),
+                         variants[name])
+            results[name].append(r)
+            log(f"{key} {name} run {i}: {r['completions_per_s']:.2f} completions/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
     return {"sft_eval": sft_eval, **results}
+
+
+def bench_smol_grpo(s: dict, threads: int, out: Path) -> dict:
+    """The smol_grpo section: GRPO from SmolLM2 as `make smol` converted it, ours against TRL."""
+    if not (ROOT / "artifacts" / "aliases" / "smol" / "grpo").exists():
+        return {"text": "Not measured: SmolLM2 is not in the store (`make smol`).\n"}
+    from engines import smol_source
+    from grpo_trl import trl_loss_type
+
+    hp = s["smol_grpo"]
+    return {**bench_grpo(s, "smol_grpo", smol_source(), threads, out),
+            "trl_loss_type": trl_loss_type(hp["loss"], hp["minibatches"], hp.get("grad-accum", 1))}
 
 
 def phase_table(runs: list[dict]) -> list[str]:
@@ -223,56 +263,76 @@ def phase_table(runs: list[dict]) -> list[str]:
     return rows
 
 
-def grpo_report(res: dict, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
-    """The GRPO section of RESULTS.md."""
-    s, p, hp = res["settings"], res["grpo"], res["settings"]["grpo"]
+def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
+    """A GRPO section of RESULTS.md: `key` grpo (the tiny SFT policy) or smol_grpo (SmolLM2 with LoRA)."""
+    s, p, hp = res["settings"], res[key], res["settings"][key]
     trl = res["versions"]["ours"].get("trl", "?")
-    add(f"## GRPO: our stage vs TRL {trl} `trl.GRPOTrainer`\n")
-    measured("grpo")
+    smol = key == "smol_grpo"
+    add(f"## GRPO{' on SmolLM2-135M-Instruct' if smol else ''}: our stage vs TRL {trl} `trl.GRPOTrainer`\n")
+    measured(key)
     advantages = "(r - group mean) / group std" if hp["estimator"] == "grpo" else "r - group mean"
     home = {"uses_word": "tasks/words.py, 1 when the response uses the word its prompt asks for"}.get(
         hp["reward"], "tasks/words.py" if ":" not in hp["reward"] and hp["reward"] not in ("vader", "textblob",
                                                                                          "fluency") else "")
     reward = f"`{hp['reward']}`" + (f" ({home})" if home else "")
-    add(f"Same SFT policy ({s['config']}), prompts data/prompts/train.jsonl.gz, reward the function {reward}, no "
+    runs, n_eval = s[f"{key}_runs"], s.get(f"{key}_eval_prompts", s["eval_prompts"])
+    lora = (f"LoRA r {hp['lora-r']} alpha {hp.get('lora-alpha', 32)} on the seven linear layers of every block "
+            "(PEFT on both sides; the reference is the policy with its adapters off), " if hp.get("lora-r") else "")
+    start = ("SmolLM2-135M-Instruct as `make smol` converts it (the starting policy of configs/smol.yaml)" if smol
+             else f"Same SFT policy ({s['config']})")
+    add(f"{start}, prompts data/prompts/train.jsonl.gz, reward the function {reward}, no "
         f"reward model; {hp['steps']} steps of {hp['prompts-per-step']} prompts x {hp['group-size']} responses, "
-        f"{hp['minibatches']} minibatches (optimizer steps) per rollout, {hp['epochs']} epoch(s), "
+        f"{hp['minibatches']} minibatch(es) (optimizer steps) per rollout, {hp['epochs']} epoch(s), {lora}"
         f"{hp['response-length']} response tokens, temperature {hp['temperature']} (no top-k, top-p), learning "
         f"rate {hp['lr']} (constant), KL coefficient {hp['beta']} (k3, in the loss), clip {hp.get('clip', 0.2)}, "
         f"gradient clipping at {hp.get('max-grad-norm', 1.0)}, advantages {advantages}, "
         f"loss aggregation {hp['loss']} (TRL `loss_type` {p.get('trl_loss_type', '?')}), fp32, no vLLM; "
-        f"{s['grpo_runs']} runs each (seeds 0 to {s['grpo_runs'] - 1}), interleaved, one process per run. "
+        f"{runs} run(s) each (seeds 0 to {runs - 1}), interleaved, one process per run. "
         "The mapping, setting by setting, and what it cannot make equal: bench/grpo_trl.py. Completions/s counts "
-        f"the training loop only. Reward: mean `{hp['reward']}` of the final policy on the first {s['eval_prompts']} "
+        f"the training loop only; generated tokens/s: the response tokens of every rollout (EOS included) per "
+        f"second of training. Reward: mean `{hp['reward']}` of the final policy on the first {n_eval} "
         "prompts of data/prompts/eval.jsonl.gz (words not in the training prompts; one sample each, seeded, "
         "bench/eval_task.py).\n")
-    gpu = any(r.get("peak_gpu_mib") for r in p["ours"] + p["trl"])
-    add("| | completions/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") + " reward | EOS rate | length |")
-    add("|---|---|---|" + ("---|" if gpu else "") + "---|---|---|")
+    names = [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl")] + ["trl"]
+    gpu = any(r.get("peak_gpu_mib") for n in names for r in p[n])
+    add("| | completions/s | generated tokens/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") +
+        " reward | EOS rate | length |")
+    add("|---|---|---|---|" + ("---|" if gpu else "") + "---|---|---|")
     e = p["sft_eval"]
-    add("| SFT policy (before GRPO) | | |" + (" |" if gpu else "") +
+    add(f"| {'SmolLM2' if smol else 'SFT policy'} (before GRPO) | | | |" + (" |" if gpu else "") +
         f" {e['reward']:.3f} | {e['eos_rate']:.2f} | {e['length']:.1f} |")
-    for fw, name in (("ours", "ours"), ("trl", f"TRL {trl}")):
-        rs = p[fw]
-        add(f"| {name} | {fmt(stats([r['completions_per_s'] for r in rs]))} | "
-            f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} |" +
+
+    def tokens_per_s(r: dict) -> float | None:
+        if r.get("generated_tokens") is not None:  # ours: summed over the rollouts
+            return r["generated_tokens"] / r["train_s"]
+        lengths = r.get("train_lengths")  # TRL: its logged mean completion length per optimizer step
+        return sum(lengths) / len(lengths) * r["completions"] / r["train_s"] if lengths else None
+
+    for name in names:
+        rs, toks = p[name], [t for t in map(tokens_per_s, p[name]) if t is not None]
+        add(f"| {f'TRL {trl}' if name == 'trl' else name} | {fmt(stats([r['completions_per_s'] for r in rs]))} | "
+            f"{fmt(stats(toks), 1) if len(toks) == len(rs) else '-'} | {fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} |" +
             (f" {fmt(stats([r['peak_gpu_mib'] for r in rs]), 0)} |" if gpu else "") +
             f" {fmt(stats([r['eval']['reward'] for r in rs]), 3)} | "
             f"{fmt(stats([r['eval']['eos_rate'] for r in rs]))} | "
             f"{fmt(stats([r['eval']['length'] for r in rs]), 1)} |")
 
-    def median(fw: str, key: str) -> float:
-        return statistics.median(r[key] for r in p[fw])
-    speed = median("ours", "completions_per_s") / median("trl", "completions_per_s")
+    def median(fw: str, k: str) -> float:
+        return statistics.median(r[k] for r in p[fw])
+    goal = 1.5 if smol else 2.5
     memory = "GPU" if gpu else "RSS"
     mem = median("ours", f"peak_{memory.lower()}_mib") - median("trl", f"peak_{memory.lower()}_mib")
     ours, theirs = ([r["eval"]["reward"] for r in p[fw]] for fw in ("ours", "trl"))
-    d, lo, hi = difference(ours, theirs)
-    (mo, so), (mt, st) = mean_se(ours), mean_se(theirs)
-    add(f"\nOurs / TRL completions per second (medians): **{speed:.2f}x** (goal: at least 1.5x). Peak {memory}, "
-        f"ours - TRL (medians): **{mem:+.0f} MiB** (goal: at most 0). Reward reached, ours - TRL (means over "
-        f"seeds): **{d:+.3f} [{lo:+.3f}, {hi:+.3f}]** (95%, Welch; goal: an interval around 0), from ours "
-        f"{mo:.3f} +- {so:.3f} and TRL {mt:.3f} +- {st:.3f} (mean +- s.e.).\n")
+    speeds = ", ".join(f"{n} {median(n, 'completions_per_s') / median('trl', 'completions_per_s'):.2f}x"
+                       for n in names[1:-1])
+    add(f"\nOurs / TRL completions per second (medians): **{median('ours', 'completions_per_s') / median('trl', 'completions_per_s'):.2f}x** "
+        f"(goal: at least {goal}x){'; ' + speeds if speeds else ''}. Peak {memory}, ours - TRL (medians): "
+        f"**{mem:+.0f} MiB** (goal: at most 0). ")
+    if runs > 1:
+        d, lo, hi = difference(ours, theirs)
+        (mo, so), (mt, st) = mean_se(ours), mean_se(theirs)
+        add(f"Reward reached, ours - TRL (means over seeds): **{d:+.3f} [{lo:+.3f}, {hi:+.3f}]** (95%, Welch; goal: "
+            f"an interval around 0), from ours {mo:.3f} +- {so:.3f} and TRL {mt:.3f} +- {st:.3f} (mean +- s.e.).\n")
     seen = {e["reward"], *ours, *theirs, *(r[k] for fw in ("ours", "trl") for r in p[fw]
                                           for k in ("train_reward_first", "train_reward_last"))}
     if len(seen) == 1:
@@ -285,12 +345,15 @@ def grpo_report(res: dict, add: Callable[[str], None], measured: Callable[[str],
     add(f"Training reward (the rollouts' mean `{hp['reward']}`, first and last step, medians): ours "
         f"{first_last['ours'][0]:.3f} -> {first_last['ours'][1]:.3f}, TRL {first_last['trl'][0]:.3f} -> "
         f"{first_last['trl'][1]:.3f}.\n")
-    add("Time per step of ours (seconds, median over runs of the mean step):\n")
-    for row in phase_table(p["ours"]):
-        add(row)
+    for name in names[:-1]:
+        add(f"Time per step of {name} (seconds, median over runs of the mean step):\n")
+        for row in phase_table(p[name]):
+            add(row)
+        add("")
     add("rollout = sampling the responses; policy and reference forwards = the no-grad passes over the rollout "
-        "batch; score = decoding and the reward function; update = the minibatch steps (forward and backward "
-        "of the policy, optimizer steps). The rest of a step: advantages, the watchdogs' policy copy, logging.\n")
+        "batch (with LoRA the reference is the policy with its adapters off); score = decoding and the reward "
+        "function; update = the minibatch steps (forward and backward of the policy, optimizer steps). The rest of "
+        "a step: advantages, the watchdogs' policy copy, logging.\n")
 
 
 def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:
@@ -441,7 +504,12 @@ def report(res: dict) -> str:
             r["tokens_per_s"] for r in p["plain"])
         add(f"\nOurs / plain tokens per second (medians): **{ratio:.3f}**.\n")
     if "grpo" in res:
-        grpo_report(res, add, measured)
+        grpo_report(res, "grpo", add, measured)
+    if "smol_grpo" in res and "text" in res["smol_grpo"]:
+        add("## GRPO on SmolLM2-135M-Instruct: our stage vs TRL `trl.GRPOTrainer`\n")
+        add(res["smol_grpo"]["text"])
+    elif "smol_grpo" in res:
+        grpo_report(res, "smol_grpo", add, measured)
     if "engines" in res:
         add("## Rollout engines: GRPO on SmolLM2-135M-Instruct through `generate` and vLLM\n")
         measured("engines")
@@ -452,8 +520,7 @@ def report(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs on small settings (checks the benchmark)")
-    ap.add_argument("--only", nargs="+", choices=["pipeline", "ppo", "sft", "grpo", "engines"],
-                    default=["pipeline", "ppo", "sft", "grpo", "engines"])
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS)
     ap.add_argument("--runs", type=int, help="runs per framework (default 3; quick: GRPO 2)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in every run (0: torch's default)")
     ap.add_argument("--out", default="bench/out", help="results, logs, the store and the runs' models")
@@ -467,7 +534,7 @@ def main() -> None:
     OURS_PY, TRL_PY = Path(a.ours_python), Path(a.trl_python)
     s = dict(SETTINGS["quick" if a.quick else "full"])
     if a.runs:
-        s["runs"] = s["grpo_runs"] = a.runs
+        s["runs"] = s["grpo_runs"] = s["smol_grpo_runs"] = a.runs
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     from omegaconf import OmegaConf
@@ -483,7 +550,7 @@ def main() -> None:
         res["versions"]["trl"] = versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])
     if "pipeline" in a.only:
         res["pipeline"] = {**bench_pipeline(s["config"], store, a.threads, out), "date": res["date"]}
-    else:  # the furthest stage the sections need: PPO the reward model, GRPO the SFT policy, SFT the pretrain model
+    elif {"ppo", "sft", "grpo"} & set(a.only):  # the furthest stage these need: PPO the reward model, GRPO
         needed = "reward" if "ppo" in a.only else "sft" if "grpo" in a.only else "pretrain"
         if not (store / "aliases" / experiment / needed).exists():
             run(["make", "-s", needed, f"CONFIG={s['config']}"], a.threads, out / "logs" / "upstream.log")
@@ -496,12 +563,14 @@ def main() -> None:
         from grpo_trl import trl_loss_type
 
         hp = s["grpo"]
-        res["grpo"] = {**bench_grpo(s, artifact(store, experiment, "sft"), a.threads, out), "date": res["date"],
+        res["grpo"] = {**bench_grpo(s, "grpo", artifact(store, experiment, "sft"), a.threads, out), "date": res["date"],
                        "trl_loss_type": trl_loss_type(hp["loss"], hp["minibatches"], hp.get("grad-accum", 1))}
+    if "smol_grpo" in a.only:
+        res["smol_grpo"] = {**bench_smol_grpo(s, a.threads, out), "date": res["date"]}
     if "engines" in a.only:
         res["engines"] = {**bench_engines(a.quick, a.threads, out), "date": res["date"]}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    for section in ("pipeline", "ppo", "sft", "grpo", "engines"):  # keep what this run did not redo, saying when it ran
+    for section in SECTIONS:  # keep what this run did not redo, saying when it ran
         if section not in res and section in previous and previous.get("quick") == a.quick:
             res[section] = {**previous[section], "date": previous[section].get("date", previous["date"])}
             if section == "ppo" and "trl" not in res["versions"] and "trl" in previous.get("versions", {}):
