@@ -35,8 +35,8 @@ def stage_config(a) -> dict:
         # the benchmark measures training, not the watchdogs' judgement
         "kl_budget": 1e9, "min_response_length": 0.0, "min_unique_share": None,
         "eval_every": 0, "save_every": 0,
-        "lora": {"enabled": a.lora_r > 0, "r": max(a.lora_r, 1), "alpha": a.lora_alpha, "dropout": 0.0,
-                 "target_modules": LORA_TARGETS},
+        **({"lora": {"enabled": True, "r": a.lora_r, "alpha": a.lora_alpha, "dropout": 0.0,
+                     "target_modules": LORA_TARGETS}} if a.lora_r else {}),
     }
 
 

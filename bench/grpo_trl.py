@@ -98,6 +98,18 @@ def trl_config(a) -> dict:
     }
 
 
+def peft_config(a):
+    """TRL's `peft_config` for --lora-r/--lora-alpha (None without LoRA): the layers, rank, alpha and dropout of
+    our stage's `lora` (bench/grpo_ours.py). With it TRL's reference is the policy with its adapters disabled,
+    as ours."""
+    if not a.lora_r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+
+
 def reward_function(name: str, columns: list[str]):
     """The judge `name` (rlhf.judges.load_judge) in TRL's reward-function signature, under its own name (TRL logs
     rewards/<name>/mean). TRL passes conversational prompts and completions as lists of messages, and the
@@ -152,14 +164,8 @@ def main() -> None:
             if logs:
                 logged.append(dict(logs))
 
-    peft = None
-    if a.lora_r:  # the reference is then the policy with its adapters disabled, as ours
-        from peft import LoraConfig
-
-        peft = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                          task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward_function(a.reward, columns)], args=cfg,
-                          train_dataset=train, processing_class=tok, callbacks=[Keep()], peft_config=peft)
+                          train_dataset=train, processing_class=tok, callbacks=[Keep()], peft_config=peft_config(a))
     trainer.train()
     train_s = clock["end"] - clock["start"]
     out = Path(a.out) / "policy"

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from common import add_grpo_args  # noqa: E402
 from grpo_ours import stage_config  # noqa: E402
-from grpo_trl import trl_config, trl_loss_type  # noqa: E402
+from grpo_trl import peft_config, trl_config, trl_loss_type  # noqa: E402
 
 from rlhf.ppo.aggregation import aggregate  # noqa: E402
 from stages.grpo import GRPOConfig  # noqa: E402
@@ -44,6 +44,17 @@ def test_both_sides_do_the_same_work_per_step(split):
         ours["kl_coef"], ours["clip_range"], ours["max_grad_norm"], ours["learning_rate"], ours["max_new_tokens"])
     assert ours["kl_penalty"] == "loss" and not ours["whiten_advantages"] and ours["no_eos_score"] is None
     assert (trl["loss_type"], trl["scale_rewards"]) == ("dr_grpo", "none")
+
+
+def test_lora_is_the_same_on_both_sides_and_absent_unless_asked():
+    from rlhf.models import LoraSettings
+
+    assert "lora" not in stage_config(settings()) and peft_config(settings()) is None
+    a = settings("--lora-r", "16", "--lora-alpha", "32")
+    ours, trl = LoraSettings(**stage_config(a)["lora"]), peft_config(a)
+    assert ours.enabled and (ours.r, ours.alpha, ours.dropout) == (trl.r, trl.lora_alpha, trl.lora_dropout) == (16, 32, 0)
+    assert set(ours.target_modules) == set(trl.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                    "up_proj", "down_proj"}
 
 
 def test_token_mean_has_a_trl_match_only_for_whole_minibatches_or_one_minibatch():
