@@ -255,7 +255,7 @@ class RLLaunch:
         fresh shuffle cut into minibatches of `minibatch_size` rows (global: each rank takes its share), each
         cut into micro-batches of `micro_batch_size`. Yields (micro-batch trajectory, its slices of the (B, R)
         tensors `per_token` (None stays None), the whole minibatch's counts, last micro-batch of its
-        minibatch?): the optimizer steps after the last. Columns that are padding in every row of a
+        minibatch?, its rows of `traj`): the optimizer steps after the last. Columns that are padding in every row of a
         micro-batch are dropped (`trim_padding`); `counts` ("sequences", "tokens", "value_tokens": over every
         rank) let each micro-batch's loss be its share of the minibatch's, so their gradients sum to the
         whole minibatch's (rlhf/ppo/aggregation.py). The shuffles draw from `generator` (a CPU one) where given,
@@ -275,7 +275,7 @@ class RLLaunch:
                 for i, rows in enumerate(micro):
                     mb, *sliced = trim_padding(traj.rows(rows),
                                                *(t[rows] if t is not None else None for t in per_token))
-                    yield mb, sliced, counts, i == len(micro) - 1
+                    yield mb, sliced, counts, i == len(micro) - 1, rows
 
     def minibatch_count(self, count: torch.Tensor) -> torch.Tensor:
         """A count over this rank's rows of a minibatch (tokens, sequences) made global, at least 1: every

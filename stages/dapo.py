@@ -60,6 +60,9 @@ class DAPOStage(GRPOStage):
             raise StageError(f"{self.stage_name}: dynamic sampling runs in one process only; launch without "
                              "several processes")
 
+    def reuses_rollout_forward(self) -> bool:
+        return False  # the batch is assembled from several rollouts' rows: no one forward covers it
+
     def make_trajectory(self, rows, sampled=None, step: int = 0) -> Trajectory:
         """Step 1-2 with dynamic sampling: the rollout's groups with a signal first, then those of more
         rollouts (a seeded draw of prompts per round, so a resumed run draws the same), then tied groups."""

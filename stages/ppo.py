@@ -118,13 +118,15 @@ class PPOStage(RLStage):
             advantages = self.launch.whiten(advantages, traj.response_mask)
         return advantages, returns
 
-    def loss(self, mb: Trajectory, advantages, returns, counts: dict) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    def loss(self, mb: Trajectory, advantages, returns, counts: dict, forward: tuple | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         """Step 5 (per micro-batch): (policy loss, value loss or None, statistics).
 
         The policy loss is the clipped surrogate (plus coef x the clamped k3 KL when the KL is in the
         loss), aggregated over the response tokens by `loss_aggregation` with the whole minibatch's
         `counts` ("sequences", "tokens"), so micro-batches sum to the minibatch's loss. The value loss is
-        this micro-batch's share of the minibatch's token mean over the episode positions.
+        this micro-batch's share of the minibatch's token mean over the episode positions. `forward`: the
+        policy's (logprobs, entropy) of `mb` already computed with autograd (`reuses_rollout_forward`).
         """
         c = self.config
 
@@ -132,9 +134,9 @@ class PPOStage(RLStage):
             return aggregate(per_token, mb.response_mask, c.loss_aggregation, num_sequences=counts["sequences"],
                              num_tokens=counts["tokens"], max_len=c.max_new_tokens)
 
-        logprobs, entropy = policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
-                                           mb.response_mask, c.temperature, with_entropy=True, entropy_grad=False,
-                                           packed=c.pack_sequences)
+        logprobs, entropy = forward or policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
+                                                      mb.response_mask, c.temperature, with_entropy=True,
+                                                      entropy_grad=False, packed=c.pack_sequences)
         pg, pg_stats = POLICY_LOSSES[c.policy_loss](logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range,
                                                     c.clip_range_high, reduce=reduce, token_weights=mb.token_weights)
         stats = {"policy/loss": pg_stats["loss"], "policy/clipfrac": pg_stats["clipfrac"],
@@ -154,6 +156,16 @@ class PPOStage(RLStage):
 
     # ---- the loop ------------------------------------------------------------------------------
 
+    def reuses_rollout_forward(self) -> bool:
+        """Whether the update is one micro-batch holding the whole rollout batch at the weights that sampled
+        it (one epoch, one minibatch, no accumulation, one process, no DeepSpeed engine). Then the rollout's
+        policy forward runs with autograd and the update takes its graph instead of a second forward over
+        the same rows (TRL's GRPOTrainer skips a forward there too); the old logprobs are that forward's,
+        detached, so the first ratio is exactly 1."""
+        c = self.config
+        return (c.ppo_epochs == 1 and c.num_minibatches == 1 and c.gradient_accumulation_steps == 1
+                and self.launch.num_processes == 1 and self.launch.engine is None)
+
     def make_trajectory(self, rows: list[int], sampled: Rollout | None = None, step: int = 0) -> Trajectory:
         """Steps 1-2 and the forwards that go with them: one rollout batch of prompts `rows` (indices into
         `self.prompts`) of `step`, `sampled` already or sampled now, with everything the update needs. The
@@ -170,7 +182,15 @@ class PPOStage(RLStage):
         with torch.no_grad():
             packed = pack(q_ids, q_mask, r_ids, r_mask) if c.pack_sequences else False
             with timed("policy_forward"):
-                logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, c.temperature, packed=packed)[0]
+                kept = None
+                if self.reuses_rollout_forward():  # the update's forward, done now (see `update`)
+                    self.policy.train()
+                    with torch.enable_grad():
+                        kept = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, c.temperature,
+                                              with_entropy=True, entropy_grad=False, packed=packed)
+                    logprobs = kept[0].detach()
+                else:
+                    logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, c.temperature, packed=packed)[0]
             with timed("reference_forward"):
                 ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask, packed=packed)
             values = None
@@ -181,8 +201,10 @@ class PPOStage(RLStage):
         with timed("score"):
             scores, raw, per_source = self.score(q_ids, q_mask, r_ids, r_mask, prompts, columns, packed=packed)
         weights = self.correct_mismatch(logprobs, getattr(sampled, "logprobs", None), r_mask)
-        return Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos, episode,
+        traj = Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos, episode,
                           per_source, weights)
+        self.kept_forward = (traj, kept) if kept is not None else None  # for this very trajectory only
+        return traj
 
     def correct_mismatch(self, logprobs, engine_logprobs, response_mask):
         """Importance weights (B, R) trainer / engine of the sampled tokens (rlhf/ppo/correction.py), None
@@ -206,10 +228,15 @@ class PPOStage(RLStage):
             self.value_model.train()
         totals: dict[str, float] = {}
         count = 0
-        for mb, (mb_adv, mb_ret), counts, last in launch.micro_batches(
+        # the rollout's forward with its graph, where `reuses_rollout_forward` kept one for this trajectory
+        kept = self.kept_forward[1] if getattr(self, "kept_forward", None) and self.kept_forward[0] is traj else None
+        self.kept_forward = None
+        for mb, (mb_adv, mb_ret), counts, last, rows in launch.micro_batches(
                 traj, (advantages, returns), epochs=c.ppo_epochs, minibatch_size=c.minibatch_size,
                 micro_batch_size=c.micro_batch_size, generator=getattr(self, "update_rng", None)):
-            pg, vf, stats = launch.micro_batch_loss(self.loss, mb, mb_adv, mb_ret, counts)
+            # the one micro-batch is the whole batch, shuffled and stripped of padding columns: so its forward
+            forward = tuple(t[rows][:, : mb.response_ids.shape[1]] for t in kept) if kept is not None else None
+            pg, vf, stats = launch.micro_batch_loss(self.loss, mb, mb_adv, mb_ret, counts, forward)
             launch.backward(pg if vf is None else pg + c.vf_coef * vf, last_micro_batch=last)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -305,6 +332,7 @@ class PPOStage(RLStage):
                 self.sampler.drain()  # first: the random state saved is the one after the rollouts sampled ahead
                 checkpoints.save(self.progress.step, self.save_checkpoint)
         self.sampler.close()
+        self.kept_forward = None  # a rollout's forward the watchdog stopped before its update
         self.final_state = launch.gathered_policy_state()  # every rank gathers; the main one saves
         return {"train_steps": self.progress.step, "resumed_from_step": resumed_from,
                 "stopped_early": self.stopped, "kl_coef_final": self.kl_ctl.value}

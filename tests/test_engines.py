@@ -9,6 +9,7 @@ variants (GSPO, CISPO, clip-higher) run through the loop.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -174,6 +175,52 @@ def test_the_gumbel_sampler_reaches_generate_and_trains(upstream, in_place, monk
     assert any(not torch.equal(weights[k], v) for k, v in _sft(upstream).items())
     ref_rows, _, _ = in_place
     assert [r["env/score"] for r in rows] != [r["env/score"] for r in ref_rows]
+
+
+@pytest.mark.parametrize("stage_name", ["grpo", "ppo"])
+def test_one_minibatch_of_one_epoch_trains_on_the_rollouts_own_forward(upstream, monkeypatch, stage_name):
+    """With one epoch of one minibatch (no accumulation) the update takes the graph of the rollout's policy
+    forward instead of running a second one (`PPOStage.reuses_rollout_forward`): one policy forward per step
+    instead of two, the first ratio exactly 1, and the same weights as the two-forward loop to float rounding
+    (the update's forward packs the rows in its shuffled order). PPO too: its value model is left alone."""
+    import rlhf.rollout
+    from stages.ppo import PPOStage
+
+    calls, real = [], rlhf.rollout.policy_forward
+
+    def counting(*a, **k):
+        calls.append(torch.is_grad_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr("stages.ppo.policy_forward", counting)  # the rollout's, the reference's, the update's
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+    run = [*small_rl_run(stage_name, prompts, num_steps=3, num_minibatches=1, ppo_epochs=1),
+           *([f"stages.{stage_name}.rewards={{reward: 1.0, conftest:length_judge: 0.1}}",
+              f"stages.{stage_name}.no_eos_score=null"] if stage_name == "grpo" else [])]
+
+    def train(reuse: bool):
+        from transformers import AutoModelForCausalLM
+
+        monkeypatch.setattr(PPOStage, "reuses_rollout_forward", lambda self: reuse)
+        calls.clear()
+        pipe = Pipeline(load_experiment(upstream, run))
+        result = {r.name: r for r in pipe.run(until=stage_name)}[stage_name]
+        out = pipe.store.local_dir(result.key)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "env/score" in line]
+        weights = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        shutil.rmtree(out)  # forget it: the other run has the same key and must train again
+        return list(calls), rows, weights
+
+    kept_calls, kept_rows, kept = train(True)
+    two_calls, two_rows, two = train(False)
+    # per step: the rollout's policy forward, the reference's (no grad), then the update's where not kept;
+    # the evaluation's forwards come after the 3 steps
+    assert kept_calls[:6] == [True, False] * 3
+    assert two_calls[:9] == [False, False, True] * 3
+    assert all(r["policy/ratio"] == 1.0 and r["policy/clipfrac"] == 0 for r in kept_rows)
+    for k in two:
+        assert torch.allclose(kept[k], two[k], atol=1e-6), k
+    assert any(not torch.equal(two[k], v) for k, v in _sft(upstream).items())  # it trained
 
 
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
