@@ -58,6 +58,7 @@ SETTINGS = {
              # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
              # float32 on both sides, the task check as the reward; a few steps, to time them
              "smol_grpo_runs": 2, "smol_grpo_eval_prompts": 64,
+             "smol_grpo_variants": {"ours, reuse_rollout_forward": ["stages.grpo.reuse_rollout_forward=true"]},
              "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
@@ -357,9 +358,10 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
             add(row)
         add("")
     add("rollout = sampling the responses; policy and reference forwards = the no-grad passes over the rollout "
-        "batch (with LoRA the reference is the policy with its adapters off); score = decoding and the reward "
-        "function; update = the minibatch steps (forward and backward of the policy, optimizer steps). The rest of "
-        "a step: advantages, the watchdogs' policy copy, logging.\n")
+        "batch (with LoRA the reference is the policy with its adapters off; with one minibatch of one epoch the "
+        "policy forward keeps its graph, and the update is its backward and the optimizer step); score = decoding "
+        "and the reward function; update = the minibatch steps (forward and backward of the policy, optimizer "
+        "steps). The rest of a step: advantages, the watchdogs' policy copy, logging.\n")
 
 
 def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:

@@ -45,6 +45,9 @@ class DAPOConfig(GRPOConfig):
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: {self.samples_per_prompt}; dynamic sampling keeps groups whose "
                              "rewards differ, which needs 2 or more responses per prompt")
+        if self.reuse_rollout_forward:
+            raise ValueError("reuse_rollout_forward: true; DAPO's batch joins the rows of several rollouts, which no "
+                             "one forward covers; set it to false")
 
 
 class DAPOStage(GRPOStage):
@@ -59,9 +62,6 @@ class DAPOStage(GRPOStage):
         if self.launch.num_processes > 1:  # each rank would sample a different number of rounds
             raise StageError(f"{self.stage_name}: dynamic sampling runs in one process only; launch without "
                              "several processes")
-
-    def reuses_rollout_forward(self) -> bool:
-        return False  # the batch is assembled from several rollouts' rows: no one forward covers it
 
     def make_trajectory(self, rows, sampled=None, step: int = 0) -> Trajectory:
         """Step 1-2 with dynamic sampling: the rollout's groups with a signal first, then those of more

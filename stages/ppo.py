@@ -157,14 +157,25 @@ class PPOStage(RLStage):
     # ---- the loop ------------------------------------------------------------------------------
 
     def reuses_rollout_forward(self) -> bool:
-        """Whether the update is one micro-batch holding the whole rollout batch at the weights that sampled
-        it (one epoch, one minibatch, no accumulation, one process, no DeepSpeed engine). Then the rollout's
-        policy forward runs with autograd and the update takes its graph instead of a second forward over
-        the same rows (TRL's GRPOTrainer skips a forward there too); the old logprobs are that forward's,
-        detached, so the first ratio is exactly 1."""
+        """Whether the rollout's policy forward runs with autograd and the update trains on its graph instead
+        of a second forward over the same rows (`reuse_rollout_forward`, which the config and the setup
+        allow only where the update is one micro-batch holding the whole rollout batch at the weights that
+        sampled it). The old logprobs are then that forward's, detached, so the first ratio is exactly 1."""
+        return self.config.reuse_rollout_forward
+
+    def rollout_logprobs(self, query_ids, query_mask, response_ids, response_mask, packed):
+        """The policy's logprobs (B, R) of the rollout it sampled, and the forward itself, (logprobs, entropy)
+        with autograd, where the update will train on it (`reuses_rollout_forward`); else None."""
         c = self.config
-        return (c.ppo_epochs == 1 and c.num_minibatches == 1 and c.gradient_accumulation_steps == 1
-                and self.launch.num_processes == 1 and self.launch.engine is None)
+        if not self.reuses_rollout_forward():
+            with torch.no_grad():
+                return policy_forward(self.policy, query_ids, query_mask, response_ids, response_mask,
+                                      c.temperature, packed=packed)[0], None
+        self.policy.train()  # the update's forward, done now (see `update`)
+        with torch.enable_grad():
+            kept = policy_forward(self.policy, query_ids, query_mask, response_ids, response_mask, c.temperature,
+                                  with_entropy=True, entropy_grad=False, packed=packed)
+        return kept[0].detach(), kept
 
     def make_trajectory(self, rows: list[int], sampled: Rollout | None = None, step: int = 0) -> Trajectory:
         """Steps 1-2 and the forwards that go with them: one rollout batch of prompts `rows` (indices into
@@ -181,16 +192,6 @@ class PPOStage(RLStage):
         episode = self.episode_mask(r_mask, eos)
         with torch.no_grad():
             packed = pack(q_ids, q_mask, r_ids, r_mask) if c.pack_sequences else False
-            with timed("policy_forward"):
-                kept = None
-                if self.reuses_rollout_forward():  # the update's forward, done now (see `update`)
-                    self.policy.train()
-                    with torch.enable_grad():
-                        kept = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, c.temperature,
-                                              with_entropy=True, entropy_grad=False, packed=packed)
-                    logprobs = kept[0].detach()
-                else:
-                    logprobs = policy_forward(self.policy, q_ids, q_mask, r_ids, r_mask, c.temperature, packed=packed)[0]
             with timed("reference_forward"):
                 ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask, packed=packed)
             values = None
@@ -200,6 +201,8 @@ class PPOStage(RLStage):
                                            value_mask=episode)
         with timed("score"):
             scores, raw, per_source = self.score(q_ids, q_mask, r_ids, r_mask, prompts, columns, packed=packed)
+        with timed("policy_forward"):  # last: a forward kept for the update holds its graph from here on
+            logprobs, kept = self.rollout_logprobs(q_ids, q_mask, r_ids, r_mask, packed)
         weights = self.correct_mismatch(logprobs, getattr(sampled, "logprobs", None), r_mask)
         traj = Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos, episode,
                           per_source, weights)

@@ -9,7 +9,6 @@ variants (GSPO, CISPO, clip-higher) run through the loop.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -177,14 +176,14 @@ def test_the_gumbel_sampler_reaches_generate_and_trains(upstream, in_place, monk
     assert [r["env/score"] for r in rows] != [r["env/score"] for r in ref_rows]
 
 
-@pytest.mark.parametrize("stage_name", ["grpo", "ppo"])
-def test_one_minibatch_of_one_epoch_trains_on_the_rollouts_own_forward(upstream, monkeypatch, stage_name):
-    """With one epoch of one minibatch (no accumulation) the update takes the graph of the rollout's policy
-    forward instead of running a second one (`PPOStage.reuses_rollout_forward`): one policy forward per step
-    instead of two, the first ratio exactly 1, and the same weights as the two-forward loop to float rounding
-    (the update's forward packs the rows in its shuffled order). PPO too: its value model is left alone."""
+@pytest.mark.parametrize("stage_name, lora", [("grpo", False), ("grpo", True), ("ppo", False)])
+def test_reuse_rollout_forward_trains_on_the_rollouts_forward(upstream, monkeypatch, stage_name, lora):
+    """With one epoch of one minibatch (no accumulation) and `reuse_rollout_forward`, the update takes the graph
+    of the rollout's policy forward instead of running a second one: one policy forward per step instead of
+    two, the first ratio exactly 1, and the same weights as the two-forward loop to float rounding (the
+    gradient sums the tokens in another order). PPO too: its value model is left alone; and with LoRA, whose
+    reference forward is the same model with its adapters switched off."""
     import rlhf.rollout
-    from stages.ppo import PPOStage
 
     calls, real = [], rlhf.rollout.policy_forward
 
@@ -192,35 +191,48 @@ def test_one_minibatch_of_one_epoch_trains_on_the_rollouts_own_forward(upstream,
         calls.append(torch.is_grad_enabled())
         return real(*a, **k)
 
-    monkeypatch.setattr("stages.ppo.policy_forward", counting)  # the rollout's, the reference's, the update's
+    monkeypatch.setattr("stages.ppo.policy_forward", counting)  # the reference's, the rollout's, the update's
     prompts = load_experiment(upstream).stages["ppo"].config.prompts
     run = [*small_rl_run(stage_name, prompts, num_steps=3, num_minibatches=1, ppo_epochs=1),
            *([f"stages.{stage_name}.rewards={{reward: 1.0, conftest:length_judge: 0.1}}",
-              f"stages.{stage_name}.no_eos_score=null"] if stage_name == "grpo" else [])]
+              f"stages.{stage_name}.no_eos_score=null"] if stage_name == "grpo" else []),
+           *([f"stages.{stage_name}.lora.enabled=true", f"stages.{stage_name}.learning_rate=0.01"] if lora else [])]
 
     def train(reuse: bool):
         from transformers import AutoModelForCausalLM
 
-        monkeypatch.setattr(PPOStage, "reuses_rollout_forward", lambda self: reuse)
         calls.clear()
-        pipe = Pipeline(load_experiment(upstream, run))
+        pipe = Pipeline(load_experiment(upstream, [*run, f"stages.{stage_name}.reuse_rollout_forward={reuse}"]))
         result = {r.name: r for r in pipe.run(until=stage_name)}[stage_name]
         out = pipe.store.local_dir(result.key)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "env/score" in line]
-        weights = AutoModelForCausalLM.from_pretrained(out).state_dict()
-        shutil.rmtree(out)  # forget it: the other run has the same key and must train again
-        return list(calls), rows, weights
+        return list(calls), rows, AutoModelForCausalLM.from_pretrained(out).state_dict()
 
     kept_calls, kept_rows, kept = train(True)
     two_calls, two_rows, two = train(False)
-    # per step: the rollout's policy forward, the reference's (no grad), then the update's where not kept;
-    # the evaluation's forwards come after the 3 steps
-    assert kept_calls[:6] == [True, False] * 3
+    # per step: the reference's forward (no grad), the rollout's policy forward, then the update's where the
+    # rollout's is not kept; the evaluation's forwards come after the 3 steps
+    assert kept_calls[:6] == [False, True] * 3
     assert two_calls[:9] == [False, False, True] * 3
     assert all(r["policy/ratio"] == 1.0 and r["policy/clipfrac"] == 0 for r in kept_rows)
     for k in two:
         assert torch.allclose(kept[k], two[k], atol=1e-6), k
     assert any(not torch.equal(two[k], v) for k, v in _sft(upstream).items())  # it trained
+
+
+@pytest.mark.parametrize("stage_name, overrides, message", [
+    ("grpo", ["num_minibatches=2"], "needs the update to be one pass over the whole rollout batch"),
+    ("dapo", ["num_minibatches=1"], "joins the rows of several rollouts"),
+])
+def test_reuse_rollout_forward_is_refused_where_no_one_forward_covers_the_update(upstream, stage_name, overrides,
+                                                                                message):
+    from rlhf.config import ConfigError
+
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+    run = [*small_rl_run(stage_name, prompts), f"stages.{stage_name}.reuse_rollout_forward=true",
+           *(f"stages.{stage_name}.{o}" for o in overrides)]
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(upstream, run)
 
 
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
