@@ -270,6 +270,15 @@ def phase_table(runs: list[dict]) -> list[str]:
     return rows
 
 
+def phase_sections(p: dict, names: list[str], add: Callable[[str], None]) -> None:
+    """For each of our variants `names` in section results `p`: its time per step by phase (`phase_table`)."""
+    for name in names:
+        add(f"Time per step of {name} (seconds, median over runs of the mean step):\n")
+        for row in phase_table(p[name]):
+            add(row)
+        add("")
+
+
 def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
     """A GRPO section of RESULTS.md: `key` grpo (the tiny SFT policy) or smol_grpo (SmolLM2 with LoRA)."""
     s, p, hp = res["settings"], res[key], res["settings"][key]
@@ -352,11 +361,7 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
     add(f"Training reward (the rollouts' mean `{hp['reward']}`, first and last step, medians): ours "
         f"{first_last['ours'][0]:.3f} -> {first_last['ours'][1]:.3f}, TRL {first_last['trl'][0]:.3f} -> "
         f"{first_last['trl'][1]:.3f}.\n")
-    for name in names[:-1]:
-        add(f"Time per step of {name} (seconds, median over runs of the mean step):\n")
-        for row in phase_table(p[name]):
-            add(row)
-        add("")
+    phase_sections(p, names[:-1], add)
     add("rollout = sampling the responses; policy and reference forwards = the no-grad passes over the rollout "
         "batch (with LoRA the reference is the policy with its adapters off; with one minibatch of one epoch the "
         "policy forward keeps its graph, and the update is its backward and the optimizer step); score = decoding "
@@ -493,11 +498,7 @@ def report(res: dict) -> str:
                            for n in names[1:-1])
         add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 2x){'; ' + others if others else ''}; "
             f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
-        for name in names[:-1]:
-            add(f"Time per step of {name} (seconds, median over runs of the mean step):\n")
-            for row in phase_table(p[name]):
-                add(row)
-            add("")
+        phase_sections(p, names[:-1], add)
         add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
             "rollout batch; score = the reward model; update = the PPO epochs (forward and backward of policy "
             "and value, optimizer steps). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")

@@ -116,9 +116,6 @@ class RLStage(PolicyStage):
         if self.launch.num_processes > 1 and (c.rollout_engine != "hf" or c.max_staleness):
             raise StageError(f"{self.stage_name}: rollout_engine: {c.rollout_engine} and max_staleness > 0 are "
                              "tested in one process only; launch without several processes")
-        if getattr(c, "reuse_rollout_forward", False) and (self.launch.num_processes > 1 or self.launch.engine):
-            raise StageError(f"{self.stage_name}: reuse_rollout_forward runs in one process without DeepSpeed; "
-                             "set it to false for this launch")
         if c.rollout_engine == "hf":
             return engine_class("hf")(self.tokenizer, self.launch, settings, copy=c.max_staleness > 0, **options)
         return engine_class(c.rollout_engine)(self.tokenizer, self.launch, settings, model=self.input_path("policy"),

@@ -38,6 +38,7 @@ from rlhf.ppo.correction import importance_weights
 from rlhf.ppo.losses import POLICY_LOSSES
 from rlhf.rl import RLStage
 from rlhf.rollout import Trajectory, policy_forward, score_at_eos, value_forward
+from rlhf.errors import StageError
 from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 
 __all__ = ["PPOConfig", "PPOStage"]
@@ -126,7 +127,7 @@ class PPOStage(RLStage):
         loss), aggregated over the response tokens by `loss_aggregation` with the whole minibatch's
         `counts` ("sequences", "tokens"), so micro-batches sum to the minibatch's loss. The value loss is
         this micro-batch's share of the minibatch's token mean over the episode positions. `forward`: the
-        policy's (logprobs, entropy) of `mb` already computed with autograd (`reuses_rollout_forward`).
+        policy's (logprobs, entropy) of `mb` already computed with autograd (`rollout_logprobs`).
         """
         c = self.config
 
@@ -156,18 +157,20 @@ class PPOStage(RLStage):
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def reuses_rollout_forward(self) -> bool:
-        """Whether the rollout's policy forward runs with autograd and the update trains on its graph instead
-        of a second forward over the same rows (`reuse_rollout_forward`, which the config and the setup
-        allow only where the update is one micro-batch holding the whole rollout batch at the weights that
-        sampled it). The old logprobs are then that forward's, detached, so the first ratio is exactly 1."""
-        return self.config.reuse_rollout_forward
+    def setup(self) -> None:
+        super().setup()
+        if self.config.reuse_rollout_forward and (self.launch.num_processes > 1 or self.launch.engine):
+            raise StageError(f"{self.stage_name}: reuse_rollout_forward runs in one process without DeepSpeed; "
+                             "set it to false for this launch")
 
     def rollout_logprobs(self, query_ids, query_mask, response_ids, response_mask, packed):
         """The policy's logprobs (B, R) of the rollout it sampled, and the forward itself, (logprobs, entropy)
-        with autograd, where the update will train on it (`reuses_rollout_forward`); else None."""
+        with autograd, where the update will train on it (`reuse_rollout_forward`, which the config and the
+        setup allow only where the update is one micro-batch holding the whole rollout batch at the weights
+        that sampled it; the old logprobs are then that forward's, detached, so the first ratio is exactly 1);
+        else None."""
         c = self.config
-        if not self.reuses_rollout_forward():
+        if not c.reuse_rollout_forward:
             with torch.no_grad():
                 return policy_forward(self.policy, query_ids, query_mask, response_ids, response_mask,
                                       c.temperature, packed=packed)[0], None
@@ -231,7 +234,7 @@ class PPOStage(RLStage):
             self.value_model.train()
         totals: dict[str, float] = {}
         count = 0
-        # the rollout's forward with its graph, where `reuses_rollout_forward` kept one for this trajectory
+        # the rollout's forward with its graph, where `rollout_logprobs` kept one for this trajectory
         kept = self.kept_forward[1] if getattr(self, "kept_forward", None) and self.kept_forward[0] is traj else None
         self.kept_forward = None
         for mb, (mb_adv, mb_ret), counts, last, rows in launch.micro_batches(
