@@ -279,7 +279,7 @@ def _diff(prefix: str, old: Any, new: Any) -> list[str]:
             if k in old:
                 out += _diff(f"{prefix}{k}.", old[k], new[k])
             else:
-                out.append(f"{prefix}{k} added")
+                out.append(f"{prefix}{k} {new[k]!r} added")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
 

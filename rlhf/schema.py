@@ -76,7 +76,7 @@ def _num(x: float) -> str:
 def checked(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
             lt: float | None = None, le: float | None = None, choices: tuple | None = None,
             finite: bool = False, hint: str = "", affects_result: bool = True, keyed_when_set: bool = False,
-            **kwargs: Any) -> Any:
+            keyed_unless: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     """A config field with the values it accepts (see `Bounds`), checked when an experiment loads.
 
     `learning_rate: float = checked(1e-3, gt=0)`; `gamma: float = checked(1.0, ge=0, le=1)`;
@@ -85,14 +85,16 @@ def checked(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: 
 
     `keyed_when_set`: the field enters artifact keys only when it differs from its default, so that a
     field added later leaves the keys of every artifact built before it (at that default) as they were.
+    `keyed_unless=value`: the same, measured from `value` instead of the default: for a default that
+    changed, the artifacts built at the old one (`value`) keep their keys and the new default gets new ones.
     """
     meta: dict[str, Any] = {}
     if (gt, ge, lt, le, choices) != (None,) * 5 or finite:
         meta["bounds"] = Bounds(gt, ge, lt, le, tuple(choices) if choices is not None else None, finite, hint)
     if not affects_result:
         meta["affects_result"] = False
-    if keyed_when_set:
-        meta["keyed_when_set"] = True
+    if keyed_when_set or keyed_unless is not dataclasses.MISSING:
+        meta["unkeyed_value"] = default if keyed_unless is dataclasses.MISSING else keyed_unless
     return field(default=default, metadata=meta, **kwargs)
 
 
@@ -150,7 +152,7 @@ def result_config(cfg: Any) -> Any:
             f.name: result_config(getattr(cfg, f.name))
             for f in dataclasses.fields(cfg)
             if f.metadata.get("affects_result", True)
-            and not (f.metadata.get("keyed_when_set") and getattr(cfg, f.name) == f.default)
+            and not ("unkeyed_value" in f.metadata and getattr(cfg, f.name) == f.metadata["unkeyed_value"])
         }
     if isinstance(cfg, (list, tuple)):
         return [result_config(v) for v in cfg]

@@ -74,10 +74,11 @@ class PPOConfig:
     """Sample rollouts under bfloat16 autocast (faster on CPUs with AVX512-BF16 and on GPUs); the logprobs,
     values and update stay float32, so the samples come from a slightly different policy than the one the
     ratio is computed for (as with an inference engine; rlhf.sampling.generate)."""
-    sampler: str = checked("multinomial", choices=SAMPLERS, keyed_when_set=True)
-    """How the hf engine draws each rollout token (rlhf.sampling.generate): multinomial (transformers'
-    `torch.multinomial`) or gumbel (greedy decoding over the same warped scores plus Gumbel noise: the same
-    distribution, other draws; `generate` of the tiny model 27% faster on 2 CPU cores)."""
+    sampler: str = checked("gumbel", choices=SAMPLERS, keyed_unless="multinomial")
+    """How the hf engine draws each rollout token (rlhf.sampling.generate): gumbel (greedy decoding over the
+    warped scores plus Gumbel noise; `generate` of the tiny model 27% faster on 2 CPU cores) or multinomial
+    (transformers' own `torch.multinomial`, the default until 2026-12-06): the same distribution, other
+    draws. Keyed unless multinomial, so artifacts sampled before the change keep their keys."""
     rollout_engine: str = checked("hf", choices=tuple(ENGINES), keyed_when_set=True)
     """Where rollouts are sampled (rlhf/engines.py): hf (`generate` in this process; on the training policy
     itself, or on a copy when `max_staleness` > 0) or vllm (vLLM's offline engine: `make vllm-setup`)."""

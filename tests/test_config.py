@@ -387,3 +387,22 @@ def test_a_field_keyed_when_set_leaves_keys_alone_at_its_default():
     for cfg in (EvalConfig(), PPOConfig(), PreferencesConfig()):
         assert "bf16_sampling" not in result_config(cfg)
         assert result_config(type(cfg)(bf16_sampling=True))["bf16_sampling"] is True
+
+
+def test_a_field_keyed_unless_its_old_default_keeps_the_keys_built_at_that_value():
+    from dataclasses import dataclass
+
+    from rlhf.schema import checked, result_config
+
+    @dataclass
+    class Cfg:
+        lr: float = checked(1e-3, gt=0)
+        sampler: str = checked("new", keyed_unless="old")
+
+    assert result_config(Cfg(sampler="old")) == {"lr": 1e-3}  # the key of every artifact built at the old default
+    assert result_config(Cfg()) == {"lr": 1e-3, "sampler": "new"}  # the new default gets keys of its own
+    # the RL stages' sampler is such a field: gumbel by default, multinomial before
+    from stages.ppo_config import PPOConfig
+
+    assert result_config(PPOConfig())["sampler"] == "gumbel"
+    assert "sampler" not in result_config(PPOConfig(sampler="multinomial"))

@@ -162,15 +162,19 @@ def test_the_loss_variants_train_through_the_loop(upstream, in_place, loss):
     assert same == (loss != "policy_loss=gspo")
 
 
-def test_the_gumbel_sampler_reaches_generate_and_trains(upstream, in_place, monkeypatch):
-    """`sampler: gumbel` draws every rollout through the Gumbel-max path (tests/test_sampling.py checks its
-    distribution): other draws than the multinomial run's, and the policy trains."""
+def test_each_sampler_reaches_generate_and_trains(upstream, in_place, monkeypatch):
+    """The default run (`in_place`) draws every rollout through the Gumbel-max path and
+    `sampler: multinomial` through transformers' own (tests/test_sampling.py checks both distributions):
+    other draws, and the policy trains with each."""
     import rlhf.engines
 
     seen, real = [], rlhf.engines.generate
     monkeypatch.setattr(rlhf.engines, "generate", lambda *a, **k: seen.append(k["sampler"]) or real(*a, **k))
-    rows, weights, _ = run_grpo(upstream, "stages.grpo.sampler=gumbel")
-    assert len(seen) == 3 and set(seen) == {"gumbel"}  # one rollout per step, none by multinomial
+    rows, weights, _ = run_grpo(upstream, "stages.grpo.sampler=multinomial")
+    assert len(seen) == 3 and set(seen) == {"multinomial"}  # one rollout per step, none by gumbel
+    seen.clear()
+    run_grpo(upstream, "stages.grpo.num_steps=1")
+    assert seen == ["gumbel"]  # the default
     assert any(not torch.equal(weights[k], v) for k, v in _sft(upstream).items())
     ref_rows, _, _ = in_place
     assert [r["env/score"] for r in rows] != [r["env/score"] for r in ref_rows]

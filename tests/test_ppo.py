@@ -108,15 +108,38 @@ def spy_on_sampling(monkeypatch, model) -> list[torch.Tensor]:
     return calls
 
 
-@pytest.mark.parametrize("temperature,carried", [(1.0, False), (0.7, False), (0.7, True)])
+def spy_on_gumbel(monkeypatch) -> list[torch.Tensor]:
+    """Record the scores `GumbelMax` adds its noise to, (B, V) per token: the warped distribution each token of
+    the Gumbel sampler is drawn from (what `generate` returns as its scores has the noise added)."""
+    from rlhf.sampling import GumbelMax
+
+    calls, original = [], GumbelMax.__call__
+
+    def call(self, input_ids, scores):
+        calls.append(scores.clone())
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(GumbelMax, "__call__", call)
+    return calls
+
+
+@pytest.mark.parametrize("temperature,carried,sampler", [(1.0, False, "gumbel"), (0.7, False, "gumbel"),
+                                                         (0.7, True, "gumbel"), (0.7, True, "multinomial")])
 def test_trained_logprobs_are_those_of_the_sampling_distribution(upstream, carried_policy, monkeypatch, temperature,
-                                                                  carried):
-    overrides = [f"stages.ppo.temperature={temperature}"] + ([f"stages.ppo.policy={carried_policy}"] if carried else [])
+                                                                  carried, sampler):
+    overrides = [f"stages.ppo.temperature={temperature}", f"stages.ppo.sampler={sampler}"]
+    overrides += [f"stages.ppo.policy={carried_policy}"] if carried else []
     stage = ppo_stage(upstream, *overrides)
     sampled = spy_on_sampling(monkeypatch, stage.policy)
+    warped = spy_on_gumbel(monkeypatch)
     torch.manual_seed(1)
     traj = stage.make_trajectory(stage.prompts_for_step(0))
-    (scores,) = sampled  # (B, R, V) generate's logits after its processors: the distribution each token came from
+    if sampler == "gumbel":
+        assert len(sampled) == 1
+        scores = torch.stack(warped, dim=1)  # (B, R, V) the scores before the noise
+    else:
+        assert not warped
+        (scores,) = sampled  # (B, R, V) generate's logits after its processors: the distribution each token came from
     m = traj.response_mask
     sampling_logprobs = logprobs_from_logits(scores, traj.response_ids, 1.0)
     gap = (traj.logprobs[m] - sampling_logprobs[m]).abs().max().item()
@@ -287,7 +310,9 @@ def test_every_trainable_parameter_changes(upstream):
 
 
 def test_watchdog_stops_and_keeps_the_last_good_policy(upstream):
-    pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=4", "stages.ppo.kl_budget=1e-9"]))
+    # k3: every token's estimate is >= 0 and > 0 where the policies differ (k1's batch mean may be <= 0 for a draw)
+    pipe = Pipeline(load_experiment(upstream, ["stages.ppo.num_steps=4", "stages.ppo.kl_budget=1e-9",
+                                               "stages.ppo.kl_estimator=k3"]))
     results = {r.name: r for r in pipe.run()}
     m = results["ppo"].metrics
     # step 0's rollout comes from the SFT policy (KL 0); step 1's from the updated policy (KL > 0): stop there
