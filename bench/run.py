@@ -8,7 +8,7 @@
 4. GRPO: our GRPO stage vs TRL's GRPOTrainer (the project's own TRL) on the SFT policy pipeline built,
    rewarded by the task's check (uses_word), with the same prompts and settings, interleaved over seeds;
    every final policy scored by one script (bench/eval_task.py) on the same held-out prompts; our stage
-   also with `sampler: gumbel`.
+   also with `sampler: multinomial` (TRL's sampler, and our default until 2026-12-06).
 5. GRPO on SmolLM2-135M-Instruct (`make smol` converts it): the same comparison with LoRA, a few steps.
 6. Rollout engines (where `make vllm-setup` made .venv-vllm): `generate` against vLLM (bench/engines.py).
 
@@ -45,15 +45,15 @@ SETTINGS = {
     "full": {"config": "bench/tiny.yaml", "runs": 3, "eval_prompts": 256,
              "ppo": {"steps": 30, "batch": 64, "minibatches": 4, "epochs": 4, "response-length": 32,
                      "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
-             "ppo_variants": {"ours, sampler gumbel": ["stages.ppo.sampler=gumbel"]},
+             "ppo_variants": {"ours, sampler multinomial": ["stages.ppo.sampler=multinomial"]},
              "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
              # GRPO: configs/tiny-rlvr.yaml's grpo block (8 prompts x 8 responses, 80 steps at 3e-4)
              "grpo_runs": 3,
              "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                       "loss": "sequence_mean", "estimator": "grpo"},
-             # our stage again with a non-default setting, beside the default (rlhf.sampling.GumbelMax)
-             "grpo_variants": {"ours, sampler gumbel": ["stages.grpo.sampler=gumbel"]},
+             # our stage again with transformers' own sampler (TRL's), beside our default (rlhf.sampling.GumbelMax)
+             "grpo_variants": {"ours, sampler multinomial": ["stages.grpo.sampler=multinomial"]},
              # GRPO on SmolLM2-135M-Instruct (make smol): configs/smol.yaml's grpo block (LoRA r 16 on every
              # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
              # float32 on both sides, the task check as the reward; a few steps, to time them
@@ -71,7 +71,7 @@ SETTINGS = {
               "grpo": {"reward": "uses_word", "steps": 3, "prompts-per-step": 4, "group-size": 8, "minibatches": 2,
                        "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                        "loss": "sequence_mean", "estimator": "grpo"},
-              "grpo_variants": {"ours, sampler gumbel": ["stages.grpo.sampler=gumbel"]},
+              "grpo_variants": {"ours, sampler multinomial": ["stages.grpo.sampler=multinomial"]},
               "smol_grpo_runs": 1, "smol_grpo_eval_prompts": 8,
               "smol_grpo": {"reward": "uses_word", "steps": 1, "prompts-per-step": 4, "group-size": 4,
                             "minibatches": 1, "epochs": 1, "response-length": 16, "temperature": 0.7, "lr": 3e-4,
@@ -363,7 +363,7 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
         f"{first_last['trl'][1]:.3f}.\n")
     phase_sections(p, names[:-1], add)
     add("rollout = sampling the responses; policy and reference forwards = the no-grad passes over the rollout "
-        "batch (with LoRA the reference is the policy with its adapters off; with one minibatch of one epoch the "
+        "batch (with LoRA the reference is the policy with its adapters off; with `reuse_rollout_forward` the "
         "policy forward keeps its graph, and the update is its backward and the optimizer step); score = decoding "
         "and the reward function; update = the minibatch steps (forward and backward of the policy, optimizer "
         "steps). The rest of a step: advantages, the watchdogs' policy copy, logging.\n")
