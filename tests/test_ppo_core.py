@@ -221,6 +221,39 @@ def test_logprobs_match_log_softmax_gather_and_upcast_half_precision():
         logprobs_from_logits(logits, tokens, temperature=0.0)
 
 
+@pytest.mark.parametrize("sliced", [False, True])
+def test_large_logits_go_in_blocks_with_the_same_bits_forward_and_backward(monkeypatch, sliced):
+    """Above WHOLE_ELEMENTS the log-probabilities and the entropy are computed over blocks of positions
+    (SmolLM2's vocabulary makes whole intermediates of 196 MB); the blocks must give the whole
+    computation's bits, values and gradients alike, also for the (B, T - 1 of T, V) view the padded
+    forward passes in. Small limits here force 4-position blocks on a small tensor."""
+    import rlhf.ppo.core as core
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 10, 7, generator=g) * 3
+    base[..., 0] = float("-inf")  # a banned token
+    tokens = torch.randint(1, 7, (3, 9 if sliced else 10), generator=g)
+    weights = torch.randn(tokens.shape, generator=g)
+
+    def run():
+        logits = base.clone().requires_grad_(True)
+        view = logits[:, :-1] if sliced else logits
+        lp = core.logprobs_from_logits(view, tokens, temperature=0.7)
+        (lp * weights).sum().backward()
+        return lp.detach(), logits.grad, core.entropy_from_logits(view.detach(), temperature=0.7)
+
+    whole = run()
+    calls = []
+    monkeypatch.setattr(core, "WHOLE_ELEMENTS", 20)
+    monkeypatch.setattr(core, "BLOCK_ELEMENTS", 3 * 4 * 7)  # 4 positions of 3 rows
+    original = core._logprobs
+    monkeypatch.setattr(core, "_logprobs", lambda *a: calls.append(a[0].shape) or original(*a))
+    blocked = run()
+    assert [c[1] for c in calls] == ([4, 4, 1] if sliced else [4, 4, 2])  # blocks were used
+    for a, b in zip(whole, blocked):
+        assert torch.equal(a, b)
+
+
 def test_entropy_from_logits():
     # Uniform over V = 5 at any temperature: H = ln 5
     logits = torch.full((2, 3, 5), 0.7)
