@@ -58,7 +58,8 @@ SETTINGS = {
              # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
              # float32 on both sides, the task check as the reward; a few steps, to time them
              "smol_grpo_runs": 2, "smol_grpo_eval_prompts": 64,
-             "smol_grpo_variants": {"ours, reuse_rollout_forward": ["stages.grpo.reuse_rollout_forward=true"]},
+             # the default reuses the rollout's forward here (one minibatch of one epoch); the variant runs two
+             "smol_grpo_variants": {"ours, reuse_rollout_forward false": ["stages.grpo.reuse_rollout_forward=false"]},
              "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,

@@ -41,6 +41,8 @@ class DAPOConfig(GRPOConfig):
     """Rollouts a step at most (the first included) while filling the batch with groups whose rewards differ."""
 
     def __post_init__(self) -> None:
+        if self.reuse_rollout_forward is None:  # never by default: see below
+            self.reuse_rollout_forward = False
         super().__post_init__()
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: {self.samples_per_prompt}; dynamic sampling keeps groups whose "

@@ -159,9 +159,13 @@ class PPOStage(RLStage):
 
     def setup(self) -> None:
         super().setup()
-        if self.config.reuse_rollout_forward and (self.launch.num_processes > 1 or self.launch.engine):
+        c = self.config
+        # the rollout's forward is kept for the update (`rollout_logprobs`) in one process without DeepSpeed
+        self.reuses_rollout_forward = (c.reuse_rollout_forward and self.launch.num_processes == 1
+                                       and not self.launch.engine)
+        if c.reuse_required and not self.reuses_rollout_forward:
             raise StageError(f"{self.stage_name}: reuse_rollout_forward runs in one process without DeepSpeed; "
-                             "set it to false for this launch")
+                             "set it to false (or leave it unset) for this launch")
 
     def rollout_logprobs(self, query_ids, query_mask, response_ids, response_mask, packed):
         """The policy's logprobs (B, R) of the rollout it sampled, and the forward itself, (logprobs, entropy)
@@ -170,7 +174,7 @@ class PPOStage(RLStage):
         that sampled it; the old logprobs are then that forward's, detached, so the first ratio is exactly 1);
         else None."""
         c = self.config
-        if not c.reuse_rollout_forward:
+        if not self.reuses_rollout_forward:
             with torch.no_grad():
                 return policy_forward(self.policy, query_ids, query_mask, response_ids, response_mask,
                                       c.temperature, packed=packed)[0], None

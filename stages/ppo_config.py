@@ -97,12 +97,15 @@ class PPOConfig:
     """Upper bound of the importance ratio (veRL's default 2; TRL's 3)."""
     importance_lower: float | None = checked(None, gt=0, le=1, keyed_when_set=True)
     """Lower bound of the importance ratio (None: none, as TRL's default)."""
-    reuse_rollout_forward: bool = checked(False, keyed_when_set=True)
-    """Where the update is one micro-batch holding the whole rollout batch (ppo_epochs 1, num_minibatches 1,
-    gradient_accumulation_steps 1, one process, no DeepSpeed), train on the graph of the rollout's policy
-    forward instead of running the same forward again, as TRL's GRPOTrainer does: 10-22% faster GRPO on
-    SmolLM2-135M with LoRA. The same algorithm; the gradient's float rounding differs (its summation runs
-    in another token order), so a run redraws as on another CPU, hence not the default."""
+    reuse_rollout_forward: bool | None = checked(None, keyed_unless=False)
+    """Train on the graph of the rollout's policy forward instead of running the same forward again, as TRL's
+    GRPOTrainer does, where the update is one micro-batch holding the whole rollout batch (ppo_epochs 1,
+    num_minibatches 1, gradient_accumulation_steps 1; one process, no DeepSpeed): 10-22% faster GRPO on
+    SmolLM2-135M with LoRA. None (the default): wherever the config allows it, resolved when the config loads,
+    and off for a launch of several processes or DeepSpeed; true: required (refused elsewhere); false: never.
+    The same algorithm; the gradient's float rounding differs from the two-forward loop's (it sums the
+    tokens in another order), so a run redraws as on another CPU. Keyed unless false, so runs made with two
+    forwards keep their keys."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
@@ -180,6 +183,9 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.rewards is None:
             self.rewards = {"reward": 1.0}
+        self.reuse_required = self.reuse_rollout_forward is True  # not a field: true as set, not as resolved
+        if self.reuse_rollout_forward is None:
+            self.reuse_rollout_forward = self.one_pass_update
         if not self.rewards:
             raise ValueError("rewards: empty; name at least one reward model or function, e.g. {reward: 1.0}")
         bad = {k: w for k, w in self.rewards.items() if not math.isfinite(float(w))}
@@ -217,8 +223,7 @@ class PPOConfig:
         if self.importance_lower is not None and self.importance_correction == "none":
             raise ValueError("importance_lower is set but importance_correction: none applies no bound; pick a "
                              "correction mode or drop importance_lower")
-        if self.reuse_rollout_forward and (self.ppo_epochs, self.num_minibatches, self.gradient_accumulation_steps
-                                           ) != (1, 1, 1):
+        if self.reuse_rollout_forward and not self.one_pass_update:
             raise ValueError(f"reuse_rollout_forward: true needs the update to be one pass over the whole rollout "
                              f"batch (ppo_epochs: 1, num_minibatches: 1, gradient_accumulation_steps: 1), not "
                              f"{self.ppo_epochs}, {self.num_minibatches}, {self.gradient_accumulation_steps}")
@@ -228,6 +233,11 @@ class PPOConfig:
                 f"rollout_batch_size ({self.rollout_batch_size}) must divide evenly into num_minibatches "
                 f"({self.num_minibatches}) x gradient_accumulation_steps ({self.gradient_accumulation_steps})"
             )
+
+    @property
+    def one_pass_update(self) -> bool:
+        """The update is one micro-batch holding the whole rollout batch, at the weights that sampled it."""
+        return (self.ppo_epochs, self.num_minibatches, self.gradient_accumulation_steps) == (1, 1, 1)
 
     @property
     def minibatch_size(self) -> int:

@@ -239,6 +239,41 @@ def test_reuse_rollout_forward_is_refused_where_no_one_forward_covers_the_update
         load_experiment(upstream, run)
 
 
+def test_reuse_rollout_forward_by_default_where_one_forward_covers_the_update(upstream, monkeypatch):
+    """Unset, the setting resolves when the config loads: on for one epoch of one minibatch (keyed, so such runs
+    get new keys), off otherwise and for DAPO (unkeyed: the keys of runs made before it existed); under
+    several processes the stage turns an unset one off and refuses a required one."""
+    from rlhf.errors import StageError
+    from rlhf.launch import RLLaunch
+    from rlhf.schema import result_config
+
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+
+    def config(stage_name, *overrides):
+        run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
+        return load_experiment(upstream, run).stages[stage_name].config
+
+    one = config("grpo", "num_minibatches=1")
+    assert one.reuse_rollout_forward is True and not one.reuse_required
+    assert result_config(one)["reuse_rollout_forward"] is True
+    for c in (config("grpo"), config("dapo", "num_minibatches=1"), config("grpo", "num_minibatches=1",
+                                                                           "reuse_rollout_forward=false")):
+        assert c.reuse_rollout_forward is False and "reuse_rollout_forward" not in result_config(c)
+    assert config("grpo", "num_minibatches=1", "reuse_rollout_forward=true").reuse_required
+
+    monkeypatch.setattr(RLLaunch, "num_processes", property(lambda self: 2))
+    for required, overrides in ((False, []), (True, ["reuse_rollout_forward=true"])):
+        stage = Pipeline(load_experiment(upstream, [*small_rl_run("grpo", prompts), "stages.grpo.num_minibatches=1",
+                                                    *(f"stages.grpo.{o}" for o in overrides)])).stages["grpo"]
+        stage.work_dir = stage.store.work_dir(stage.key)
+        if required:
+            with pytest.raises(StageError, match="runs in one process without DeepSpeed"):
+                stage.setup()
+        else:
+            stage.setup()
+            assert stage.reuses_rollout_forward is False
+
+
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
     from rlhf.cli import main
 
