@@ -29,6 +29,7 @@ import torch
 
 from rlhf.checkpoints import CheckpointDir
 from rlhf.engines import Rollout
+from rlhf.errors import StageError
 from rlhf.evaluation import summarize
 from rlhf.packing import pack
 from rlhf.ppo import apply_no_eos_penalty, compute_rewards, explained_variance, has_eos, kl_k3, masked_mean, \
@@ -38,7 +39,6 @@ from rlhf.ppo.correction import importance_weights
 from rlhf.ppo.losses import POLICY_LOSSES
 from rlhf.rl import RLStage
 from rlhf.rollout import Trajectory, policy_forward, score_at_eos, value_forward
-from rlhf.errors import StageError
 from stages.ppo_config import KL_ESTIMATORS, PPOConfig
 
 __all__ = ["PPOConfig", "PPOStage"]
@@ -163,6 +163,7 @@ class PPOStage(RLStage):
         # the rollout's forward is kept for the update (`rollout_logprobs`) in one process without DeepSpeed
         self.reuses_rollout_forward = (c.reuse_rollout_forward and self.launch.num_processes == 1
                                        and not self.launch.engine)
+        self.kept_forward = None  # (trajectory, its policy forward with autograd), between make_trajectory and update
         if c.reuse_required and not self.reuses_rollout_forward:
             raise StageError(f"{self.stage_name}: reuse_rollout_forward runs in one process without DeepSpeed; "
                              "set it to false (or leave it unset) for this launch")
@@ -239,7 +240,7 @@ class PPOStage(RLStage):
         totals: dict[str, float] = {}
         count = 0
         # the rollout's forward with its graph, where `rollout_logprobs` kept one for this trajectory
-        kept = self.kept_forward[1] if getattr(self, "kept_forward", None) and self.kept_forward[0] is traj else None
+        kept = self.kept_forward[1] if self.kept_forward and self.kept_forward[0] is traj else None
         self.kept_forward = None
         for mb, (mb_adv, mb_ret), counts, last, rows in launch.micro_batches(
                 traj, (advantages, returns), epochs=c.ppo_epochs, minibatch_size=c.minibatch_size,
