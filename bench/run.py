@@ -489,14 +489,16 @@ def report(res: dict) -> str:
             add(f"| {name} | {fmt(stats([r['episodes_per_s'] for r in rs]))} | "
                 f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} | {fmt(stats([r['eval']['reward'] for r in rs]), 3)} | "
                 f"{fmt(stats([r['eval']['gold'] for r in rs]), 3)} | {fmt(stats([r['eval']['eos_rate'] for r in rs]))} |")
-        speed = statistics.median(r["episodes_per_s"] for r in p["ours"]) / statistics.median(
-            r["episodes_per_s"] for r in p["trl"])
-        mem = statistics.median(r["peak_rss_mib"] for r in p["ours"]) - statistics.median(
-            r["peak_rss_mib"] for r in p["trl"])
-        rew = statistics.median(r["eval"]["reward"] for r in p["ours"]) - statistics.median(
-            r["eval"]["reward"] for r in p["trl"])
-        others = ", ".join(f"{n} {statistics.median(r['episodes_per_s'] for r in p[n]) / statistics.median(r['episodes_per_s'] for r in p['trl']):.2f}x"
-                           for n in names[1:-1])
+        def median(fw: str, value: Callable[[dict], float]) -> float:
+            return statistics.median(value(r) for r in p[fw])
+
+        def speed_ratio(fw: str) -> float:
+            return median(fw, lambda r: r["episodes_per_s"]) / median("trl", lambda r: r["episodes_per_s"])
+
+        speed = speed_ratio("ours")
+        mem = median("ours", lambda r: r["peak_rss_mib"]) - median("trl", lambda r: r["peak_rss_mib"])
+        rew = median("ours", lambda r: r["eval"]["reward"]) - median("trl", lambda r: r["eval"]["reward"])
+        others = ", ".join(f"{n} {speed_ratio(n):.2f}x" for n in names[1:-1])
         add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 2x){'; ' + others if others else ''}; "
             f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
         phase_sections(p, names[:-1], add)
