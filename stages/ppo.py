@@ -53,6 +53,9 @@ class PPOStage(RLStage):
     config_class = PPOConfig
     training_panels = (("env/score", "score"), ("env/kl", "KL to reference"), ("env/response_length", "response length"),
                        ("env/unique_share", "unique responses"))
+    kept_forward: tuple | None = None
+    """(trajectory, its policy forward with autograd) between `make_trajectory` and `update`, where the update
+    trains on the rollout's forward (`rollout_logprobs`)."""
 
     # ---- override points: one per step of the loop ---------------------------------------------
 
@@ -163,7 +166,6 @@ class PPOStage(RLStage):
         # the rollout's forward is kept for the update (`rollout_logprobs`) in one process without DeepSpeed
         self.reuses_rollout_forward = (c.reuse_rollout_forward and self.launch.num_processes == 1
                                        and not self.launch.engine)
-        self.kept_forward = None  # (trajectory, its policy forward with autograd), between make_trajectory and update
         if c.reuse_required and not self.reuses_rollout_forward:
             raise StageError(f"{self.stage_name}: reuse_rollout_forward runs in one process without DeepSpeed; "
                              "set it to false (or leave it unset) for this launch")
