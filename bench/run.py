@@ -45,21 +45,28 @@ SETTINGS = {
     "full": {"config": "bench/tiny.yaml", "runs": 3, "eval_prompts": 256,
              "ppo": {"steps": 30, "batch": 64, "minibatches": 4, "epochs": 4, "response-length": 32,
                      "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
-             "ppo_variants": {"ours, sampler multinomial": ["stages.ppo.sampler=multinomial"]},
+             # our stage again with transformers' own sampler (TRL's), and with the rollout scored by a forward
+             # pass (TRL's way, our default until 2026-12-07) instead of the sampler's logprobs
+             "ppo_variants": {"ours, sampler multinomial": ["stages.ppo.sampler=multinomial"],
+                              "ours, sampler_logprobs false": ["stages.ppo.sampler_logprobs=false"]},
              "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
              # GRPO: configs/tiny-rlvr.yaml's grpo block (8 prompts x 8 responses, 80 steps at 3e-4)
              "grpo_runs": 3,
              "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                       "loss": "sequence_mean", "estimator": "grpo"},
-             # our stage again with transformers' own sampler (TRL's), beside our default (rlhf.sampling.GumbelMax)
-             "grpo_variants": {"ours, sampler multinomial": ["stages.grpo.sampler=multinomial"]},
+             # our stage again with transformers' own sampler (TRL's), beside our default (rlhf.sampling.GumbelMax),
+             # and with the rollout scored by a forward pass instead of the sampler's logprobs (as ppo's)
+             "grpo_variants": {"ours, sampler multinomial": ["stages.grpo.sampler=multinomial"],
+                               "ours, sampler_logprobs false": ["stages.grpo.sampler_logprobs=false"]},
              # GRPO on SmolLM2-135M-Instruct (make smol): configs/smol.yaml's grpo block (LoRA r 16 on every
              # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
              # float32 on both sides, the task check as the reward; a few steps, to time them
              "smol_grpo_runs": 2, "smol_grpo_eval_prompts": 64,
              # the default reuses the rollout's forward here (one minibatch of one epoch); the variant runs two
-             "smol_grpo_variants": {"ours, reuse_rollout_forward false": ["stages.grpo.reuse_rollout_forward=false"]},
+             # (the sampler's logprobs, which would stand in for the first, off too)
+             "smol_grpo_variants": {"ours, reuse_rollout_forward false": ["stages.grpo.reuse_rollout_forward=false",
+                                                                          "stages.grpo.sampler_logprobs=false"]},
              "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
@@ -365,7 +372,8 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
     phase_sections(p, names[:-1], add)
     add("rollout = sampling the responses; policy and reference forwards = the no-grad passes over the rollout "
         "batch (with LoRA the reference is the policy with its adapters off; with `reuse_rollout_forward` the "
-        "policy forward keeps its graph, and the update is its backward and the optimizer step); score = decoding "
+        "policy forward keeps its graph, and the update is its backward and the optimizer step; with "
+        "`sampler_logprobs` the sampler keeps the logprobs and no policy forward runs); score = decoding "
         "and the reward function; update = the minibatch steps (forward and backward of the policy, optimizer "
         "steps). The rest of a step: advantages, the watchdogs' policy copy, logging.\n")
 
@@ -503,7 +511,8 @@ def report(res: dict) -> str:
             f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
         phase_sections(p, names[:-1], add)
         add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
-            "rollout batch; score = the reward model; update = the PPO epochs (forward and backward of policy "
+            "rollout batch (with `sampler_logprobs` the sampler keeps the logprobs and no policy forward runs); "
+            "score = the reward model; update = the PPO epochs (forward and backward of policy "
             "and value, optimizer steps). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
     if "sft" in res:
         p, hp = res["sft"], s["sft"]

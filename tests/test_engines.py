@@ -186,7 +186,8 @@ def test_reuse_rollout_forward_trains_on_the_rollouts_forward(upstream, monkeypa
     of the rollout's policy forward instead of running a second one: one policy forward per step instead of
     two, the first ratio exactly 1, and the same weights as the two-forward loop to float rounding (the
     gradient sums the tokens in another order). PPO too: its value model is left alone; and with LoRA, whose
-    reference forward is the same model with its adapters switched off."""
+    reference forward is the same model with its adapters switched off. `sampler_logprobs` saves the same
+    forward another way (the sampler's log-probabilities as the old ones) to the same weights."""
     import rlhf.rollout
 
     calls, real = [], rlhf.rollout.policy_forward
@@ -202,11 +203,12 @@ def test_reuse_rollout_forward_trains_on_the_rollouts_forward(upstream, monkeypa
               f"stages.{stage_name}.no_eos_score=null"] if stage_name == "grpo" else []),
            *([f"stages.{stage_name}.lora.enabled=true", f"stages.{stage_name}.learning_rate=0.01"] if lora else [])]
 
-    def train(reuse: bool):
+    def train(reuse: bool, sampler_logprobs: bool = False):
         from transformers import AutoModelForCausalLM
 
         calls.clear()
-        pipe = Pipeline(load_experiment(upstream, [*run, f"stages.{stage_name}.reuse_rollout_forward={reuse}"]))
+        pipe = Pipeline(load_experiment(upstream, [*run, f"stages.{stage_name}.reuse_rollout_forward={reuse}",
+                                                   f"stages.{stage_name}.sampler_logprobs={sampler_logprobs}"]))
         result = {r.name: r for r in pipe.run(until=stage_name)}[stage_name]
         out = pipe.store.local_dir(result.key)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "env/score" in line]
@@ -214,13 +216,19 @@ def test_reuse_rollout_forward_trains_on_the_rollouts_forward(upstream, monkeypa
 
     kept_calls, kept_rows, kept = train(True)
     two_calls, two_rows, two = train(False)
+    sampled_calls, sampled_rows, sampled = train(False, sampler_logprobs=True)
     # per step: the reference's forward (no grad), the rollout's policy forward, then the update's where the
-    # rollout's is not kept; the evaluation's forwards come after the 3 steps
+    # rollout's is not kept; with the sampler's logprobs no rollout forward at all; the evaluation's forwards
+    # come after the 3 steps
     assert kept_calls[:6] == [False, True] * 3
     assert two_calls[:9] == [False, False, True] * 3
+    assert sampled_calls[:6] == [False, True] * 3
     assert all(r["policy/ratio"] == 1.0 and r["policy/clipfrac"] == 0 for r in kept_rows)
+    # the sampler's logits come from cached decoding: its first ratios are 1 to float rounding only
+    assert all(abs(r["policy/ratio"] - 1.0) < 1e-5 and r["policy/clipfrac"] == 0 for r in sampled_rows)
     for k in two:
         assert torch.allclose(kept[k], two[k], atol=1e-6), k
+        assert torch.allclose(sampled[k], two[k], atol=1e-5), k
     assert any(not torch.equal(two[k], v) for k, v in _sft(upstream).items())  # it trained
 
 
@@ -272,6 +280,34 @@ def test_reuse_rollout_forward_by_default_where_one_forward_covers_the_update(up
         else:
             stage.setup()
             assert stage.reuses_rollout_forward is False
+
+
+def test_sampler_logprobs_by_default_where_the_policy_itself_samples_in_float32(upstream):
+    """Unset, `sampler_logprobs` resolves when the config loads: on where the hf engine samples with the training
+    policy itself in float32 and no kept forward gives the old logprobs already (keyed, so such runs get new
+    keys); off otherwise (unkeyed: the keys of runs made before it existed); required where it cannot hold,
+    it is refused before anything trains, naming why."""
+    from rlhf.config import ConfigError
+    from rlhf.schema import result_config
+
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+
+    def config(stage_name, *overrides):
+        run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
+        return load_experiment(upstream, run).stages[stage_name].config
+
+    for on in (config("ppo"), config("grpo"), config("dapo")):
+        assert on.sampler_logprobs is True and result_config(on)["sampler_logprobs"] is True
+    off = {"kept forward": config("grpo", "num_minibatches=1"), "bf16": config("ppo", "bf16_sampling=true"),
+           "a copy ahead": config("ppo", "max_staleness=1"), "asked": config("ppo", "sampler_logprobs=false")}
+    for why, c in off.items():
+        assert c.sampler_logprobs is False and "sampler_logprobs" not in result_config(c), why
+    for overrides, message in ((["bf16_sampling=true"], "bf16_sampling: true samples in bfloat16"),
+                               (["max_staleness=1"], "max_staleness: 1 samples with older weights"),
+                               (["num_minibatches=1", "ppo_epochs=1", "reuse_rollout_forward=true"],
+                                "the kept forward gives the old log-probabilities")):
+        with pytest.raises(ConfigError, match=message):
+            config("ppo", "sampler_logprobs=true", *overrides)
 
 
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):

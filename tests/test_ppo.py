@@ -123,13 +123,18 @@ def spy_on_gumbel(monkeypatch) -> list[torch.Tensor]:
     return calls
 
 
-@pytest.mark.parametrize("temperature,carried,sampler", [(1.0, False, "gumbel"), (0.7, False, "gumbel"),
-                                                         (0.7, True, "gumbel"), (0.7, True, "multinomial")])
+@pytest.mark.parametrize("temperature,carried,sampler,kept", [
+    (1.0, False, "gumbel", True), (0.7, False, "gumbel", True), (0.7, False, "gumbel", False),
+    (0.7, True, "gumbel", False), (0.7, True, "multinomial", True), (0.7, True, "multinomial", False)])
 def test_trained_logprobs_are_those_of_the_sampling_distribution(upstream, carried_policy, monkeypatch, temperature,
-                                                                  carried, sampler):
-    overrides = [f"stages.ppo.temperature={temperature}", f"stages.ppo.sampler={sampler}"]
+                                                                  carried, sampler, kept):
+    """The old logprobs, kept by the sampler (`sampler_logprobs`) or from a forward pass, against the
+    distribution each token was drawn from."""
+    overrides = [f"stages.ppo.temperature={temperature}", f"stages.ppo.sampler={sampler}",
+                 f"stages.ppo.sampler_logprobs={kept}"]
     overrides += [f"stages.ppo.policy={carried_policy}"] if carried else []
     stage = ppo_stage(upstream, *overrides)
+    assert stage.config.sampler_logprobs is kept
     sampled = spy_on_sampling(monkeypatch, stage.policy)
     warped = spy_on_gumbel(monkeypatch)
     torch.manual_seed(1)

@@ -87,3 +87,36 @@ def test_greedy_configs_stay_greedy_and_an_unknown_sampler_is_refused(tiny_lm):
     assert torch.equal(a, generate(model, greedy, **enc)) and (a[:, -3:] == a[:1, -3:]).all()
     with pytest.raises(ValueError, match="sampler 'exponential'"):
         generate(model, greedy, sampler="exponential", **enc)
+
+
+@pytest.mark.parametrize("sampler", ["multinomial", "gumbel"])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_the_logprobs_kept_while_sampling_are_those_a_forward_pass_gives(tiny_lm, sampler, temperature, top_p):
+    """`generate(..., logprobs=True)` keeps each drawn token's log-probability under softmax(logits /
+    temperature) (no top-p: the distribution `policy_forward` scores) from the logits it drew the token from;
+    they equal a forward pass over the finished sequences to float rounding, rows left-padded to different
+    prompt lengths, every token drawn (the ones after a row's EOS too, which the loop masks), and the same
+    tokens come out as without keeping them."""
+    from rlhf.rollout import policy_forward
+
+    model, tok = tiny_lm
+    enc = tok(["t1 t2 t3", "t4", "t5 t6", "t7 t8 t9 t10"] * 4, return_tensors="pt", padding=True, padding_side="left")
+    config = generation_config(tok, max_new_tokens=6, temperature=temperature, top_p=top_p)
+    torch.manual_seed(2)
+    seqs, kept = generate(model, config, sampler=sampler, logprobs=True, **enc)
+    torch.manual_seed(2)
+    assert torch.equal(seqs, generate(model, config, sampler=sampler, **enc))
+    p = enc["input_ids"].shape[1]
+    response = seqs[:, p:]
+    assert kept.shape == response.shape == (16, 6)
+    with torch.no_grad():
+        forward, _ = policy_forward(model, enc["input_ids"], enc["attention_mask"].bool(), response,
+                                    torch.ones_like(response, dtype=torch.bool), temperature)
+    assert torch.allclose(kept, forward, atol=1e-5), (kept - forward).abs().max()
+    # the premise: at 0.7 a temperature left out (or top-p's renormalisation put in) moves them by far more
+    with torch.no_grad():
+        at_one, _ = policy_forward(model, enc["input_ids"], enc["attention_mask"].bool(), response,
+                                   torch.ones_like(response, dtype=torch.bool), 1.0)
+    assert temperature == 1.0 or (at_one - forward).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="bfloat16"):
+        generate(model, config, sampler=sampler, logprobs=True, bf16=True, **enc)
