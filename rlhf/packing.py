@@ -47,12 +47,19 @@ class Packed(NamedTuple):
     the logits and the value read there belong to that response token."""
     last: torch.Tensor
     """(B,) index of each sequence's last real token (the EOS where there is one)."""
+    rows: torch.Tensor | None = None
+    """(B, T) where rows share prompts (`pack(..., share_prompts=True)`): the packed index of each row's
+    tokens, its prompt's then its response's (padding slots point at token 0), the rows attention runs
+    over; `sequence` and `position_ids` then say which row and slot each token's output is read from
+    (the first row of its prompt for a shared prompt token). None: every token is in one row only."""
 
     @contextlib.contextmanager
     def active(self):
         """Run a model forward on this batch inside: attention then keeps to each sequence."""
-        state = {"sequence": self.sequence, "position": self.position_ids[0],
-                 "shape": (int(self.sequence[-1]) + 1, int(self.position_ids.max()) + 1), "calls": 0}
+        shape = (tuple(self.rows.shape) if self.rows is not None
+                 else (int(self.sequence[-1]) + 1, int(self.position_ids.max()) + 1))
+        state = {"sequence": self.sequence, "position": self.position_ids[0], "rows": self.rows,
+                 "shape": shape, "calls": 0}
         token = _ACTIVE.set(state)
         try:
             yield
@@ -65,8 +72,16 @@ class Packed(NamedTuple):
                 "use_packed_attention was not called on it. Set the RL stage's pack_sequences=false for this model.")
 
 
-def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
-    """Pack a left-padded prompt batch (B, P) and a right-padded response batch (B, R) into one row."""
+def pack(query_ids, query_mask, response_ids, response_mask, share_prompts: bool = False) -> Packed:
+    """Pack a left-padded prompt batch (B, P) and a right-padded response batch (B, R) into one row.
+
+    `share_prompts`: rows with the same prompt (a GRPO group, in any order) keep one copy of it; each of
+    their responses follows it with positions continuing from the prompt's, and attention runs each row
+    over that copy and its own response (`Packed.rows`). The linear layers then see every prompt once,
+    and the prompt's gradient sums over the responses that read it: the same numbers to float rounding.
+    """
+    if share_prompts:
+        return _pack_shared(query_ids, query_mask, response_ids, response_mask)
     ids = torch.cat([query_ids, response_ids], dim=1)  # (B, T)
     mask = torch.cat([query_mask, response_mask], dim=1).bool()  # (B, T)
     lengths = mask.sum(dim=1)  # (B,)
@@ -78,6 +93,46 @@ def pack(query_ids, query_mask, response_ids, response_mask) -> Packed:
     return Packed(input_ids=ids[mask].unsqueeze(0), position_ids=position.unsqueeze(0), sequence=sequence,
                   response_mask=response_mask.bool(), before_response=response_index - 1,
                   last=starts + lengths - 1)
+
+
+def _pack_shared(query_ids, query_mask, response_ids, response_mask) -> Packed:
+    """`pack` with each distinct prompt once: [prompt a | its responses | prompt b | its responses ...]."""
+    q_mask, r_mask = query_mask.bool(), response_mask.bool()
+    _, group = torch.unique(torch.where(q_mask, query_ids, -1), dim=0, return_inverse=True)  # (B,)
+    device, n = query_ids.device, len(group)
+    ids, positions, sequence = [], [], []
+    rows, before, last = [], [], []
+    prompt_at: dict[int, tuple[int, int]] = {}  # group -> (where its prompt starts, its length)
+    offset = 0
+    for g in dict.fromkeys(group.tolist()):  # groups in the order of their first row
+        members = (group == g).nonzero().flatten().tolist()
+        prompt = query_ids[members[0]][q_mask[members[0]]]
+        start, length = offset, len(prompt)
+        ids.append(prompt)
+        positions.append(torch.arange(length, device=device))
+        sequence.append(torch.full((length,), members[0], device=device))
+        offset += length
+        prompt_at[g] = (start, length)
+        for b in members:
+            response = response_ids[b][r_mask[b]]
+            k = len(response)
+            ids.append(response)
+            positions.append(torch.arange(length, length + k, device=device))
+            sequence.append(torch.full((k,), b, device=device))
+            own = torch.arange(offset, offset + k, device=device)
+            rows.append((b, torch.cat([torch.arange(start, start + length, device=device), own])))
+            before.append((b, torch.cat([torch.tensor([start + length - 1], device=device), own[:-1]])[:k]))
+            last.append((b, offset + k - 1 if k else start + length - 1))
+            offset += k
+    width = max(len(r) for _, r in rows)
+    row_index = torch.zeros(n, width, dtype=torch.long, device=device)
+    for b, r in rows:
+        row_index[b, : len(r)] = r
+    order = sorted(range(n), key=lambda i: before[i][0])  # `before_response` in response_mask's row order
+    return Packed(input_ids=torch.cat(ids).unsqueeze(0), position_ids=torch.cat(positions).unsqueeze(0),
+                  sequence=torch.cat(sequence), response_mask=r_mask,
+                  before_response=torch.cat([before[i][1] for i in order]),
+                  last=torch.tensor([v for _, v in sorted(last)], device=device), rows=row_index)
 
 
 def unpack(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -108,9 +163,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise RuntimeError("packed attention supports one packed row of full causal self-attention; "
                            "set the RL stage's pack_sequences=false for this model")
     state["calls"] += 1
-    sequence, position, (n, t) = state["sequence"], state["position"], state["shape"]
+    sequence, position, (n, t), shared = state["sequence"], state["position"], state["shape"], state["rows"]
 
     def by_sequence(x):  # (1, H, L, D) -> (n, H, t, D), each sequence a row from column 0
+        if shared is not None:  # a shared prompt's tokens in every row that reads it (gradients sum)
+            return x[0][:, shared].transpose(0, 1)
         rows = x.new_zeros(n, t, x.shape[1], x.shape[3])
         rows[sequence, position] = x[0].transpose(0, 1)
         return rows.transpose(1, 2)

@@ -31,7 +31,7 @@ from rlhf.checkpoints import CheckpointDir
 from rlhf.engines import Rollout
 from rlhf.errors import StageError
 from rlhf.evaluation import summarize
-from rlhf.packing import pack
+from rlhf.packing import Packed, pack
 from rlhf.ppo import apply_no_eos_penalty, compute_rewards, explained_variance, has_eos, kl_k3, masked_mean, \
     masked_sum, value_loss, with_state_after_eos
 from rlhf.ppo.aggregation import aggregate
@@ -71,6 +71,13 @@ class PPOStage(RLStage):
         if c.no_eos_score is not None:
             scores = apply_no_eos_penalty(scores, has_eos(response_ids, self.tokenizer.eos_token_id), c.no_eos_score)
         return scores, raw, per_source
+
+    def pack(self, query_ids, query_mask, response_ids, response_mask) -> Packed | bool:
+        """The batch's packed layout for its forwards (rlhf/packing.py; `share_prompts`: each shared prompt
+        once), or False where `pack_sequences` is off."""
+        c = self.config
+        return pack(query_ids, query_mask, response_ids, response_mask, share_prompts=c.share_prompts) \
+            if c.pack_sequences else False
 
     def decode(self, response_ids, response_mask) -> list[str]:
         """The responses as text (what reward functions and the diversity watchdog read)."""
@@ -138,9 +145,10 @@ class PPOStage(RLStage):
             return aggregate(per_token, mb.response_mask, c.loss_aggregation, num_sequences=counts["sequences"],
                              num_tokens=counts["tokens"], max_len=c.max_new_tokens)
 
-        logprobs, entropy = forward or policy_forward(self.policy, mb.query_ids, mb.query_mask, mb.response_ids,
-                                                      mb.response_mask, c.temperature, with_entropy=True,
-                                                      entropy_grad=False, packed=c.pack_sequences)
+        batch = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+        packed = self.pack(*batch) if forward is None or self.value_model is not None else False
+        logprobs, entropy = forward or policy_forward(self.policy, *batch, c.temperature, with_entropy=True,
+                                                      entropy_grad=False, packed=packed)
         pg, pg_stats = POLICY_LOSSES[c.policy_loss](logprobs, mb.logprobs, advantages, mb.response_mask, c.clip_range,
                                                     c.clip_range_high, reduce=reduce, token_weights=mb.token_weights)
         stats = {"policy/loss": pg_stats["loss"], "policy/clipfrac": pg_stats["clipfrac"],
@@ -152,8 +160,7 @@ class PPOStage(RLStage):
             stats["policy/kl_loss"] = kl_term.detach()
         if self.value_model is None:
             return pg, None, stats
-        values = value_forward(self.value_model, mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                               packed=c.pack_sequences, value_mask=mb.episode_mask)
+        values = value_forward(self.value_model, *batch, packed=packed, value_mask=mb.episode_mask)
         vf, vf_stats = value_loss(values, mb.values, returns, mb.episode_mask, c.clip_range_value)
         stats.update({"value/loss": vf.detach(), "value/clipfrac": vf_stats["clipfrac"]})
         return pg, vf * (mb.episode_mask.sum() / counts["value_tokens"]), stats
@@ -202,7 +209,7 @@ class PPOStage(RLStage):
         eos = has_eos(r_ids, self.tokenizer.eos_token_id)
         episode = self.episode_mask(r_mask, eos)
         with torch.no_grad():
-            packed = pack(q_ids, q_mask, r_ids, r_mask) if c.pack_sequences else False
+            packed = self.pack(q_ids, q_mask, r_ids, r_mask)
             with timed("reference_forward"):
                 ref_logprobs = self.reference_logprobs(q_ids, q_mask, r_ids, r_mask, packed=packed)
             values = None

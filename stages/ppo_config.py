@@ -122,6 +122,13 @@ class PPOConfig:
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
     Needs attention through transformers' attention interface (Llama, GPT-NeoX, GPT-2 are tested); the
     stage stops with an error otherwise. False: padded batches."""
+    share_prompts: bool | None = checked(None, keyed_unless=False)
+    """With `pack_sequences`, pack a prompt that several rows share (a group of `samples_per_prompt`
+    responses) once: its tokens pass the layers once, every response attends to that one copy, and its
+    gradient sums over them (rlhf.packing.pack). The same numbers to float rounding, fewer tokens in every
+    forward of the loop (the tiny model's GRPO groups of 8: about half). None (the default): on where
+    `samples_per_prompt` > 1 and `pack_sequences`; false: every row packs its own copy. Keyed unless false,
+    so runs made before it keep their keys; like any change of float rounding, a run redraws."""
     no_eos_score: float | None = checked(-1.0, finite=True)
     """Score given to responses without EOS instead of the rewards' (None: keep the rewards')."""
     normalize_score: bool = True
@@ -197,6 +204,11 @@ class PPOConfig:
         self.reuse_required = self.reuse_rollout_forward is True  # not a field: true as set, not as resolved
         if self.reuse_rollout_forward is None:
             self.reuse_rollout_forward = self.one_pass_update
+        if self.share_prompts is None:
+            self.share_prompts = self.pack_sequences and self.samples_per_prompt > 1
+        if self.share_prompts and not self.pack_sequences:
+            raise ValueError("share_prompts: true packs each shared prompt once, which needs pack_sequences: true; "
+                             "set share_prompts: false (or leave it unset) or pack_sequences: true")
         if self.sampler_logprobs is None:
             self.sampler_logprobs = not (self.reuse_rollout_forward or self.sampler_logprobs_refused)
         if not self.rewards:

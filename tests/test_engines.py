@@ -310,6 +310,27 @@ def test_sampler_logprobs_by_default_where_the_policy_itself_samples_in_float32(
             config("ppo", "sampler_logprobs=true", *overrides)
 
 
+def test_share_prompts_by_default_for_groups_and_only_with_packing(upstream):
+    """Unset, `share_prompts` is on where rows share prompts (samples_per_prompt > 1) and the forwards are
+    packed, keyed; off otherwise, unkeyed (PPO's keys stay); required without packing, refused."""
+    from rlhf.config import ConfigError
+    from rlhf.schema import result_config
+
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+
+    def config(stage_name, *overrides):
+        run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
+        return load_experiment(upstream, run).stages[stage_name].config
+
+    for on in (config("grpo"), config("dapo"), config("ppo", "estimator=rloo", "whiten_advantages=false")):
+        assert on.share_prompts is True and result_config(on)["share_prompts"] is True
+    for off in (config("ppo", "samples_per_prompt=1"), config("grpo", "pack_sequences=false"),
+                config("grpo", "share_prompts=false")):
+        assert off.share_prompts is False and "share_prompts" not in result_config(off)
+    with pytest.raises(ConfigError, match="needs pack_sequences: true"):
+        config("grpo", "share_prompts=true", "pack_sequences=false")
+
+
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
     from rlhf.cli import main
 

@@ -137,6 +137,44 @@ def test_gradient_accumulation_equals_the_full_minibatch_in_every_mode(upstream,
         assert torch.allclose(g_full[name], g_accum[name], rtol=1e-4, atol=1e-7), name
 
 
+def test_shared_prompts_give_the_same_reference_logprobs_and_gradients_from_fewer_tokens(upstream, monkeypatch):
+    """`share_prompts` (on by default for groups): each group's prompt packed once in every forward of the loop
+    (the reference's, the update's), the same numbers as one copy per response to float rounding."""
+    shared, own = open_stage(upstream), open_stage(upstream, "stages.grpo.share_prompts=false")
+    assert shared.config.share_prompts is True and own.config.share_prompts is False
+    lengths = {}
+
+    def counting(stage, name):
+        real = stage.pack
+
+        def pack(*batch):
+            packed = real(*batch)
+            lengths.setdefault(name, []).append(packed.input_ids.shape[1])
+            return packed
+        monkeypatch.setattr(stage, "pack", pack)
+
+    counting(shared, "shared")
+    counting(own, "own")
+    torch.manual_seed(0)
+    traj = own.make_trajectory(own.prompts_for_step(0))
+    torch.manual_seed(0)
+    traj_shared = shared.make_trajectory(shared.prompts_for_step(0))
+    assert torch.equal(traj.response_ids, traj_shared.response_ids)
+    assert torch.allclose(traj.ref_logprobs, traj_shared.ref_logprobs, atol=1e-5)
+    scores = torch.tensor([0.0, 1.0, 3.0, -1.0, 2.0, 2.0, 0.5, -2.0])  # differing within each group
+    traj = traj._replace(scores=scores)
+    rewards, _ = own.compute_rewards(traj)
+    advantages, returns = own.compute_advantages(rewards, traj)
+    g_own, g_shared = _gradients(own, traj, advantages, returns), _gradients(shared, traj, advantages, returns)
+    assert g_own.keys() == g_shared.keys() and sum(g.norm() for g in g_own.values()) > 1e-3
+    for name in g_own:
+        assert torch.allclose(g_own[name], g_shared[name], rtol=1e-4, atol=1e-6), name
+    # the trajectory's pack, then one per minibatch: two groups of 4 share their prompts, wherever the
+    # minibatches' shuffle puts them
+    assert len(lengths["shared"]) == len(lengths["own"]) == 3
+    assert all(s < o for s, o in zip(lengths["shared"], lengths["own"])), lengths
+
+
 def test_a_grpo_run_publishes_a_policy_without_value_model(upstream):
     pipe = Pipeline(load_experiment(upstream[0], grpo(upstream)))
     results = {r.name: r for r in pipe.run(until="grpo")}

@@ -71,17 +71,46 @@ def _batch(seed: int = 0):
     return q_ids, q_mask, r_ids, r_mask
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gpt2"])
-def test_packed_forwards_equal_padded_ones_with_their_gradients(arch):
+def _grouped_batch():
+    """`_batch`'s rows with two prompts shared, as GRPO groups are, in no particular order: rows 0, 2, 4
+    ask prompt 0's, rows 1 and 3 prompt 1's (responses of 1-6 tokens, as there)."""
+    q_ids, q_mask, r_ids, r_mask = _batch()
+    shared = torch.tensor([0, 1, 0, 1, 0])
+    return q_ids[shared], q_mask[shared], r_ids, r_mask
+
+
+def test_shared_prompts_pack_once_golden():
+    # rows 0 and 2 ask the same prompt (2 real tokens), row 1 another (3 tokens)
+    q_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6]])
+    q_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    r_ids = torch.tensor([[10, 11, 0], [12, 0, 0], [13, 14, 15]])
+    r_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    b = pack(q_ids, q_mask, r_ids, r_mask, share_prompts=True)
+    assert b.input_ids.tolist() == [[5, 6, 10, 11, 13, 14, 15, 7, 8, 9, 12]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 3]]
+    assert b.sequence.tolist() == [0, 0, 0, 0, 2, 2, 2, 1, 1, 1, 1]  # the prompt's output: its first row's
+    assert b.rows.tolist() == [[0, 1, 2, 3, 0], [7, 8, 9, 10, 0], [0, 1, 4, 5, 6]]
+    assert b.before_response.tolist() == [1, 2, 9, 1, 4, 5]  # the tokens that predict 10 11 | 12 | 13 14 15
+    assert b.last.tolist() == [3, 10, 6]
+
+
+@pytest.mark.parametrize("arch, layout", [("llama", "rows"), ("gpt_neox", "rows"), ("gpt2", "rows"),
+                                          ("llama", "shared"), ("gpt_neox", "shared"), ("gpt2", "shared")])
+def test_packed_forwards_equal_padded_ones_with_their_gradients(arch, layout):
+    """Packed forwards (and with `share_prompts` on a batch whose rows share prompts, each prompt once)
+    give the padded forwards' logprobs, entropies, values, scores and gradients."""
     lm, cls = _models(arch)
     packed_lm, packed_cls = copy.deepcopy(lm), copy.deepcopy(cls)
     use_packed_attention(packed_lm)
     use_packed_attention(packed_cls)
-    batch = _batch()
+    batch = _batch() if layout == "rows" else _grouped_batch()
     m = batch[3]
     weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(1))
     results = []
-    for model, head, packed in ((lm, cls, False), (packed_lm, packed_cls, True)):
+    if layout == "shared":
+        layout = pack(*batch, share_prompts=True)
+        assert layout.input_ids.shape[1] == pack(*batch).input_ids.shape[1] - 2 * 7 - 2  # prompt copies left out
+    for model, head, packed in ((lm, cls, False), (packed_lm, packed_cls, True if layout == "rows" else layout)):
         logp, ent = policy_forward(model, *batch, 0.7, with_entropy=True, packed=packed)
         values = value_forward(head, *batch, packed=packed)
         scores = score_at_eos(head, *batch, packed=packed)
