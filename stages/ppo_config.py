@@ -126,7 +126,7 @@ class PPOConfig:
     """With `pack_sequences`, pack a prompt that several rows share (a group of `samples_per_prompt`
     responses) once: its tokens pass the layers once, every response attends to that one copy, and its
     gradient sums over them (rlhf.packing.pack). The same numbers to float rounding, fewer tokens in every
-    forward of the loop (the tiny model's GRPO groups of 8: about half). None (the default): on where
+    forward of the loop (up to about half for the tiny model's GRPO groups of 8). None (the default): on where
     `samples_per_prompt` > 1 and `pack_sequences`; false: every row packs its own copy. Keyed unless false,
     so runs made before it keep their keys; like any change of float rounding, a run redraws."""
     no_eos_score: float | None = checked(-1.0, finite=True)
