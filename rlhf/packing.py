@@ -102,7 +102,6 @@ def _pack_shared(query_ids, query_mask, response_ids, response_mask) -> Packed:
     device, n = query_ids.device, len(group)
     ids, positions, sequence = [], [], []
     rows, before, last = [], [], []
-    prompt_at: dict[int, tuple[int, int]] = {}  # group -> (where its prompt starts, its length)
     offset = 0
     for g in dict.fromkeys(group.tolist()):  # groups in the order of their first row
         members = (group == g).nonzero().flatten().tolist()
@@ -112,7 +111,6 @@ def _pack_shared(query_ids, query_mask, response_ids, response_mask) -> Packed:
         positions.append(torch.arange(length, device=device))
         sequence.append(torch.full((length,), members[0], device=device))
         offset += length
-        prompt_at[g] = (start, length)
         for b in members:
             response = response_ids[b][r_mask[b]]
             k = len(response)
