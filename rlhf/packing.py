@@ -100,13 +100,16 @@ def _pack_shared(query_ids, query_mask, response_ids, response_mask) -> Packed:
     q_mask, r_mask = query_mask.bool(), response_mask.bool()
     _, group = torch.unique(torch.where(q_mask, query_ids, -1), dim=0, return_inverse=True)  # (B,)
     device, n = query_ids.device, len(group)
+    row_index = torch.zeros(n, int((q_mask.sum(1) + r_mask.sum(1)).max()), dtype=torch.long, device=device)
+    before: list[torch.Tensor | None] = [None] * n  # per row: the tokens that predict its response's
+    last = torch.empty(n, dtype=torch.long, device=device)
     ids, positions, sequence = [], [], []
-    rows, before, last = [], [], []
     offset = 0
     for g in dict.fromkeys(group.tolist()):  # groups in the order of their first row
         members = (group == g).nonzero().flatten().tolist()
         prompt = query_ids[members[0]][q_mask[members[0]]]
-        start, length = offset, len(prompt)
+        length = len(prompt)
+        prompt_slots = torch.arange(offset, offset + length, device=device)
         ids.append(prompt)
         positions.append(torch.arange(length, device=device))
         sequence.append(torch.full((length,), members[0], device=device))
@@ -114,23 +117,17 @@ def _pack_shared(query_ids, query_mask, response_ids, response_mask) -> Packed:
         for b in members:
             response = response_ids[b][r_mask[b]]
             k = len(response)
+            own = torch.arange(offset, offset + k, device=device)
             ids.append(response)
             positions.append(torch.arange(length, length + k, device=device))
             sequence.append(torch.full((k,), b, device=device))
-            own = torch.arange(offset, offset + k, device=device)
-            rows.append((b, torch.cat([torch.arange(start, start + length, device=device), own])))
-            before.append((b, torch.cat([torch.tensor([start + length - 1], device=device), own[:-1]])[:k]))
-            last.append((b, offset + k - 1 if k else start + length - 1))
+            row_index[b, : length + k] = torch.cat([prompt_slots, own])
+            before[b] = torch.cat([prompt_slots[-1:], own[:-1]])[:k]
+            last[b] = own[-1] if k else prompt_slots[-1]
             offset += k
-    width = max(len(r) for _, r in rows)
-    row_index = torch.zeros(n, width, dtype=torch.long, device=device)
-    for b, r in rows:
-        row_index[b, : len(r)] = r
-    order = sorted(range(n), key=lambda i: before[i][0])  # `before_response` in response_mask's row order
     return Packed(input_ids=torch.cat(ids).unsqueeze(0), position_ids=torch.cat(positions).unsqueeze(0),
-                  sequence=torch.cat(sequence), response_mask=r_mask,
-                  before_response=torch.cat([before[i][1] for i in order]),
-                  last=torch.tensor([v for _, v in sorted(last)], device=device), rows=row_index)
+                  sequence=torch.cat(sequence), response_mask=r_mask, before_response=torch.cat(before), last=last,
+                  rows=row_index)
 
 
 def unpack(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
