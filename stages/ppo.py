@@ -62,9 +62,12 @@ class PPOStage(RLStage):
     @torch.no_grad()
     def score(self, query_ids, query_mask, response_ids, response_mask, prompts: list[str],
               columns: dict[str, list], packed=None):
-        """Step 2: the weighted rewards at EOS; a fixed score without EOS. Returns (scores, raw, per source)."""
+        """Step 2: the weighted rewards at EOS; a fixed score without EOS. Returns (scores, raw, per source).
+        `packed`: the batch's layout (`pack`), made here where not given."""
         c = self.config
-        score_model = lambda *batch: score_at_eos(*batch, packed=packed or c.pack_sequences)  # noqa: E731
+        if packed is None:
+            packed = self.pack(query_ids, query_mask, response_ids, response_mask)
+        score_model = lambda *batch: score_at_eos(*batch, packed=packed)  # noqa: E731
         responses = self.decode(response_ids, response_mask)
         scores, raw, per_source = self.rewards.score(score_model, query_ids, query_mask, response_ids, response_mask,
                                                      prompts, responses, columns)
@@ -87,15 +90,18 @@ class PPOStage(RLStage):
     @torch.no_grad()
     def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, packed=None):
         """Logprobs (B, R) under the reference: the frozen copy, or with LoRA the policy with its adapters
-        disabled (None when the stage computes no KL)."""
+        disabled (None when the stage computes no KL). `packed`: the batch's layout (`pack`), made here where
+        not given."""
         if not self.config.uses_reference:
             return None
+        if packed is None:
+            packed = self.pack(query_ids, query_mask, response_ids, response_mask)
         model, scope = self.reference, contextlib.nullcontext()
         if model is None:  # LoRA: the base weights are the reference
             model, scope = self.policy, self.accelerator.unwrap_model(self.policy).disable_adapter()
         with scope:
             return policy_forward(model, query_ids, query_mask, response_ids, response_mask, self.config.temperature,
-                                  packed=packed or self.config.pack_sequences)[0]
+                                  packed=packed)[0]
 
     def episode_mask(self, response_mask: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
         """(B, R) positions with a reward and (GAE) a value: the response tokens, and the state after EOS
