@@ -8,6 +8,7 @@ variants (GSPO, CISPO, clip-higher) run through the loop.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -17,6 +18,13 @@ from conftest import small_rl_run
 from rlhf.config import load_experiment
 from rlhf.engines import HFEngine, Rollout, RolloutEngine, Sampler
 from rlhf.pipeline import Pipeline
+
+
+def rl_config(upstream, stage_name, *overrides):
+    """The config of RL stage `stage_name` in a short run (`small_rl_run`) with `overrides` ("field=value")."""
+    prompts = load_experiment(upstream).stages["ppo"].config.prompts
+    run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
+    return load_experiment(upstream, run).stages[stage_name].config
 
 
 class Counter(RolloutEngine):
@@ -258,10 +266,7 @@ def test_reuse_rollout_forward_by_default_where_one_forward_covers_the_update(up
     from rlhf.schema import result_config
 
     prompts = load_experiment(upstream).stages["ppo"].config.prompts
-
-    def config(stage_name, *overrides):
-        run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
-        return load_experiment(upstream, run).stages[stage_name].config
+    config = functools.partial(rl_config, upstream)
 
     one = config("grpo", "num_minibatches=1")
     assert one.reuse_rollout_forward is True and not one.reuse_required
@@ -292,11 +297,7 @@ def test_sampler_logprobs_by_default_where_the_policy_itself_samples_in_float32(
     from rlhf.config import ConfigError
     from rlhf.schema import result_config
 
-    prompts = load_experiment(upstream).stages["ppo"].config.prompts
-
-    def config(stage_name, *overrides):
-        run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
-        return load_experiment(upstream, run).stages[stage_name].config
+    config = functools.partial(rl_config, upstream)
 
     for on in (config("ppo"), config("grpo"), config("dapo")):
         assert on.sampler_logprobs is True and result_config(on)["sampler_logprobs"] is True
@@ -318,11 +319,7 @@ def test_share_prompts_by_default_for_groups_and_only_with_packing(upstream):
     from rlhf.config import ConfigError
     from rlhf.schema import result_config
 
-    prompts = load_experiment(upstream).stages["ppo"].config.prompts
-
-    def config(stage_name, *overrides):
-        run = [*small_rl_run(stage_name, prompts), *(f"stages.{stage_name}.{o}" for o in overrides)]
-        return load_experiment(upstream, run).stages[stage_name].config
+    config = functools.partial(rl_config, upstream)
 
     for on in (config("grpo"), config("dapo"), config("ppo", "estimator=rloo", "whiten_advantages=false")):
         assert on.share_prompts is True and result_config(on)["share_prompts"] is True
