@@ -91,8 +91,15 @@ def process_state():
     if deepspeed_on_cpu():
         # DeepSpeed on CPU (its CPU accelerator): without a backend Accelerate would count each rank as a
         # single process; gloo unless oneCCL's bindings are installed (DeepSpeed then uses ccl).
+        import deepspeed.ops
         from deepspeed.accelerator import get_accelerator
 
+        # DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce kernel when it starts
+        # (C++ against torch's headers: 50-60 s on 2 cores, again in every new environment, since the build
+        # is keyed by the virtualenv's path). Only `inference_all_reduce` (DeepSpeed inference's tensor
+        # parallelism) calls it; ZeRO training's collectives go through torch.distributed. Marked
+        # unavailable, it is not built (DeepSpeed's own fallback where the kernel cannot be compiled).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         return PartialState(backend=get_accelerator().communication_backend_name())
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
