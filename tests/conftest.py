@@ -20,6 +20,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _threads_per_worker() -> None:
+    """Under `pytest -n N` the cores are shared by N workers, and each torch would start a thread per core:
+    on 2 cores, 2 workers x 2 threads ran the suite in 376 s against 246 s with one thread each (user
+    time 11.3 against 7.1 minutes: the surplus threads only waited on each other). The tests' own
+    subprocesses (`rlhf run`, `accelerate launch`) inherit the setting."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
+_threads_per_worker()
+
 REPO = Path(__file__).resolve().parents[1]
 
 WORDS = (
