@@ -11,7 +11,8 @@ ARGS   ?=
 # The suite's time goes to process start-up and imports as much as to arithmetic: two workers (one test
 # file each at a time, so a module's fixtures are built once) took it from 613 s to 502-586 s on 2 cores;
 # 464 s on 2026-11-30 after the ZeRO-2 launches left tests/test_distributed.py (660 s with them that day);
-# 213 s on 2026-12-07 with one torch thread per worker (tests/conftest.py) against 376 s with two each.
+# 213 s on 2026-12-07 with one torch thread per worker (tests/conftest.py) against 376 s with two each,
+# 236 s with ZeRO-2 back among the two-process launches.
 TEST_WORKERS ?= 2
 # `make ppo LAUNCH=configs/accelerate/ddp.yaml` runs the stages under `accelerate launch`.
 LAUNCH ?=
