@@ -107,10 +107,11 @@ def test_packed_forwards_equal_padded_ones_with_their_gradients(arch, layout):
     m = batch[3]
     weights = torch.randn(m.shape, generator=torch.Generator().manual_seed(1))
     results = []
+    packed_layout = True  # each forward packs the batch itself
     if layout == "shared":
-        layout = pack(*batch, share_prompts=True)
-        assert layout.input_ids.shape[1] == pack(*batch).input_ids.shape[1] - 2 * 7 - 2  # prompt copies left out
-    for model, head, packed in ((lm, cls, False), (packed_lm, packed_cls, True if layout == "rows" else layout)):
+        packed_layout = pack(*batch, share_prompts=True)
+        assert packed_layout.input_ids.shape[1] == pack(*batch).input_ids.shape[1] - 2 * 7 - 2  # prompt copies left out
+    for model, head, packed in ((lm, cls, False), (packed_lm, packed_cls, packed_layout)):
         logp, ent = policy_forward(model, *batch, 0.7, with_entropy=True, packed=packed)
         values = value_forward(head, *batch, packed=packed)
         scores = score_at_eos(head, *batch, packed=packed)
