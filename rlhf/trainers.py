@@ -114,6 +114,85 @@ def trainer_arguments(args_class: type, stage: Any, **extra: Any) -> Any:
     return args_class(**{**shared, **extra})
 
 
+def fused_lm_head_wanted(setting: bool | None) -> bool:
+    """A stage's `fused_lm_head` setting resolved: None means TRL's fused LM head on GPUs only."""
+    return setting if setting is not None else torch.cuda.is_available()
+
+
+def plain_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """Replace the fused LM head TRL's preference trainers put on `model` (`trl.trainer.utils.add_fused_lm_head`)
+    by the model's own logits and one log-softmax.
+
+    `DPOTrainer` and `KTOTrainer` call their policy and reference with `fused_lm_head=True` and read a
+    `FusedCausalLMOutput`: each label's log-probability, and the fields of `outputs` they log (`entropy`,
+    `mean_logits`, `is_top1`, `log_sum_sq_probs`). This forward returns the same fields from the model's
+    full logits, so the math is the fused head's; the fields other than `log_probs` carry no gradient (the
+    trainers detach them); every field is 0 (False) where the label is -100, as TRL's. Without Triton (on a
+    CPU) TRL's head scores every position, prompt and padding included, in tiles with a dozen passes over
+    each (82 of the 133 s of configs/compare.yaml's 200 DPO steps under a profiler, 2 cores); here the LM head
+    and the softmax run from the first answer token of the batch on (`logits_to_keep`). The logits tensor
+    built here is the memory the fused head exists to save on a GPU with a large vocabulary.
+
+    Any other call is the model's class's own forward (so hooks that replaced `model.forward` before TRL's
+    patch are bypassed); models that return router logits (MoE) keep TRL's head: their auxiliary loss is not
+    computed here.
+    """
+    import functools
+    import inspect
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if getattr(model.config.get_text_config(), "output_router_logits", False):
+        return
+    own = type(model).forward
+    parameters = inspect.signature(own).parameters
+
+    @functools.wraps(own)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return own(self, *args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        width = labels.shape[1] - 1 if shift_labels is None else shift_labels.shape[1]  # the fields' length: TRL's
+        if shift_labels is None:  # position t predicts label t + 1: logits from the first labelled column on
+            labelled = (labels[:, 1:] != -100).any(dim=0).nonzero()
+            keep = width - int(labelled[0]) if len(labelled) else 1
+            if "logits_to_keep" in parameters:  # the LM head and the softmax skip the prompts
+                kwargs["logits_to_keep"] = keep + 1
+            logits = own(self, *args, **{**kwargs, "use_cache": False}).logits[:, -keep - 1 : -1]
+            labels = labels[:, -keep:]
+        else:
+            logits, labels = own(self, *args, **{**kwargs, "use_cache": False}).logits, shift_labels
+        mask = labels != -100
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+        log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
+        extra = {}
+        with torch.no_grad():
+            if "entropy" in outputs:
+                extra["entropy"] = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0)
+            if "mean_logits" in outputs:
+                extra["mean_logits"] = logits.float().mean(-1).masked_fill(~mask, 0)
+            if "is_top1" in outputs:  # the first maximum, as TRL counts a tie with an earlier token as a miss
+                extra["is_top1"] = (logits.argmax(-1) == labels) & mask
+            if "log_sum_sq_probs" in outputs:
+                extra["log_sum_sq_probs"] = torch.logsumexp(2 * logp, dim=-1).masked_fill(~mask, 0)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        fields = {k: torch.nn.functional.pad(v, (width - v.shape[1], 0))  # 0 (False) on the columns skipped
+                  for k, v in {"log_probs": log_probs, "label_mask": mask, **extra}.items()}
+        return FusedCausalLMOutput(loss=-log_probs.sum() / count, **fields)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def use_plain_lm_head(trainer, outputs: tuple[str, ...]) -> None:
+    """`plain_lm_head` on a TRL preference trainer's policy (the base model under LoRA, where TRL put its
+    head), asked for `outputs`, and on its reference model if it holds one (log-probabilities only, as TRL)."""
+    model = trainer.model
+    plain_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model, outputs)
+    if getattr(trainer, "ref_model", None) is not None:
+        plain_lm_head(trainer.accelerator.unwrap_model(trainer.ref_model))
+
+
 def last_checkpoint(directory, stage_name: str) -> str | None:
     """The newest complete Trainer checkpoint (`checkpoint-<step>`) under `directory`, or None.
 

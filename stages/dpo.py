@@ -30,7 +30,7 @@ from rlhf.models import load_causal_lm
 from rlhf.policy import PolicyStage
 from rlhf.preferences import LearnsFromPairs, PairPolicySettings
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import TrainerStage, trainer_arguments
+from rlhf.trainers import TrainerStage, fused_lm_head_wanted, trainer_arguments, use_plain_lm_head
 
 log = logging.getLogger("rlhf")
 
@@ -94,7 +94,7 @@ class DPOStage(LearnsFromPairs, TrainerStage, PolicyStage):
         self.start_evaluation()
 
     def build_trainer(self):
-        """The `trl.DPOTrainer` (checkpoints under the work directory)."""
+        """The `trl.DPOTrainer` (checkpoints under the work directory; TRL's LM head per `fused_lm_head`)."""
         from trl import DPOConfig as TRLDPOConfig
         from trl import DPOTrainer
 
@@ -108,7 +108,7 @@ class DPOStage(LearnsFromPairs, TrainerStage, PolicyStage):
             label_smoothing=c.label_smoothing,
             precompute_ref_log_probs=c.precompute_ref_log_probs,
         )
-        return DPOTrainer(
+        trainer = DPOTrainer(
             model=self.model,
             ref_model=None if c.precompute_ref_log_probs else self.reference,  # None with LoRA: adapters off
             args=args,
@@ -118,6 +118,10 @@ class DPOStage(LearnsFromPairs, TrainerStage, PolicyStage):
             peft_config=c.lora.peft_config() if c.lora.enabled else None,
             callbacks=[trainer_callback(self.tracker), self.evaluation_callback()],
         )
+        if not fused_lm_head_wanted(c.fused_lm_head):  # what TRL's DPO loss and logs read from its head
+            weighting = ("log_sum_sq_probs",) if trainer.use_weighting else ()
+            use_plain_lm_head(trainer, ("log_probs", "entropy", "mean_logits", "is_top1", *weighting))
+        return trainer
 
     def describe(self) -> str:
         c = self.config

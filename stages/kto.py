@@ -22,7 +22,7 @@ from rlhf.models import load_causal_lm
 from rlhf.policy import PolicyStage
 from rlhf.preferences import LearnsFromPairs, PairPolicySettings
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import TrainerStage, trainer_arguments
+from rlhf.trainers import TrainerStage, fused_lm_head_wanted, trainer_arguments, use_plain_lm_head
 
 
 @dataclass
@@ -68,7 +68,8 @@ class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage):
         self.start_evaluation()
 
     def build_trainer(self):
-        """The `trl.KTOTrainer` (checkpoints under the work directory), with the periodic evaluation."""
+        """The `trl.KTOTrainer` (checkpoints under the work directory; TRL's LM head per `fused_lm_head`), with
+        the periodic evaluation."""
         from trl import KTOConfig as TRLKTOConfig
         from trl import KTOTrainer
 
@@ -77,10 +78,13 @@ class KTOStage(LearnsFromPairs, TrainerStage, PolicyStage):
                                  undesirable_weight=c.undesirable_weight, max_length=c.max_length,
                                  lr_scheduler_type=c.lr_scheduler_type,
                                  train_sampling_strategy="sequential")  # the KL pairs are drawn in order
-        return KTOTrainer(model=self.model, ref_model=self.reference, args=args, train_dataset=self.train_ds,
-                          eval_dataset=self.eval_sets or None, processing_class=self.tokenizer,
-                          peft_config=c.lora.peft_config() if c.lora.enabled else None,
-                          callbacks=[trainer_callback(self.tracker), self.evaluation_callback()])
+        trainer = KTOTrainer(model=self.model, ref_model=self.reference, args=args, train_dataset=self.train_ds,
+                             eval_dataset=self.eval_sets or None, processing_class=self.tokenizer,
+                             peft_config=c.lora.peft_config() if c.lora.enabled else None,
+                             callbacks=[trainer_callback(self.tracker), self.evaluation_callback()])
+        if not fused_lm_head_wanted(c.fused_lm_head):  # what TRL's KTO loss and logs read from its head
+            use_plain_lm_head(trainer, ("log_probs", "entropy", "mean_logits"))
+        return trainer
 
     def train(self) -> dict:
         """The starting policy's evaluation (kept in the store), then the Trainer's run."""

@@ -21,7 +21,7 @@ from rlhf.evaluation import summarize
 from rlhf.models import LoraSettings, load_causal_lm
 from rlhf.policy import PolicyStage
 from rlhf.tracking import trainer_callback
-from rlhf.trainers import LR_SCHEDULERS, TrainerSettings, TrainerStage, trainer_arguments
+from rlhf.trainers import LR_SCHEDULERS, TrainerSettings, TrainerStage, fused_lm_head_wanted, trainer_arguments
 
 log = logging.getLogger("rlhf")
 
@@ -126,8 +126,7 @@ class SFTStage(TrainerStage, PolicyStage):
             train_sampling_strategy="group_by_length" if c.group_by_length else "random",
             assistant_only_loss=True,
         )
-        fused = c.fused_lm_head if c.fused_lm_head is not None else torch.cuda.is_available()
-        trainer_class = SFTTrainer if fused else _plain_loss_trainer()
+        trainer_class = SFTTrainer if fused_lm_head_wanted(c.fused_lm_head) else _plain_loss_trainer()
         return trainer_class(
             model=self.model,
             args=args,

@@ -286,3 +286,40 @@ def ppo_upstream(shared_data, upstream_store, tmp_path_factory) -> Path:
     test module's own."""
     root = tmp_path_factory.mktemp("ppo")
     return write_config(root / "exp.yaml", ppo_config(shared_data, str(seeded_store(upstream_store, root))))
+
+
+def assert_plain_head_matches_trls(config: Path, stage: str, rows: int = 8) -> None:
+    """`stage` (DPO, KTO) of the experiment `config`, opened with TRL's fused LM head (`fused_lm_head=true`)
+    and with the model's own logits (`rlhf.trainers.plain_lm_head`: the default, null, on a CPU): one batch of `rows` training
+    examples gives the same loss, gradient and logged metrics under both, and the own head reads the logits
+    from the first answer token on only (fewer columns than the batch has; TRL's tiles score them all)."""
+    import torch
+
+    from rlhf.config import load_experiment
+    from rlhf.pipeline import Pipeline
+
+    runs = {}
+    for setting in ("true", "false" if torch.cuda.is_available() else "null"):
+        built = Pipeline(load_experiment(config, [f"stages.{stage}.fused_lm_head={setting}"])).stages[stage]
+        trainer = built.open(tracking=False).trainer
+        head = trainer.model.get_output_embeddings()
+        columns = []
+        hook = head.register_forward_hook(lambda module, args, out: columns.append(args[0].shape[1]))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        hook.remove()
+        runs[setting] = (loss.item(), {k: v[-1] for k, v in trainer._metrics["train"].items()},
+                         {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None},
+                         columns, batch["input_ids"].shape[1])
+    (fused_loss, fused_logs, fused_grads, fused_columns, _), (loss, logs, grads, columns, width) = runs.values()
+    assert loss == pytest.approx(fused_loss, rel=1e-5, abs=1e-6)
+    assert logs.keys() == fused_logs.keys() and {"entropy", "logits/chosen"} <= logs.keys()
+    for name, value in logs.items():
+        assert value == pytest.approx(fused_logs[name], rel=1e-4, abs=1e-5), name
+    assert grads.keys() == fused_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(grad, fused_grads[name], rtol=1e-4, atol=1e-6), name
+    assert fused_columns == []  # TRL's head multiplies by the LM head's weight itself
+    assert columns and all(0 < c < width for c in columns)  # policy and reference, from the answers on

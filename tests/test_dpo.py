@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo_config, policy_reference_pairs, seeded_store, write_config
+from conftest import assert_plain_head_matches_trls, dpo_config, policy_reference_pairs, seeded_store, write_config
 from rlhf.config import ConfigError, load_experiment
 from rlhf.dpo import implicit_rewards, pair_statistics, sequence_logprobs
 from rlhf.pipeline import Pipeline
@@ -197,3 +197,7 @@ def test_gates_fail_the_stage_and_publish_nothing(upstream, override, message):
 def test_bad_settings_are_refused_when_the_config_loads(upstream, override, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(upstream, [override])
+
+
+def test_on_a_cpu_the_models_own_logits_give_trls_loss_gradient_and_logs(upstream):
+    assert_plain_head_matches_trls(upstream, "dpo")

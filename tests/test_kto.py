@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import dpo_config, policy_reference_pairs, seeded_store, write_config
+from conftest import assert_plain_head_matches_trls, dpo_config, policy_reference_pairs, seeded_store, write_config
 from rlhf.config import ConfigError, load_experiment
 from rlhf.dpo import sequence_logprobs
 from rlhf.pipeline import Pipeline
@@ -149,3 +149,7 @@ def test_eos_floor_fails_the_stage_and_publishes_nothing(upstream):
     with pytest.raises(StageError, match=r"end with EOS .* stages\.kto\.min_eos_rate=1\.0"):
         pipe.run()
     assert not pipe.store.exists(pipe.stages["kto"].key)
+
+
+def test_on_a_cpu_the_models_own_logits_give_trls_loss_gradient_and_logs(upstream):
+    assert_plain_head_matches_trls(upstream, "kto")
