@@ -11,6 +11,9 @@
    also with `sampler: multinomial` (TRL's sampler, and our default until 2026-12-06).
 5. GRPO on SmolLM2-135M-Instruct (`make smol` converts it): the same comparison with LoRA, a few steps.
 6. Rollout engines (where `make vllm-setup` made .venv-vllm): `generate` against vLLM (bench/engines.py).
+7. DPO and KTO: our stages with the model's own logits against the same stages with TRL's fused LM head
+   (what a DPOTrainer or KTOTrainer script runs on a CPU), on the SFT policy and preferences pipeline built,
+   interleaved (bench/pairs_bench.py).
 
 Each run is its own process, so peak resident memory is per run. Benchmarks, never tests: nothing here
 asserts a speed. `--quick` runs the same steps at a size that finishes in minutes (bench/quick.yaml).
@@ -36,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS_PY = ROOT / ".venv" / "bin" / "python"
 TRL_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 DEV_NOTES = "## Measured during development"
-SECTIONS = ["pipeline", "ppo", "sft", "grpo", "smol_grpo", "engines"]
+SECTIONS = ["pipeline", "ppo", "sft", "grpo", "smol_grpo", "engines", "pairs"]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import difference, mean_se  # noqa: E402
 
@@ -73,7 +76,9 @@ SETTINGS = {
              "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
-                           "lora-alpha": 32}},
+                           "lora-alpha": 32},
+             # DPO and KTO: configs/compare.yaml's blocks (32 pairs, 64 unpaired answers a step), fewer steps
+             "pairs": {"dpo": {"steps": 100, "batch": 32, "lr": 1e-4}, "kto": {"steps": 100, "batch": 64, "lr": 1e-4}}},
     "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
               "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
                       "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
@@ -87,7 +92,8 @@ SETTINGS = {
               "smol_grpo": {"reward": "uses_word", "steps": 1, "prompts-per-step": 4, "group-size": 4,
                             "minibatches": 1, "epochs": 1, "response-length": 16, "temperature": 0.7, "lr": 3e-4,
                             "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
-                            "lora-alpha": 32}},
+                            "lora-alpha": 32},
+              "pairs": {"dpo": {"steps": 5, "batch": 32, "lr": 1e-4}, "kto": {"steps": 5, "batch": 64, "lr": 1e-4}}},
 }
 
 
@@ -396,6 +402,26 @@ def bench_sft(s: dict, pretrain: Path, threads: int, out: Path) -> dict:
     return results
 
 
+def bench_pairs(s: dict, sft: Path, preferences: Path, threads: int, out: Path) -> dict:
+    """DPO and KTO, each with the model's own logits and with TRL's fused LM head, interleaved over `s["runs"]`
+    runs in alternating order."""
+    results: dict[str, dict[str, list]] = {}
+    for method, hp in s["pairs"].items():
+        results[method] = {"own": [], "trl": []}
+        for i in range(s["runs"]):
+            for head in (("own", "trl") if i % 2 == 0 else ("trl", "own")):
+                d = out / "pairs" / f"{method}-{head}-{i}"
+                if d.exists():
+                    shutil.rmtree(d)  # the stage would resume from its own checkpoints otherwise
+                run([OURS_PY, "bench/pairs_bench.py", "--method", method, "--head", head, "--policy", sft,
+                     "--preferences", preferences, *flags(hp), "--threads", threads, "--out", d,
+                     "--json", d / "result.json"], threads, out / "logs" / f"pairs-{method}-{head}-{i}.log")
+                r = json.loads((d / "result.json").read_text())
+                results[method][head].append(r)
+                log(f"{method} {head} head run {i}: {r['examples_per_s']:.1f} examples/s, loss {r['train_loss']:.7f}")
+    return results
+
+
 def kept_sections(old: str, new: str) -> str:
     """The `## ` sections of the previous RESULTS.md (before the development notes) that `new` lacks, in
     their order: a run of some sections leaves the others' numbers as they were instead of deleting them.
@@ -543,7 +569,38 @@ def report(res: dict) -> str:
         add("## Rollout engines: GRPO on SmolLM2-135M-Instruct through `generate` and vLLM\n")
         measured("engines")
         add(res["engines"]["text"])
+    if "pairs" in res:
+        pairs_report(res, s, add, measured)
     return "\n".join(lines) + "\n"
+
+
+def pairs_report(res: dict, s: dict, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
+    """The DPO and KTO section: each stage with the model's own logits against TRL's fused LM head."""
+    p = res["pairs"]
+    add("## DPO and KTO: the model's own logits against TRL's fused LM head\n")
+    measured("pairs")
+    runs = len(next(iter(p[m]["own"] for m in p if m != "date")))
+    add(f"Our DPO and KTO stages on the same SFT policy and preference pairs ({s['config']}'s), configs/compare.yaml's "
+        "settings otherwise (beta 0.1, max length 128, cosine schedule, fp32), each run twice over: with the model's "
+        "own logits from the batch's first answer token on (`fused_lm_head: null`, the default on a CPU, "
+        "`rlhf.trainers.plain_lm_head`) and with TRL's fused LM head (`fused_lm_head: true`: what a "
+        "`trl.DPOTrainer` or `trl.KTOTrainer` script runs, which on a CPU scores every position in tiles). "
+        f"{runs} runs each, interleaved, one process per run; time is training only (bench/pairs_bench.py).\n")
+    add("| | examples/s | train s | peak RSS (MiB) | training loss |\n|---|---|---|---|---|")
+    for method in (m for m in p if m != "date"):
+        hp = s["pairs"][method]
+        unit = "pairs" if method == "dpo" else "unpaired answers"
+        for head, name in (("own", "the model's own logits"), ("trl", "TRL's fused LM head")):
+            rs = p[method][head]
+            add(f"| {method.upper()} ({hp['steps']} steps of {hp['batch']} {unit}), {name} | "
+                f"{fmt(stats([r['examples_per_s'] for r in rs]), 1)} | {fmt(stats([r['train_s'] for r in rs]), 1)} | "
+                f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} | {fmt(stats([r['train_loss'] for r in rs]), 7)} |")
+    add("")
+    for method in (m for m in p if m != "date"):
+        own, trl = (statistics.median(r["examples_per_s"] for r in p[method][h]) for h in ("own", "trl"))
+        gap = max(abs(a["train_loss"] - b["train_loss"]) for a, b in zip(p[method]["own"], p[method]["trl"]))
+        add(f"{method.upper()}: own / TRL's head examples per second (medians) **{own / trl:.2f}x**; the training "
+            f"loss of a run with either head differs by at most {gap:.1e}.\n")
 
 
 def main() -> None:
@@ -598,6 +655,11 @@ def main() -> None:
         res["smol_grpo"] = {**bench_smol_grpo(s, a.threads, out), "date": res["date"]}
     if "engines" in a.only:
         res["engines"] = {**bench_engines(a.quick, a.threads, out), "date": res["date"]}
+    if "pairs" in a.only:
+        if not (store / "aliases" / experiment / "preferences").exists():
+            run(["make", "-s", "preferences", f"CONFIG={s['config']}"], a.threads, out / "logs" / "upstream.log")
+        res["pairs"] = {**bench_pairs(s, artifact(store, experiment, "sft"), artifact(store, experiment, "preferences"),
+                                      a.threads, out), "date": res["date"]}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     for section in SECTIONS:  # keep what this run did not redo, saying when it ran
         if section not in res and section in previous and previous.get("quick") == a.quick:
