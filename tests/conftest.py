@@ -290,9 +290,10 @@ def ppo_upstream(shared_data, upstream_store, tmp_path_factory) -> Path:
 
 def assert_plain_head_matches_trls(config: Path, stage: str, rows: int = 8) -> None:
     """`stage` (DPO, KTO) of the experiment `config`, opened with TRL's fused LM head (`fused_lm_head=true`)
-    and with the model's own logits (`rlhf.trainers.plain_lm_head`: the default, null, on a CPU): one batch of `rows` training
-    examples gives the same loss, gradient and logged metrics under both, and the own head reads the logits
-    from the first answer token on only (fewer columns than the batch has; TRL's tiles score them all)."""
+    and with the model's own logits (`rlhf.trainers.plain_lm_head`: the default, null, on a CPU): one batch
+    of `rows` training examples gives the same loss, gradient and logged metrics under both, and the own
+    head reads the logits from the first answer token on only (fewer columns than the batch has; TRL's tiles
+    score them all)."""
     import torch
 
     from rlhf.config import load_experiment
