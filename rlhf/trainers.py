@@ -121,7 +121,8 @@ def fused_lm_head_wanted(setting: bool | None) -> bool:
 
 def plain_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Replace the fused LM head TRL's preference trainers put on `model` (`trl.trainer.utils.add_fused_lm_head`)
-    by the model's own logits and one log-softmax.
+    by the model's own logits and the log-probabilities and entropy every policy stage computes
+    (`rlhf.ppo.core`).
 
     `DPOTrainer` and `KTOTrainer` call their policy and reference with `fused_lm_head=True` and read a
     `FusedCausalLMOutput`: each label's log-probability, and the fields of `outputs` they log (`entropy`,
@@ -142,6 +143,8 @@ def plain_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
     import types
 
     from trl.trainer.utils import FusedCausalLMOutput
+
+    from rlhf.ppo.core import entropy_from_logits, logprobs_from_logits
 
     if getattr(model.config.get_text_config(), "output_router_logits", False):
         return
@@ -164,17 +167,17 @@ def plain_lm_head(model, outputs: tuple[str, ...] = ("log_probs",)) -> None:
         else:
             logits, labels = own(self, *args, **{**kwargs, "use_cache": False}).logits, shift_labels
         mask = labels != -100
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        log_probs = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0)
+        log_probs = logprobs_from_logits(logits, labels.clamp(min=0)).masked_fill(~mask, 0)  # (B, T)
         extra = {}
         with torch.no_grad():
             if "entropy" in outputs:
-                extra["entropy"] = -(logp.exp() * logp).sum(-1).masked_fill(~mask, 0)
+                extra["entropy"] = entropy_from_logits(logits).masked_fill(~mask, 0)
             if "mean_logits" in outputs:
                 extra["mean_logits"] = logits.float().mean(-1).masked_fill(~mask, 0)
             if "is_top1" in outputs:  # the first maximum, as TRL counts a tie with an earlier token as a miss
                 extra["is_top1"] = (logits.argmax(-1) == labels) & mask
             if "log_sum_sq_probs" in outputs:
+                logp = torch.log_softmax(logits.float(), dim=-1)
                 extra["log_sum_sq_probs"] = torch.logsumexp(2 * logp, dim=-1).masked_fill(~mask, 0)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         fields = {k: torch.nn.functional.pad(v, (width - v.shape[1], 0))  # 0 (False) on the columns skipped
