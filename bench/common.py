@@ -49,6 +49,30 @@ def difference(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return mx - my, mx - my - 1.96 * se, mx - my + 1.96 * se
 
 
+class MatmulCount:
+    """A context that counts the arithmetic of the matrix products run inside it (torch's FLOP counter,
+    `torch.utils.flop_counter.FlopCounterMode`; CPU attention kernels are not counted), or does nothing
+    when not `enabled`. `gflop` after the block: billions of floating-point operations, None when off.
+    Counting slows every operation down, so a counted run is never a timed one."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.gflop, self.mode = enabled, None, None
+
+    def __enter__(self):
+        if self.enabled:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.mode = FlopCounterMode(display=False)
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+            self.gflop = self.mode.get_total_flops() / 1e9
+        return False
+
+
 class Recorder:
     """Stands in for our stages' tracker: keeps every logged step in memory."""
 
@@ -92,6 +116,8 @@ def add_ppo_args(p) -> None:
     p.add_argument("--lr", type=float, default=3e-4, help="policy and value learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--count-flops", action="store_true",
+                   help="count the training loop's matrix arithmetic (slower: not a timed run)")
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -129,3 +155,5 @@ def add_grpo_args(p) -> None:
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--count-flops", action="store_true",
+                   help="count the training loop's matrix arithmetic (slower: not a timed run)")

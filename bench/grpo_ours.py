@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LORA_TARGETS, Recorder, add_grpo_args, peak_gpu_mib, peak_rss_mib, write_result  # noqa: E402
+from common import (LORA_TARGETS, MatmulCount, Recorder, add_grpo_args, peak_gpu_mib,  # noqa: E402
+                    peak_rss_mib, write_result)
 
 def stage_config(a) -> dict:
     """stages.grpo of the benchmark's experiment, from the shared settings `a` (bench/common.py)."""
@@ -71,7 +72,8 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     stage.judge_policy = lambda greedy: {}  # the baseline evaluation is not training time
     t0 = time.perf_counter()
-    stage.train()
+    with MatmulCount(a.count_flops) as counted:
+        stage.train()
     train_s = time.perf_counter() - t0
     stage.save(out / "policy")
     rows = stage.tracker.rows
@@ -89,6 +91,7 @@ def main() -> None:
         "mismatch": {k: sum(r[k] for r in rows) / len(rows) for k in sorted({k for r in rows for k in r
                                                                              if k.startswith("rollout/")})},
         "policy_dir": str(out / "policy"), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
+        "gflop": counted.gflop,
     })
 
 

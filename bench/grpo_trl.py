@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LORA_TARGETS, add_grpo_args, peak_gpu_mib, peak_rss_mib, read_rows, write_result  # noqa: E402
+from common import LORA_TARGETS, MatmulCount, add_grpo_args, peak_gpu_mib, peak_rss_mib, read_rows, write_result  # noqa: E402
 
 SCALE_REWARDS = {"grpo": "group", "dr_grpo": "none"}
 """Our estimator -> TRL's scale_rewards (both subtract the group's mean)."""
@@ -166,7 +166,8 @@ def main() -> None:
 
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward_function(a.reward, columns)], args=cfg,
                           train_dataset=train, processing_class=tok, callbacks=[Keep()], peft_config=peft_config(a))
-    trainer.train()
+    with MatmulCount(a.count_flops) as counted:
+        trainer.train()
     train_s = clock["end"] - clock["start"]
     out = Path(a.out) / "policy"
     model = trainer.model.merge_and_unload() if a.lora_r else trainer.model  # a plain policy, as ours saves
@@ -184,6 +185,7 @@ def main() -> None:
         "train_kl_per_token_last": kls[-1] if kls else None, "train_length_last": lengths[-1] if lengths else None,
         "train_lengths": lengths,
         "policy_dir": str(out), "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
+        "gflop": counted.gflop,
     })
 
 

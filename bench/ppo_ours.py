@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Recorder, add_ppo_args, peak_rss_mib, write_result  # noqa: E402
+from common import MatmulCount, Recorder, add_ppo_args, peak_rss_mib, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -63,7 +63,8 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     stage.judge_policy = lambda greedy: {}  # the baseline evaluation is not training time
     t0 = time.perf_counter()
-    stage.train()
+    with MatmulCount(a.count_flops) as counted:
+        stage.train()
     train_s = time.perf_counter() - t0
     stage.save(out / "policy")
     rows = stage.tracker.rows
@@ -74,7 +75,7 @@ def main() -> None:
         "time": {k: sum(r[k] for r in rows) for k in phases},
         "train_score_first": rows[0]["env/raw_score"], "train_score_last": rows[-1]["env/raw_score"],
         "train_kl_last": rows[-1]["env/kl"], "policy_dir": str(out / "policy"),
-        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads, "gflop": counted.gflop,
     })
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_ppo_args, peak_rss_mib, read_prompts, write_result  # noqa: E402
+from common import MatmulCount, add_ppo_args, peak_rss_mib, read_prompts, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -94,7 +94,8 @@ def main() -> None:
                          value_model=value, train_dataset=train, eval_dataset=train.select(range(a.batch)),
                          callbacks=[Keep()])
     t0 = time.perf_counter()
-    trainer.train()
+    with MatmulCount(a.count_flops) as counted:
+        trainer.train()
     train_s = time.perf_counter() - t0
     out = Path(a.out) / "policy"
     trainer.policy_model.save_pretrained(str(out))
@@ -106,7 +107,7 @@ def main() -> None:
         "train_score_first": rows[0].get("objective/scores") if rows else None,
         "train_score_last": rows[-1].get("objective/scores") if rows else None,
         "train_kl_last": rows[-1].get("objective/kl") if rows else None, "policy_dir": str(out),
-        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads,
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or a.threads, "gflop": counted.gflop,
     })
 
 

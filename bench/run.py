@@ -78,7 +78,9 @@ SETTINGS = {
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
                            "lora-alpha": 32},
              # DPO and KTO: configs/compare.yaml's blocks (32 pairs, 64 unpaired answers a step), fewer steps
-             "pairs": {"dpo": {"steps": 100, "batch": 32, "lr": 1e-4}, "kto": {"steps": 100, "batch": 64, "lr": 1e-4}}},
+             "pairs": {"dpo": {"steps": 100, "batch": 32, "lr": 1e-4}, "kto": {"steps": 100, "batch": 64, "lr": 1e-4}},
+             # one more run of ours (defaults) and TRL per section, this many steps, with the matrix arithmetic counted
+             "flop_steps": {"ppo": 10, "grpo": 20}},
     "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
               "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
                       "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
@@ -93,7 +95,8 @@ SETTINGS = {
                             "minibatches": 1, "epochs": 1, "response-length": 16, "temperature": 0.7, "lr": 3e-4,
                             "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
                             "lora-alpha": 32},
-              "pairs": {"dpo": {"steps": 5, "batch": 32, "lr": 1e-4}, "kto": {"steps": 5, "batch": 64, "lr": 1e-4}}},
+              "pairs": {"dpo": {"steps": 5, "batch": 32, "lr": 1e-4}, "kto": {"steps": 5, "batch": 64, "lr": 1e-4}},
+              "flop_steps": {"ppo": 2, "grpo": 2}},
 }
 
 
@@ -179,12 +182,13 @@ def eval_args(s: dict, reward: Path) -> list:
 
 
 def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threads: int, logs: tuple[Path, Path],
-            pythons: tuple[Path, Path] | None = None, overrides: list[str] = ()) -> dict:
+            pythons: tuple[Path, Path] | None = None, overrides: list[str] = (), count_flops: bool = False) -> dict:
     """Train one PPO run (`fw`: ours or trl) with the settings `s` into `d`, then score its final policy.
 
     Returns the run's result.json with bench/eval_policy.py's result under "eval". `logs` are the training
     and evaluation logs; `pythons` the (ours, TRL) interpreters, by default those of this run of bench/run.py;
-    `overrides` go to our stage (`--set`).
+    `overrides` go to our stage (`--set`). `count_flops`: count the matrix arithmetic instead (`--count-flops`,
+    its "gflop"), and score nothing.
     """
     ours_py, trl_py = pythons or (OURS_PY, TRL_PY)
     py, script = (ours_py, "bench/ppo_ours.py") if fw == "ours" else (trl_py, "bench/ppo_trl.py")
@@ -192,8 +196,10 @@ def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threa
         raise ValueError(f"overrides are for our stage, not {fw}")
     run([py, script, "--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
          *flags(s["ppo"]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
-         *(["--set", *overrides] if overrides else [])], threads, logs[0])
+         *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])], threads, logs[0])
     r = json.loads((d / "result.json").read_text())
+    if count_flops:
+        return r
     run([ours_py, "bench/eval_policy.py", "--policy", r["policy_dir"], *eval_args(s, reward), "--json", d / "eval.json"],
         threads, logs[1])
     r["eval"] = json.loads((d / "eval.json").read_text())
@@ -218,7 +224,14 @@ def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict
             results[name].append(r)
             log(f"ppo {name} run {i}: {r['episodes_per_s']:.2f} episodes/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
-    return {"sft_eval": sft_eval, **results}
+    counted = {}
+    if "ppo" in s.get("flop_steps", {}):
+        counted["steps"] = s["flop_steps"]["ppo"]
+        counting = {**s, "ppo": {**s["ppo"], "steps": counted["steps"]}}
+        for fw in ("ours", "trl"):
+            counted[fw] = ppo_run(fw, 0, out / "ppo" / f"flops-{fw}", counting, sft, reward, threads,
+                                  (out / "logs" / f"ppo-flops-{fw}.log", Path(os.devnull)), count_flops=True)
+    return {"sft_eval": sft_eval, **results, **({"arithmetic": counted} if counted else {})}
 
 
 def grpo_eval(s: dict, key: str, policy: Path, json_out: Path, threads: int, logfile: Path) -> dict:
@@ -232,16 +245,19 @@ def grpo_eval(s: dict, key: str, policy: Path, json_out: Path, threads: int, log
 
 
 def grpo_run(fw: str, seed: int, d: Path, s: dict, key: str, policy: Path, threads: int, logs: tuple[Path, Path],
-             overrides: list[str] = ()) -> dict:
+             overrides: list[str] = (), count_flops: bool = False) -> dict:
     """Train one GRPO run (`fw`: ours or trl, both in the project's virtualenv) with the settings `s[key]` into
     `d` (`overrides` go to our stage), then score its final policy; the run's result.json with
-    bench/eval_task.py's result under "eval"."""
+    bench/eval_task.py's result under "eval". `count_flops`: count the matrix arithmetic instead
+    (`--count-flops`, its "gflop"), and score nothing."""
     if d.exists():
         shutil.rmtree(d)  # a fresh run: nothing resumed, no stale policy scored
     run([OURS_PY, f"bench/grpo_{fw}.py", "--policy", policy, "--prompts", "data/prompts/train.jsonl.gz",
          *flags(s[key]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
-         *(["--set", *overrides] if overrides else [])], threads, logs[0])
+         *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])], threads, logs[0])
     r = json.loads((d / "result.json").read_text())
+    if count_flops:
+        return r
     r["eval"] = grpo_eval(s, key, Path(r["policy_dir"]), d / "eval.json", threads, logs[1])
     return r
 
@@ -261,7 +277,14 @@ def bench_grpo(s: dict, key: str, policy: Path, threads: int, out: Path) -> dict
             results[name].append(r)
             log(f"{key} {name} run {i}: {r['completions_per_s']:.2f} completions/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
-    return {"sft_eval": sft_eval, **results}
+    counted = {}
+    if key in s.get("flop_steps", {}):
+        counted["steps"] = s["flop_steps"][key]
+        counting = {**s, key: {**s[key], "steps": counted["steps"]}}
+        for fw in ("ours", "trl"):
+            counted[fw] = grpo_run(fw, 0, out / key / f"flops-{fw}", counting, key, policy, threads,
+                                   (out / "logs" / f"{key}-flops-{fw}.log", Path(os.devnull)), count_flops=True)
+    return {"sft_eval": sft_eval, **results, **({"arithmetic": counted} if counted else {})}
 
 
 def bench_smol_grpo(s: dict, threads: int, out: Path) -> dict:
@@ -296,6 +319,27 @@ def phase_sections(p: dict, names: list[str], add: Callable[[str], None]) -> Non
         add("")
 
 
+def arithmetic_line(p: dict, speed: float, unit: str) -> str:
+    """A sentence on each side's matrix arithmetic per step, from the section's counted runs (`p["arithmetic"]`)
+    against the speed ratio `speed` (ours / TRL `unit` per second); "" where not counted."""
+    a = p.get("arithmetic")
+    if not a:
+        return ""
+    steps = a["steps"]
+    per_step = {fw: a[fw]["gflop"] / steps for fw in ("ours", "trl")}
+    ratio = per_step["trl"] / per_step["ours"]
+    efficiency = speed / ratio
+    work = "less" if ratio > 1 else "more"
+    why = (" (TRL's extra work is large matrix products, which run near the peak; the rest of either step is the "
+           "same layers' many small operations)") if ratio > 1 else ""
+    reading = (f"ours does {work} work and runs it at a lower share of the machine's peak than TRL runs its step{why}"
+               if efficiency < 1 else f"ours does {work} work and runs its arithmetic faster than TRL runs its own")
+    return (f"Matrix arithmetic: one more run each of {steps} steps (seed 0, not timed) under torch's FLOP counter "
+            f"(matrix products; the CPU attention kernels are not counted): TRL {per_step['trl']:.1f} GFLOP a step, "
+            f"ours {per_step['ours']:.1f}, so TRL multiplies **{ratio:.2f}x** the matrices ours does. Ours / TRL "
+            f"{unit} per second over that ratio, {speed:.2f} / {ratio:.2f} = **{efficiency:.2f}**: {reading}.\n")
+
+
 def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
     """A GRPO section of RESULTS.md: `key` grpo (the tiny SFT policy) or smol_grpo (SmolLM2 with LoRA)."""
     s, p, hp = res["settings"], res[key], res["settings"][key]
@@ -326,7 +370,7 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
         f"second of training. Reward: mean `{hp['reward']}` of the final policy on the first {n_eval} "
         "prompts of data/prompts/eval.jsonl.gz (words not in the training prompts; one sample each, seeded, "
         "bench/eval_task.py).\n")
-    names = [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl")] + ["trl"]
+    names = [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl", "arithmetic")] + ["trl"]
     gpu = any(r.get("peak_gpu_mib") for n in names for r in p[n])
     add("| | completions/s | generated tokens/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") +
         " reward | EOS rate | length |")
@@ -366,6 +410,8 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
         (mo, so), (mt, st) = mean_se(ours), mean_se(theirs)
         add(f"Reward reached, ours - TRL (means over seeds): **{d:+.3f} [{lo:+.3f}, {hi:+.3f}]** (95%, Welch; goal: "
             f"an interval around 0), from ours {mo:.3f} +- {so:.3f} and TRL {mt:.3f} +- {st:.3f} (mean +- s.e.).\n")
+    if line := arithmetic_line(p, median("ours", "completions_per_s") / median("trl", "completions_per_s"), "completions"):
+        add(line)
     seen = {e["reward"], *ours, *theirs, *(r[k] for fw in ("ours", "trl") for r in p[fw]
                                           for k in ("train_reward_first", "train_reward_last"))}
     if len(seen) == 1:
@@ -520,7 +566,7 @@ def report(res: dict) -> str:
         add("| | episodes/s | peak RSS (MiB) | reward | gold judge | EOS rate |\n|---|---|---|---|---|---|")
         e = p["sft_eval"]
         add(f"| SFT policy (before PPO) | | | {e['reward']:.3f} | {e['gold']:.3f} | {e['eos_rate']:.2f} |")
-        names = [n for n in p if n not in ("sft_eval", "date", "trl")] + ["trl"]
+        names = [n for n in p if n not in ("sft_eval", "date", "trl", "arithmetic")] + ["trl"]
         for fw in names:
             rs, name = p[fw], "TRL 1.12.0" if fw == "trl" else fw
             add(f"| {name} | {fmt(stats([r['episodes_per_s'] for r in rs]))} | "
@@ -538,6 +584,8 @@ def report(res: dict) -> str:
         others = ", ".join(f"{n} {speed_ratio(n):.2f}x" for n in names[1:-1])
         add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 2x){'; ' + others if others else ''}; "
             f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
+        if line := arithmetic_line(p, speed, "episodes"):
+            add(line)
         phase_sections(p, names[:-1], add)
         add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
             "rollout batch (with `sampler_logprobs` the sampler keeps the logprobs and no policy forward runs); "

@@ -50,3 +50,31 @@ def test_a_partial_benchmark_run_keeps_the_sections_it_did_not_redo():
                     "\n## PPO: ours vs TRL\n\n(Measured on day 2 by `bench/run.py --only ppo sft`, commit abc123.)\n"
                     "\n1.86x\n")
     assert kept_sections(new, new) == "" and DEV_NOTES not in kept
+
+
+def test_matmul_count_counts_two_flops_per_multiply_add_and_nothing_when_off():
+    import torch
+
+    from common import MatmulCount
+
+    a, b = torch.ones(3, 4), torch.ones(4, 5)
+    with MatmulCount(True) as counted:
+        (a @ b).sum()  # 3 x 5 outputs of 4 multiply-adds each: 2 * 3 * 4 * 5 = 120; the sum is not a matrix product
+        torch.nn.functional.linear(a, torch.ones(6, 4))  # 2 * 3 * 4 * 6 = 144
+    assert counted.gflop * 1e9 == pytest.approx(120 + 144)
+    with MatmulCount(False) as off:
+        a @ b
+    assert off.gflop is None
+
+
+def test_the_arithmetic_sentence_divides_the_speed_ratio_by_the_work_ratio():
+    from run import arithmetic_line
+
+    # 10 steps each: TRL 2000 GFLOP -> 200 a step, ours 1000 -> 100; TRL does 2x ours, the speed ratio 1.6x
+    # over it is 0.8 of TRL's speed per unit of arithmetic
+    section = {"arithmetic": {"steps": 10, "ours": {"gflop": 1000.0}, "trl": {"gflop": 2000.0}}}
+    line = arithmetic_line(section, 1.6, "episodes")
+    assert "TRL 200.0 GFLOP a step, ours 100.0" in line and "**2.00x**" in line
+    assert "1.60 / 2.00 = **0.80**" in line and "episodes per second" in line and "lower share" in line
+    assert "= **1.20**: ours does less work and runs its arithmetic faster" in arithmetic_line(section, 2.4, "episodes")
+    assert arithmetic_line({}, 1.6, "episodes") == ""
