@@ -196,7 +196,8 @@ def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threa
         raise ValueError(f"overrides are for our stage, not {fw}")
     run([py, script, "--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
          *flags(s["ppo"]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
-         *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])], threads, logs[0])
+         *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])],
+        threads, logs[0])
     r = json.loads((d / "result.json").read_text())
     if count_flops:
         return r
@@ -204,6 +205,19 @@ def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threa
         threads, logs[1])
     r["eval"] = json.loads((d / "eval.json").read_text())
     return r
+
+
+def count_arithmetic(s: dict, key: str, out: Path, run_one: Callable[[str, Path, dict, Path], dict]) -> dict:
+    """One more run of ours (its defaults) and of TRL for section `key`, `s["flop_steps"][key]` steps each, with
+    their matrix arithmetic counted: {"steps", "ours", "trl"} (each run's result.json), {} where the settings ask
+    for none. `run_one(fw, directory, settings, training log)` trains one counted run."""
+    if key not in s.get("flop_steps", {}):
+        return {}
+    steps = s["flop_steps"][key]
+    counting = {**s, key: {**s[key], "steps": steps}}
+    runs = {fw: run_one(fw, out / key / f"flops-{fw}", counting, out / "logs" / f"{key}-flops-{fw}.log")
+            for fw in ("ours", "trl")}
+    return {"steps": steps, **runs}
 
 
 def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict:
@@ -224,13 +238,8 @@ def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict
             results[name].append(r)
             log(f"ppo {name} run {i}: {r['episodes_per_s']:.2f} episodes/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
-    counted = {}
-    if "ppo" in s.get("flop_steps", {}):
-        counted["steps"] = s["flop_steps"]["ppo"]
-        counting = {**s, "ppo": {**s["ppo"], "steps": counted["steps"]}}
-        for fw in ("ours", "trl"):
-            counted[fw] = ppo_run(fw, 0, out / "ppo" / f"flops-{fw}", counting, sft, reward, threads,
-                                  (out / "logs" / f"ppo-flops-{fw}.log", Path(os.devnull)), count_flops=True)
+    counted = count_arithmetic(s, "ppo", out, lambda fw, d, c, logfile: ppo_run(
+        fw, 0, d, c, sft, reward, threads, (logfile, Path(os.devnull)), count_flops=True))
     return {"sft_eval": sft_eval, **results, **({"arithmetic": counted} if counted else {})}
 
 
@@ -254,7 +263,8 @@ def grpo_run(fw: str, seed: int, d: Path, s: dict, key: str, policy: Path, threa
         shutil.rmtree(d)  # a fresh run: nothing resumed, no stale policy scored
     run([OURS_PY, f"bench/grpo_{fw}.py", "--policy", policy, "--prompts", "data/prompts/train.jsonl.gz",
          *flags(s[key]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
-         *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])], threads, logs[0])
+         *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])],
+        threads, logs[0])
     r = json.loads((d / "result.json").read_text())
     if count_flops:
         return r
@@ -277,13 +287,8 @@ def bench_grpo(s: dict, key: str, policy: Path, threads: int, out: Path) -> dict
             results[name].append(r)
             log(f"{key} {name} run {i}: {r['completions_per_s']:.2f} completions/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
-    counted = {}
-    if key in s.get("flop_steps", {}):
-        counted["steps"] = s["flop_steps"][key]
-        counting = {**s, key: {**s[key], "steps": counted["steps"]}}
-        for fw in ("ours", "trl"):
-            counted[fw] = grpo_run(fw, 0, out / key / f"flops-{fw}", counting, key, policy, threads,
-                                   (out / "logs" / f"{key}-flops-{fw}.log", Path(os.devnull)), count_flops=True)
+    counted = count_arithmetic(s, key, out, lambda fw, d, c, logfile: grpo_run(
+        fw, 0, d, c, key, policy, threads, (logfile, Path(os.devnull)), count_flops=True))
     return {"sft_eval": sft_eval, **results, **({"arithmetic": counted} if counted else {})}
 
 
