@@ -324,6 +324,11 @@ def phase_sections(p: dict, names: list[str], add: Callable[[str], None]) -> Non
         add("")
 
 
+def arms(p: dict) -> list[str]:
+    """A PPO or GRPO section's arms in run order, TRL last: every key of `p` that holds runs."""
+    return [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl", "arithmetic")] + ["trl"]
+
+
 def arithmetic_line(p: dict, speed: float, unit: str) -> str:
     """A sentence on each side's matrix arithmetic per step, from the section's counted runs (`p["arithmetic"]`)
     against the speed ratio `speed` (ours / TRL `unit` per second); "" where not counted."""
@@ -375,7 +380,7 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
         f"second of training. Reward: mean `{hp['reward']}` of the final policy on the first {n_eval} "
         "prompts of data/prompts/eval.jsonl.gz (words not in the training prompts; one sample each, seeded, "
         "bench/eval_task.py).\n")
-    names = [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl", "arithmetic")] + ["trl"]
+    names = arms(p)
     gpu = any(r.get("peak_gpu_mib") for n in names for r in p[n])
     add("| | completions/s | generated tokens/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") +
         " reward | EOS rate | length |")
@@ -571,7 +576,7 @@ def report(res: dict) -> str:
         add("| | episodes/s | peak RSS (MiB) | reward | gold judge | EOS rate |\n|---|---|---|---|---|---|")
         e = p["sft_eval"]
         add(f"| SFT policy (before PPO) | | | {e['reward']:.3f} | {e['gold']:.3f} | {e['eos_rate']:.2f} |")
-        names = [n for n in p if n not in ("sft_eval", "date", "trl", "arithmetic")] + ["trl"]
+        names = arms(p)
         for fw in names:
             rs, name = p[fw], "TRL 1.12.0" if fw == "trl" else fw
             add(f"| {name} | {fmt(stats([r['episodes_per_s'] for r in rs]))} | "
