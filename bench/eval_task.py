@@ -2,7 +2,8 @@
 prompt from a saved policy (the first N rows of the prompts file, seeded, the training temperature and
 length, through our chat template and sampling) and score it with the training's reward function, by
 default the task's check `uses_word` (tasks/words.py; the rows' "word" column names the word). Also
-reports the EOS rate and the mean length. Runs in the project's virtualenv."""
+reports the EOS rate and the mean length. `--samples-per-prompt K` draws K responses per prompt (the
+reward is their mean): one response per prompt leaves ~0.03 of sampling noise in a 256-prompt score. Runs in the project's virtualenv."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--response-length", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="responses drawn per prompt (default 1)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--reward", default="uses_word", help="a judge's name (rlhf/judges.py, or registered: tasks/words.py)")
     p.add_argument("--json")
@@ -35,7 +37,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(a.policy)
     policy = AutoModelForCausalLM.from_pretrained(a.policy).to(device).eval()
-    rows = read_rows(a.prompts, a.num_prompts)
+    if a.samples_per_prompt < 1:
+        p.error(f"--samples-per-prompt {a.samples_per_prompt}: must be at least 1")
+    rows = [r for r in read_rows(a.prompts, a.num_prompts) for _ in range(a.samples_per_prompt)]
     prompts = [r["prompt"] for r in rows]
     torch.manual_seed(a.seed)
     samples = sample(policy, tok, prompts, max_new_tokens=a.response_length, temperature=a.temperature)
@@ -43,7 +47,8 @@ def main() -> None:
     scores = load_judge(a.reward, "--reward")(prompts, [s.response for s in samples], **columns)
     n = len(rows)
     write_result(a.json, {
-        "policy": a.policy, "reward_function": a.reward, "prompts": n, "reward": sum(scores) / n,
+        "policy": a.policy, "reward_function": a.reward, "prompts": n // a.samples_per_prompt,
+        "samples_per_prompt": a.samples_per_prompt, "reward": sum(scores) / n,
         "eos_rate": sum(s.ended for s in samples) / n,
         "length": sum(s.num_tokens for s in samples) / n, "samples": [s.response for s in samples[:3]],
         "scores": [float(x) for x in scores],

@@ -55,6 +55,8 @@ SETTINGS = {
              "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
              # GRPO: configs/tiny-rlvr.yaml's grpo block (8 prompts x 8 responses, 80 steps at 3e-4)
              "grpo_runs": 3,
+             # its reward: every held-out prompt, 4 samples each (one sample of 256 left ~0.03 of noise per run)
+             "grpo_eval_prompts": 512, "grpo_eval_samples": 4,
              "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                       "loss": "sequence_mean", "estimator": "grpo"},
@@ -247,7 +249,8 @@ def grpo_eval(s: dict, key: str, policy: Path, json_out: Path, threads: int, log
     """bench/eval_task.py on `policy`: the held-out prompts, length and temperature of section `key` of `s`."""
     hp = s[key]
     run([OURS_PY, "bench/eval_task.py", "--policy", policy, "--prompts", "data/prompts/eval.jsonl.gz",
-         "--num-prompts", s.get(f"{key}_eval_prompts", s["eval_prompts"]), "--response-length",
+         "--num-prompts", s.get(f"{key}_eval_prompts", s["eval_prompts"]),
+         "--samples-per-prompt", s.get(f"{key}_eval_samples", 1), "--response-length",
          hp["response-length"], "--temperature", hp["temperature"], "--reward", hp["reward"], "--json", json_out],
         threads, logfile)
     return json.loads(json_out.read_text())
@@ -363,6 +366,7 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
                                                                                          "fluency") else "")
     reward = f"`{hp['reward']}`" + (f" ({home})" if home else "")
     runs, n_eval = s[f"{key}_runs"], s.get(f"{key}_eval_prompts", s["eval_prompts"])
+    n_samples = s.get(f"{key}_eval_samples", 1)
     lora = (f"LoRA r {hp['lora-r']} alpha {hp.get('lora-alpha', 32)} on the seven linear layers of every block "
             "(PEFT on both sides; the reference is the policy with its adapters off), " if hp.get("lora-r") else "")
     start = ("SmolLM2-135M-Instruct as `make smol` converts it (the starting policy of configs/smol.yaml)" if smol
@@ -378,8 +382,8 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
         "The mapping, setting by setting, and what it cannot make equal: bench/grpo_trl.py. Completions/s counts "
         f"the training loop only; generated tokens/s: the response tokens of every rollout (EOS included) per "
         f"second of training. Reward: mean `{hp['reward']}` of the final policy on the first {n_eval} "
-        "prompts of data/prompts/eval.jsonl.gz (words not in the training prompts; one sample each, seeded, "
-        "bench/eval_task.py).\n")
+        "prompts of data/prompts/eval.jsonl.gz (words not in the training prompts; "
+        f"{'one sample' if n_samples == 1 else f'{n_samples} samples'} each, seeded, bench/eval_task.py).\n")
     names = arms(p)
     gpu = any(r.get("peak_gpu_mib") for n in names for r in p[n])
     add("| | completions/s | generated tokens/s | peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") +
