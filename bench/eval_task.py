@@ -1,9 +1,10 @@
-"""The one measure of "reward reached" for GRPO, for every framework: sample one response per held-out
-prompt from a saved policy (the first N rows of the prompts file, seeded, the training temperature and
-length, through our chat template and sampling) and score it with the training's reward function, by
-default the task's check `uses_word` (tasks/words.py; the rows' "word" column names the word). Also
-reports the EOS rate and the mean length. `--samples-per-prompt K` draws K responses per prompt (the
-reward is their mean): one response per prompt leaves ~0.03 of sampling noise in a 256-prompt score. Runs in the project's virtualenv."""
+"""The one measure of "reward reached" for GRPO, for every framework: sample responses to held-out
+prompts from a saved policy (the first N rows of the prompts file, K responses each, seeded, the training
+temperature and length, through our chat template and sampling) and score them with the training's reward
+function, by default the task's check `uses_word` (tasks/words.py; the rows' "word" column names the
+word); the reward is their mean. Also reports the EOS rate and the mean length. One response to each of
+256 prompts leaves ~0.03 of sampling noise in the score, more than GRPO runs differ by; `make bench`
+scores 4 responses to each of 512. Runs in the project's virtualenv."""
 
 from __future__ import annotations
 
