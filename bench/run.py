@@ -327,6 +327,26 @@ def phase_sections(p: dict, names: list[str], add: Callable[[str], None]) -> Non
         add("")
 
 
+def keep_previous(res: dict, previous: dict) -> None:
+    """Copy into this run's results `res` the sections of the earlier results `previous` (of the same mode) that
+    this run did not redo, each with the date and the settings it was measured with."""
+    res["section_settings"] = {section: res["settings"] for section in SECTIONS if section in res}
+    if previous.get("quick") != res["quick"]:
+        return
+    for section in SECTIONS:
+        if section not in res and section in previous:
+            res[section] = {**previous[section], "date": previous[section].get("date", previous["date"])}
+            res["section_settings"][section] = settings_of(previous, section)
+            if section == "ppo" and "trl" not in res["versions"] and "trl" in previous.get("versions", {}):
+                res["versions"]["trl"] = previous["versions"]["trl"]
+
+
+def settings_of(res: dict, section: str) -> dict:
+    """The settings `section` of results `res` was measured with: a section kept from an earlier run keeps that
+    run's settings (its runs, its evaluation), which may differ from this run's."""
+    return res.get("section_settings", {}).get(section, res["settings"])
+
+
 def arms(p: dict) -> list[str]:
     """A PPO or GRPO section's arms in run order, TRL last: every key of `p` that holds runs."""
     return [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl", "arithmetic")] + ["trl"]
@@ -355,7 +375,8 @@ def arithmetic_line(p: dict, speed: float, unit: str) -> str:
 
 def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
     """A GRPO section of RESULTS.md: `key` grpo (the tiny SFT policy) or smol_grpo (SmolLM2 with LoRA)."""
-    s, p, hp = res["settings"], res[key], res["settings"][key]
+    s = settings_of(res, key)
+    p, hp = res[key], s[key]
     trl = res["versions"]["ours"].get("trl", "?")
     smol = key == "smol_grpo"
     add(f"## GRPO{' on SmolLM2-135M-Instruct' if smol else ''}: our stage vs TRL {trl} `trl.GRPOTrainer`\n")
@@ -530,7 +551,7 @@ def bench_engines(quick: bool, threads: int, out: Path) -> dict:
 
 
 def report(res: dict) -> str:
-    s, lines = res["settings"], []
+    lines = []
     add = lines.append
 
     def measured(section: str) -> None:
@@ -556,7 +577,7 @@ def report(res: dict) -> str:
     add("")
     add("Each cell: median [min, max] over the runs.\n")
     if "pipeline" in res:
-        p = res["pipeline"]
+        p, s = res["pipeline"], settings_of(res, "pipeline")
         add("## Pipeline\n")
         measured("pipeline")
         add(f"`make pipeline CONFIG={s['config']}` (all four stages and the report):\n")
@@ -564,7 +585,8 @@ def report(res: dict) -> str:
         add(f"| from an empty store | {p['cold_s']:.1f} s |")
         add(f"| rerun, nothing changed | {p['rerun_s']:.1f} s |\n")
     if "ppo" in res:
-        p, hp = res["ppo"], s["ppo"]
+        p, s = res["ppo"], settings_of(res, "ppo")
+        hp = s["ppo"]
         add("## PPO: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n")
         measured("ppo")
         add(f"Same SFT policy and reward model ({s['config']}), prompts data/prompts/train.jsonl.gz; "
@@ -606,7 +628,8 @@ def report(res: dict) -> str:
             "score = the reward model; update = the PPO epochs (forward and backward of policy "
             "and value, optimizer steps). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
     if "sft" in res:
-        p, hp = res["sft"], s["sft"]
+        p, s = res["sft"], settings_of(res, "sft")
+        hp = s["sft"]
         add("## SFT: our stage vs a plain `trl.SFTTrainer` script\n")
         measured("sft")
         add(f"Same pretrain model ({s['config']}), data/sft/train.jsonl.gz, {hp['steps']} steps of {hp['batch']}, "
@@ -632,7 +655,7 @@ def report(res: dict) -> str:
         measured("engines")
         add(res["engines"]["text"])
     if "pairs" in res:
-        pairs_report(res, s, add, measured)
+        pairs_report(res, settings_of(res, "pairs"), add, measured)
     return "\n".join(lines) + "\n"
 
 
@@ -723,11 +746,7 @@ def main() -> None:
         res["pairs"] = {**bench_pairs(s, artifact(store, experiment, "sft"), artifact(store, experiment, "preferences"),
                                       a.threads, out), "date": res["date"]}
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    for section in SECTIONS:  # keep what this run did not redo, saying when it ran
-        if section not in res and section in previous and previous.get("quick") == a.quick:
-            res[section] = {**previous[section], "date": previous[section].get("date", previous["date"])}
-            if section == "ppo" and "trl" not in res["versions"] and "trl" in previous.get("versions", {}):
-                res["versions"]["trl"] = previous["versions"]["trl"]
+    keep_previous(res, previous)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
     text = report(res)
     path = ROOT / a.results

@@ -52,6 +52,28 @@ def test_a_partial_benchmark_run_keeps_the_sections_it_did_not_redo():
     assert kept_sections(new, new) == "" and DEV_NOTES not in kept
 
 
+def test_a_kept_section_keeps_the_settings_it_was_measured_with():
+    from run import keep_previous, settings_of
+
+    five, two = {"grpo_runs": 5, "runs": 5}, {"grpo_runs": 2, "runs": 2}
+    # day 1 measured PPO with 5 runs; day 2 redid GRPO with 2 and kept PPO; day 3 redoes SFT with 2
+    day2 = {"quick": False, "date": "day 2", "settings": two, "versions": {}, "grpo": {"runs": "g"},
+            "ppo": {"runs": "p", "date": "day 1"}, "section_settings": {"grpo": two, "ppo": five}}
+    day3 = {"quick": False, "date": "day 3", "settings": two, "versions": {}, "sft": {"runs": "s"}}
+    keep_previous(day3, day2)
+    assert [settings_of(day3, k)["runs"] for k in ("sft", "grpo", "ppo")] == [2, 2, 5]
+    assert day3["ppo"]["date"] == "day 1" and day3["grpo"]["date"] == "day 2"
+    # results written before sections had settings of their own: the file's settings are theirs
+    old = {"quick": False, "date": "day 0", "settings": five, "versions": {}, "ppo": {"runs": "p"}}
+    day1 = {"quick": False, "date": "day 1", "settings": two, "versions": {}, "grpo": {"runs": "g"}}
+    keep_previous(day1, old)
+    assert settings_of(day1, "ppo")["runs"] == 5 and settings_of(day1, "grpo")["runs"] == 2
+    # a quick run keeps nothing of a full one
+    quick = {"quick": True, "date": "day 4", "settings": two, "versions": {}, "sft": {}}
+    keep_previous(quick, day3)
+    assert set(quick["section_settings"]) == {"sft"} and "ppo" not in quick
+
+
 def test_matmul_count_counts_two_flops_per_multiply_add_and_nothing_when_off():
     import torch
 
