@@ -352,6 +352,21 @@ def arms(p: dict) -> list[str]:
     return [n for n in p if n not in ("sft_eval", "date", "trl_loss_type", "trl", "arithmetic")] + ["trl"]
 
 
+def faults_line(p: dict) -> str:
+    """A sentence on the kernel's share of each side's runs: minor page faults and system time of the whole
+    process (medians over runs); "" where the runs did not record them."""
+    runs = {fw: p[fw] for fw in ("ours", "trl")}
+    if not all("minor_faults" in r for rs in runs.values() for r in rs):
+        return ""
+    faults = {fw: statistics.median(r["minor_faults"] for r in rs) / 1e6 for fw, rs in runs.items()}
+    system = {fw: statistics.median(r["system_s"] for r in rs) for fw, rs in runs.items()}
+    return (f"The kernel's share (whole process, medians over runs): minor page faults ours {faults['ours']:.2f} "
+            f"million, TRL {faults['trl']:.2f} million; system time ours {system['ours']:.1f} s, TRL "
+            f"{system['trl']:.1f} s. A minor fault is the kernel handing the process a zero-filled page: on first "
+            "touch, and again each time the allocator gave the page back; docs/benchmarks.md measures what glibc's "
+            "allocator settings change on each side.\n")
+
+
 def arithmetic_line(p: dict, speed: float, unit: str) -> str:
     """A sentence on each side's matrix arithmetic per step, from the section's counted runs (`p["arithmetic"]`)
     against the speed ratio `speed` (ours / TRL `unit` per second); "" where not counted."""
@@ -446,6 +461,8 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
         add(f"Reward reached, ours - TRL (means over seeds): **{d:+.3f} [{lo:+.3f}, {hi:+.3f}]** (95%, Welch; goal: "
             f"an interval around 0), from ours {mo:.3f} +- {so:.3f} and TRL {mt:.3f} +- {st:.3f} (mean +- s.e.).\n")
     if line := arithmetic_line(p, median("ours", "completions_per_s") / median("trl", "completions_per_s"), "completions"):
+        add(line)
+    if line := faults_line(p):
         add(line)
     seen = {e["reward"], *ours, *theirs, *(r[k] for fw in ("ours", "trl") for r in p[fw]
                                           for k in ("train_reward_first", "train_reward_last"))}
@@ -621,6 +638,8 @@ def report(res: dict) -> str:
         add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 2x){'; ' + others if others else ''}; "
             f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
         if line := arithmetic_line(p, speed, "episodes"):
+            add(line)
+        if line := faults_line(p):
             add(line)
         phase_sections(p, names[:-1], add)
         add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "

@@ -100,3 +100,20 @@ def test_the_arithmetic_sentence_divides_the_speed_ratio_by_the_work_ratio():
     assert "1.60 / 2.00 = **0.80**" in line and "episodes per second" in line and "lower share" in line
     assert "= **1.20**: ours does less work and runs its arithmetic faster" in arithmetic_line(section, 2.4, "episodes")
     assert arithmetic_line({}, 1.6, "episodes") == ""
+
+
+def test_every_result_records_the_kernels_share_and_the_report_sets_the_sides_side_by_side(tmp_path):
+    import json
+
+    from common import write_result
+    from run import faults_line
+
+    write_result(str(tmp_path / "r.json"), {"framework": "ours"})
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["framework"] == "ours" and r["minor_faults"] > 0 and r["system_s"] >= 0
+    p = {"ours": [{"minor_faults": 250_000, "system_s": 2.0}, {"minor_faults": 270_000, "system_s": 3.0}],
+         "trl": [{"minor_faults": 1_600_000, "system_s": 5.0}, {"minor_faults": 1_700_000, "system_s": 6.0}]}
+    line = faults_line(p)
+    assert "ours 0.26 million, TRL 1.65 million" in line and "ours 2.5 s, TRL 5.5 s" in line
+    del p["trl"][1]["minor_faults"]  # results written before runs recorded it: no sentence
+    assert faults_line(p) == ""
