@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--reward", default="uses_word", help="a judge's name (rlhf/judges.py, or registered: tasks/words.py)")
     p.add_argument("--json")
     a = p.parse_args()
+    if a.samples_per_prompt < 1:
+        p.error(f"--samples-per-prompt {a.samples_per_prompt}: must be at least 1")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -38,8 +40,6 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(a.policy)
     policy = AutoModelForCausalLM.from_pretrained(a.policy).to(device).eval()
-    if a.samples_per_prompt < 1:
-        p.error(f"--samples-per-prompt {a.samples_per_prompt}: must be at least 1")
     rows = [r for r in read_rows(a.prompts, a.num_prompts) for _ in range(a.samples_per_prompt)]
     prompts = [r["prompt"] for r in rows]
     torch.manual_seed(a.seed)
