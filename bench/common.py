@@ -49,6 +49,17 @@ def difference(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return mx - my, mx - my - 1.96 * se, mx - my + 1.96 * se
 
 
+def ratio(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
+    """mean(xs) / mean(ys) and a 95% interval by the delta method: the ratio's relative standard error is
+    sqrt((se_x / mean_x)^2 + (se_y / mean_y)^2) for independent samples, the interval the ratio +- 1.96 of
+    its standard error (normal quantile, as `difference`). A speed ratio of two frameworks' runs, read as
+    such: with two runs a side the standard errors are themselves rough, so judge a goal on four or more."""
+    (mx, sx), (my, sy) = mean_se(xs), mean_se(ys)
+    r = mx / my
+    se = r * math.sqrt((sx / mx) ** 2 + (sy / my) ** 2)
+    return r, r - 1.96 * se, r + 1.96 * se
+
+
 class MatmulCount:
     """A context that counts the arithmetic of the matrix products run inside it (torch's FLOP counter,
     `torch.utils.flop_counter.FlopCounterMode`; CPU attention kernels are not counted), or does nothing

@@ -41,7 +41,7 @@ TRL_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 DEV_NOTES = "## Measured during development"
 SECTIONS = ["pipeline", "ppo", "sft", "grpo", "smol_grpo", "engines", "pairs"]
 sys.path.insert(0, str(ROOT / "bench"))
-from common import difference, mean_se  # noqa: E402
+from common import difference, mean_se, ratio  # noqa: E402
 
 SETTINGS = {
     # PPO: the hyperparameters of configs/tiny.yaml's ppo block, for fewer steps than its 120
@@ -367,6 +367,21 @@ def faults_line(p: dict) -> str:
             "allocator settings change on each side.\n")
 
 
+def ratio_line(p: dict, key: str, goal: float) -> str:
+    """A sentence on ours / TRL as the ratio of the mean `key` (a speed) over the runs, with its 95% interval
+    (`common.ratio`), and whether the interval clears `goal`, falls short of it or straddles it; "" with
+    fewer than 3 runs a side, where the standard errors say little."""
+    ours, theirs = ([r[key] for r in p[fw]] for fw in ("ours", "trl"))
+    n = min(len(ours), len(theirs))
+    if n < 3:
+        return ""
+    r, lo, hi = ratio(ours, theirs)
+    verdict = ("above the goal" if lo >= goal else "below the goal" if hi < goal else
+               "the goal inside it: these runs do not settle it")
+    return (f"Ratio of the means over {len(ours)} and {len(theirs)} runs: **{r:.2f}x**, 95% interval **{lo:.2f}x to "
+            f"{hi:.2f}x** (delta method, bench/common.py `ratio`), {verdict} ({goal}x).\n")
+
+
 def arithmetic_line(p: dict, speed: float, unit: str) -> str:
     """A sentence on each side's matrix arithmetic per step, from the section's counted runs (`p["arithmetic"]`)
     against the speed ratio `speed` (ours / TRL `unit` per second); "" where not counted."""
@@ -454,7 +469,9 @@ def grpo_report(res: dict, key: str, add: Callable[[str], None], measured: Calla
                        for n in names[1:-1])
     add(f"\nOurs / TRL completions per second (medians): **{median('ours', 'completions_per_s') / median('trl', 'completions_per_s'):.2f}x** "
         f"(goal: at least {goal}x){'; ' + speeds if speeds else ''}. Peak {memory}, ours - TRL (medians): "
-        f"**{mem:+.0f} MiB** (goal: at most 0). ")
+        f"**{mem:+.0f} MiB** (goal: at most 0).\n")
+    if line := ratio_line(p, "completions_per_s", goal):
+        add(line)
     if runs > 1:
         d, lo, hi = difference(ours, theirs)
         (mo, so), (mt, st) = mean_se(ours), mean_se(theirs)
@@ -637,6 +654,8 @@ def report(res: dict) -> str:
         others = ", ".join(f"{n} {speed_ratio(n):.2f}x" for n in names[1:-1])
         add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 2x){'; ' + others if others else ''}; "
             f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
+        if line := ratio_line(p, "episodes_per_s", 2.0):
+            add(line)
         if line := arithmetic_line(p, speed, "episodes"):
             add(line)
         if line := faults_line(p):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from common import difference, mean_se  # noqa: E402
+from common import difference, mean_se, ratio  # noqa: E402
 from reward_study import parse_arm  # noqa: E402
 
 
@@ -26,6 +26,17 @@ def test_difference_has_a_welch_95_percent_interval():
     se = math.sqrt(1 / 3 + 1)
     assert d == 1.0
     assert (lo, hi) == pytest.approx((1 - 1.96 * se, 1 + 1.96 * se), abs=1e-12)
+
+
+def test_ratio_of_means_has_a_delta_method_95_percent_interval():
+    # means 4 and 2 -> ratio 2; standard errors 1/sqrt(3) (of 3, 4, 5: s.d. 1) and 0.5 (of 1.5, 2.5: s.d.
+    # sqrt(0.5)), relative 1/(4 sqrt(3)) and 1/4 -> the ratio's s.e. 2 * sqrt(1/48 + 1/16)
+    r, lo, hi = ratio([3.0, 4.0, 5.0], [1.5, 2.5])
+    se = 2 * math.sqrt(1 / 48 + 1 / 16)
+    assert r == 2.0
+    assert (lo, hi) == pytest.approx((2 - 1.96 * se, 2 + 1.96 * se), abs=1e-12)
+    # equal runs on either side: no spread, the interval is the ratio itself
+    assert ratio([3.0, 3.0], [2.0, 2.0]) == (1.5, 1.5, 1.5)
 
 
 def test_arm_names_and_overrides():
@@ -100,6 +111,21 @@ def test_the_arithmetic_sentence_divides_the_speed_ratio_by_the_work_ratio():
     assert "1.60 / 2.00 = **0.80**" in line and "episodes per second" in line and "lower share" in line
     assert "= **1.20**: ours does less work and runs its arithmetic faster" in arithmetic_line(section, 2.4, "episodes")
     assert arithmetic_line({}, 1.6, "episodes") == ""
+
+
+def test_the_ratio_sentence_says_whether_the_interval_settles_the_goal():
+    from run import ratio_line
+
+    def section(ours: list[float], trl: list[float]) -> dict:
+        return {"ours": [{"v": v} for v in ours], "trl": [{"v": v} for v in trl]}
+
+    # ours 3, 4, 5 against TRL 2, 2, 2: ratio 2, s.e. 2 * (1/sqrt(3)) / 4 = 0.289 -> 1.43x to 2.57x
+    line = ratio_line(section([3.0, 4.0, 5.0], [2.0, 2.0, 2.0]), "v", 2.0)
+    assert "over 3 and 3 runs: **2.00x**, 95% interval **1.43x to 2.57x**" in line
+    assert "the goal inside it" in line
+    assert "above the goal (1.5x)" in ratio_line(section([4.0, 4.1, 4.2], [2.0, 2.0, 2.0]), "v", 1.5)
+    assert "below the goal (2.5x)" in ratio_line(section([4.0, 4.1, 4.2], [2.0, 2.0, 2.0]), "v", 2.5)
+    assert ratio_line(section([3.0, 4.0], [2.0, 2.0, 2.0]), "v", 2.0) == ""  # two runs say little
 
 
 def test_every_result_records_the_kernels_share_and_the_report_sets_the_sides_side_by_side(tmp_path):
