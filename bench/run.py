@@ -62,10 +62,12 @@ SETTINGS = {
                       "loss": "sequence_mean", "estimator": "grpo"},
              # our stage again with transformers' own sampler (TRL's), beside our default (rlhf.sampling.GumbelMax),
              # and with the rollout scored by a forward pass instead of the sampler's logprobs (as ppo's)
-             # and each response packing its own copy of its prompt (share_prompts false)
+             # and each response packing its own copy of its prompt (share_prompts false), and sampling with
+             # each group's prompt prefilled once (shared_prefill true, opt-in)
              "grpo_variants": {"ours, sampler multinomial": ["stages.grpo.sampler=multinomial"],
                                "ours, sampler_logprobs false": ["stages.grpo.sampler_logprobs=false"],
-                               "ours, share_prompts false": ["stages.grpo.share_prompts=false"]},
+                               "ours, share_prompts false": ["stages.grpo.share_prompts=false"],
+                               "ours, shared_prefill true": ["stages.grpo.shared_prefill=true"]},
              # GRPO on SmolLM2-135M-Instruct (make smol): configs/smol.yaml's grpo block (LoRA r 16 on every
              # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
              # float32 on both sides, the task check as the reward; a few steps, to time them
@@ -74,7 +76,8 @@ SETTINGS = {
              # (the sampler's logprobs, which would stand in for the first, off too)
              "smol_grpo_variants": {"ours, reuse_rollout_forward false": ["stages.grpo.reuse_rollout_forward=false",
                                                                           "stages.grpo.sampler_logprobs=false",
-                                                                          "stages.grpo.share_prompts=false"]},
+                                                                          "stages.grpo.share_prompts=false"],
+                                    "ours, shared_prefill true": ["stages.grpo.shared_prefill=true"]},
              "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,

@@ -55,7 +55,8 @@ class SamplingSettings:
     """How rollouts are sampled: at most `max_new_tokens`, at `temperature` with nucleus `top_p`,
     (`bf16`) under bfloat16 autocast, each token drawn by `sampler` (rlhf.sampling.SAMPLERS; the hf
     engine's: vLLM has its own). `logprobs`: the hf engine on the training policy itself returns the
-    log-probabilities it drew each token with (`rlhf.sampling.SampledLogprobs`)."""
+    log-probabilities it drew each token with (`rlhf.sampling.SampledLogprobs`). `shared_prefill`: the hf
+    engine runs a prompt that several rows repeat through the model once (`rlhf.sampling.generate`)."""
 
     max_new_tokens: int
     temperature: float
@@ -63,6 +64,7 @@ class SamplingSettings:
     bf16: bool = False
     sampler: str = "multinomial"
     logprobs: bool = False
+    shared_prefill: bool = False
 
 
 class RolloutEngine:
@@ -135,12 +137,12 @@ class HFEngine(RolloutEngine):
         config = generation_config(tok, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p)
         logprobs = None
         if self.holds_weights:
-            seqs = generate(self.model, config, bf16=s.bf16, sampler=s.sampler, **enc)
+            seqs = generate(self.model, config, bf16=s.bf16, sampler=s.sampler, shared_prefill=s.shared_prefill, **enc)
         else:
             with self.launch.generation_model() as policy:
                 policy.eval()
-                seqs = generate(policy, config, bf16=s.bf16, sampler=s.sampler, logprobs=s.logprobs, **enc,
-                                **self.launch.generate_extra())
+                seqs = generate(policy, config, bf16=s.bf16, sampler=s.sampler, logprobs=s.logprobs,
+                                shared_prefill=s.shared_prefill, **enc, **self.launch.generate_extra())
             if s.logprobs:
                 seqs, logprobs = seqs
         query_ids, query_mask = enc["input_ids"], enc["attention_mask"].bool()

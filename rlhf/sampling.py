@@ -150,8 +150,40 @@ def gumbel_decoding(config: GenerationConfig) -> tuple[GenerationConfig, list]:
     return greedy, [*processors, GumbelMax()]
 
 
+def prefill_shared_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The cache of every row's prompt but its last token, each distinct prompt run through the model once
+    (a GRPO group's rows share theirs): a cache to hand `generate` with the same rows, or None where every
+    row is distinct, the prompts are one token long, or the model's cache cannot be copied across rows.
+
+    Rows (left-padded, `encode_prompts`) are matched on their ids and mask; the distinct ones are prefilled
+    with the position ids `generate` derives from the mask, and the cache is copied to every row
+    (`Cache.reorder_cache`, what beam search uses). `generate` then runs the last prompt token of every row
+    through the cache before the first draw, as it does after a cache it was given. The samples are the
+    same; the first token's logits come from a one-token step instead of the prompt's full pass, so they
+    differ by float rounding (~1e-5 on the tiny model)."""
+    if input_ids.shape[1] < 2:
+        return None
+    width = input_ids.shape[1]
+    distinct, rows = torch.unique(torch.cat([input_ids, attention_mask.long()], dim=1), dim=0, return_inverse=True)
+    if len(distinct) == len(input_ids):
+        return None
+    ids, mask = distinct[:, :width], distinct[:, width:]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    import inspect
+
+    holder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(holder.forward).parameters else {}
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+                **last_only)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    if not hasattr(cache, "reorder_cache"):
+        return None
+    cache.reorder_cache(rows)
+    return cache
+
+
 def generate(model, config: GenerationConfig, bf16: bool = False, sampler: str = "multinomial",
-             logprobs: bool = False, **inputs):
+             logprobs: bool = False, shared_prefill: bool = False, **inputs):
     """`model.generate(**inputs)` under `config` and no other generation setting: sequences (B, P + R), and
     with `logprobs` also each drawn token's log-probability (B, R) as `SampledLogprobs` keeps them.
 
@@ -168,6 +200,10 @@ def generate(model, config: GenerationConfig, bf16: bool = False, sampler: str =
 
     `sampler` (SAMPLERS): how a sampling `config` draws each token; gumbel runs transformers' greedy
     decoding over the warped scores plus Gumbel noise (`gumbel_decoding`).
+
+    `shared_prefill`: run each distinct prompt through the model once, not once per row that repeats it
+    (`prefill_shared_prompts`; a group of G responses to one prompt prefills it once instead of G times).
+    The same samples, the first token's logits to float rounding.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -198,12 +234,23 @@ def generate(model, config: GenerationConfig, bf16: bool = False, sampler: str =
         for p in frozen:
             p.requires_grad_(True)
         with torch.no_grad(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if shared_prefill and (cache := prefill_shared_prompts(model, inputs["input_ids"],
+                                                                   inputs["attention_mask"])) is not None:
+                inputs[cache_argument(holder)] = cache
             sequences = model.generate(**inputs, generation_config=config)
         return (sequences, recorder.finish(sequences)) if recorder is not None else sequences
     finally:
         for p in frozen:
             p.requires_grad_(False)
         holder.generation_config = own
+
+
+def cache_argument(model) -> str:
+    """The name under which this transformers' `generate` takes a cache: `cache` (5.25 on; `past_key_values`
+    is deprecated there) or `past_key_values` (earlier 5.x, the vLLM environment's)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters else "past_key_values"
 
 
 def batches(items: list, size: int) -> Iterator[list]:

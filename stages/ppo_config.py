@@ -117,6 +117,14 @@ class PPOConfig:
     false: never. The logits come from `generate`'s cached decoding rather than one pass over each
     sequence, so they differ by float rounding (~1e-6 on the tiny model) and a run redraws as on another
     CPU. Keyed unless false, so runs made with the forward keep their keys."""
+    shared_prefill: bool = checked(False, keyed_when_set=True)
+    """The hf engine runs a prompt that several rollout rows share (a group of `samples_per_prompt`) through
+    the model once before sampling, its cache copied to every row, instead of once per row
+    (rlhf.sampling.prefill_shared_prompts): the same tokens drawn, the first token's logits to float rounding
+    (~1e-5). Measured on 2 CPU cores: `generate` 6% faster for the tiny model's groups of 8 (19-token
+    prompts), 17% for SmolLM2-135M's groups of 4 (69-token chat prompts); more for longer prompts and larger
+    groups. vLLM shares prefixes itself (engine_options {enable_prefix_caching: true}). Off by default, so
+    every run made before it keeps its numbers and keys; refused under FSDP."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
@@ -255,6 +263,9 @@ class PPOConfig:
         if self.sampler_logprobs and self.sampler_logprobs_refused:
             raise ValueError(f"sampler_logprobs: true needs the rollout drawn by the training policy itself in "
                              f"float32 ({self.sampler_logprobs_refused}); set it to false or leave it unset")
+        if self.shared_prefill and self.rollout_engine != "hf":
+            raise ValueError(f"shared_prefill: true applies to rollout_engine: hf; {self.rollout_engine} runs its own "
+                             "prefill (vLLM: engine_options {enable_prefix_caching: true}); drop shared_prefill")
         if self.sampler_logprobs and self.reuse_rollout_forward:
             raise ValueError("sampler_logprobs: true with reuse_rollout_forward: true; the kept forward gives the "
                              "old log-probabilities already; set one of them to false")

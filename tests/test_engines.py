@@ -330,6 +330,27 @@ def test_share_prompts_by_default_for_groups_and_only_with_packing(upstream):
         config("grpo", "share_prompts=true", "pack_sequences=false")
 
 
+def test_shared_prefill_trains_as_without_it_and_is_keyed_only_when_set(upstream, in_place, monkeypatch):
+    """`shared_prefill: true` reaches `generate`, samples the same tokens (the same scores, step by step) and
+    trains the same weights to float rounding (the first token's logits come from a one-token step); unset it
+    leaves the config's keys alone; with vLLM it is refused before anything trains."""
+    import rlhf.engines
+    from rlhf.config import ConfigError
+    from rlhf.schema import result_config
+
+    seen, real = [], rlhf.engines.generate
+    monkeypatch.setattr(rlhf.engines, "generate", lambda *a, **k: seen.append(k["shared_prefill"]) or real(*a, **k))
+    rows, weights, _ = run_grpo(upstream, "stages.grpo.shared_prefill=true")
+    assert seen == [True] * 3
+    ref_rows, ref_weights, _ = in_place
+    assert [r["env/score"] for r in rows] == [r["env/score"] for r in ref_rows]
+    assert all(torch.allclose(weights[k], ref_weights[k], atol=1e-5) for k in ref_weights)
+    assert "shared_prefill" not in result_config(rl_config(upstream, "grpo"))
+    assert result_config(rl_config(upstream, "grpo", "shared_prefill=true"))["shared_prefill"] is True
+    with pytest.raises(ConfigError, match="shared_prefill: true applies to rollout_engine: hf"):
+        rl_config(upstream, "grpo", "shared_prefill=true", "rollout_engine=vllm")
+
+
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):
     from rlhf.cli import main
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.sampling import GumbelMax, generate, generation_config
+from rlhf.sampling import GumbelMax, generate, generation_config, prefill_shared_prompts
 
 
 def _within(freq: torch.Tensor, probs: torch.Tensor, n: int, sigmas: float = 5.0) -> bool:
@@ -120,3 +120,46 @@ def test_the_logprobs_kept_while_sampling_are_those_a_forward_pass_gives(tiny_lm
     assert temperature == 1.0 or (at_one - forward).abs().max() > 1e-2
     with pytest.raises(ValueError, match="bfloat16"):
         generate(model, config, sampler=sampler, logprobs=True, bf16=True, **enc)
+
+
+@pytest.mark.parametrize("sampler", ["multinomial", "gumbel"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_shared_prefill_runs_each_distinct_prompt_once_and_draws_the_same_tokens(tiny_lm, sampler, lora):
+    """Four prompts of different lengths (left-padded), each repeated four times in mixed order: with
+    `shared_prefill` the first forward sees the four distinct prompts without their last token, the next
+    every row's last prompt token, and the same tokens come out as without it (same seed), the kept
+    log-probabilities to float rounding. A copy assigned to the wrong row, or positions that ignore the
+    padding, would change what the rows draw. Through a PEFT model too (SmolLM2's GRPO runs LoRA)."""
+    model, tok = tiny_lm
+    if lora:
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    enc = tok(["t1 t2 t3", "t4", "t5 t6", "t7 t8 t9 t10"] * 4, return_tensors="pt", padding=True, padding_side="left")
+    p = enc["input_ids"].shape[1]
+    config = generation_config(tok, max_new_tokens=6, temperature=0.7, top_p=0.8)
+    shapes = []
+    backbone = model.get_base_model().model if lora else model.model
+    hook = backbone.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                              with_kwargs=True)
+    try:
+        torch.manual_seed(3)
+        seqs, kept = generate(model, config, sampler=sampler, logprobs=True, **enc)
+        assert shapes[0] == (16, p)
+        shapes.clear()
+        torch.manual_seed(3)
+        shared, shared_kept = generate(model, config, sampler=sampler, logprobs=True, shared_prefill=True, **enc)
+    finally:
+        hook.remove()
+    assert shapes[:2] == [(4, p - 1), (16, 1)]
+    assert torch.equal(shared, seqs)
+    assert torch.allclose(shared_kept, kept, atol=1e-5), (shared_kept - kept).abs().max()
+    # the premise: the rows of one prompt drew different responses (more than four distinct among sixteen)
+    assert len({tuple(r) for r in seqs[:, p:].tolist()}) > 4
+    # nothing to share: every row distinct, or one-token prompts
+    distinct = tok(["t1 t2", "t3"], return_tensors="pt", padding=True, padding_side="left")
+    assert prefill_shared_prompts(model, distinct["input_ids"], distinct["attention_mask"]) is None
+    single = tok(["t1", "t1"], return_tensors="pt")
+    assert prefill_shared_prompts(model, single["input_ids"], single["attention_mask"]) is None
