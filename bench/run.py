@@ -594,7 +594,7 @@ def report(res: dict) -> str:
     def measured(section: str) -> None:
         when = res[section].get("date", res["date"])
         if when != res["date"]:
-            add(f"(Measured on {when}, by an earlier `bench/run.py` of the same mode.)\n")
+            add(f"(Measured on {when}, by another `bench/run.py` of the same mode.)\n")
     m = res["machine"]
     add("# Benchmarks\n")
     command = " ".join(["bench/run.py", *res.get("argv", [])])

@@ -11,6 +11,7 @@ optimise a policy other than the one it samples (its logprobs are computed from 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -169,8 +170,6 @@ def prefill_shared_prompts(model, input_ids: torch.Tensor, attention_mask: torch
         return None
     ids, mask = distinct[:, :width], distinct[:, width:]
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    import inspect
-
     holder = model.get_base_model() if hasattr(model, "get_base_model") else model
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(holder.forward).parameters else {}
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
@@ -247,9 +246,7 @@ def generate(model, config: GenerationConfig, bf16: bool = False, sampler: str =
 
 def cache_argument(model) -> str:
     """The name under which this transformers' `generate` takes a cache: `cache` (5.25 on; `past_key_values`
-    is deprecated there) or `past_key_values` (earlier 5.x, the vLLM environment's)."""
-    import inspect
-
+    is deprecated there) or `past_key_values` (earlier 5.x)."""
     return "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters else "past_key_values"
 
 
