@@ -174,7 +174,7 @@ def prefill_shared_prompts(model, input_ids: torch.Tensor, attention_mask: torch
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(holder.forward).parameters else {}
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
                 **last_only)
-    cache = getattr(out, "cache", None) or out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values  # the output's name follows the argument's
     if not hasattr(cache, "reorder_cache"):
         return None
     cache.reorder_cache(rows)
