@@ -48,9 +48,11 @@ SETTINGS = {
     "full": {"config": "bench/tiny.yaml", "runs": 3, "eval_prompts": 256,
              "ppo": {"steps": 30, "batch": 64, "minibatches": 4, "epochs": 4, "response-length": 32,
                      "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
-             # our stage again with transformers' own sampler (TRL's), and with the rollout scored by a forward
-             # pass (TRL's way, our default until 2026-12-07) instead of the sampler's logprobs
+             # our stage again with transformers' own sampler (TRL's), with the Gumbel-max sampler (our default
+             # until 2026-12-07), and with the rollout scored by a forward pass (TRL's way, our default until
+             # 2026-12-07) instead of the sampler's logprobs
              "ppo_variants": {"ours, sampler multinomial": ["stages.ppo.sampler=multinomial"],
+                              "ours, sampler gumbel": ["stages.ppo.sampler=gumbel"],
                               "ours, sampler_logprobs false": ["stages.ppo.sampler_logprobs=false"]},
              "sft": {"steps": 60, "batch": 32, "max-length": 128, "lr": 1e-3, "warmup": 20},
              # GRPO: configs/tiny-rlvr.yaml's grpo block (8 prompts x 8 responses, 80 steps at 3e-4)
@@ -60,24 +62,24 @@ SETTINGS = {
              "grpo": {"reward": "uses_word", "steps": 80, "prompts-per-step": 8, "group-size": 8, "minibatches": 2,
                       "epochs": 1, "response-length": 32, "temperature": 1.0, "lr": 3e-4, "beta": 0.04,
                       "loss": "sequence_mean", "estimator": "grpo"},
-             # our stage again with transformers' own sampler (TRL's), beside our default (rlhf.sampling.GumbelMax),
-             # and with the rollout scored by a forward pass instead of the sampler's logprobs (as ppo's)
-             # and each response packing its own copy of its prompt (share_prompts false), and sampling with
-             # each group's prompt prefilled once (shared_prefill true, opt-in)
+             # our stage again with transformers' own sampler (TRL's) and with the Gumbel-max sampler (our default
+             # until 2026-12-07), beside our default (rlhf.sampling.InverseCDF), and with each row prefilling its
+             # own copy of its prompt (shared_prefill false, the default until 2026-12-07)
              "grpo_variants": {"ours, sampler multinomial": ["stages.grpo.sampler=multinomial"],
-                               "ours, sampler_logprobs false": ["stages.grpo.sampler_logprobs=false"],
-                               "ours, share_prompts false": ["stages.grpo.share_prompts=false"],
-                               "ours, shared_prefill true": ["stages.grpo.shared_prefill=true"]},
+                               "ours, sampler gumbel": ["stages.grpo.sampler=gumbel"],
+                               "ours, shared_prefill false": ["stages.grpo.shared_prefill=false"]},
              # GRPO on SmolLM2-135M-Instruct (make smol): configs/smol.yaml's grpo block (LoRA r 16 on every
              # linear layer, 8 prompts x 4 responses of at most 48 tokens at temperature 0.7, one minibatch),
              # float32 on both sides, the task check as the reward; a few steps, to time them
              "smol_grpo_runs": 2, "smol_grpo_eval_prompts": 64,
              # the default reuses the rollout's forward here (one minibatch of one epoch); the variant runs two
-             # (the sampler's logprobs, which would stand in for the first, off too)
+             # (the sampler's logprobs, which would stand in for the first, off too); and the defaults until
+             # 2026-12-07: the Gumbel-max sampler, each row prefilling its own copy of its prompt
              "smol_grpo_variants": {"ours, reuse_rollout_forward false": ["stages.grpo.reuse_rollout_forward=false",
                                                                           "stages.grpo.sampler_logprobs=false",
                                                                           "stages.grpo.share_prompts=false"],
-                                    "ours, shared_prefill true": ["stages.grpo.shared_prefill=true"]},
+                                    "ours, sampler gumbel, shared_prefill false": [
+                                        "stages.grpo.sampler=gumbel", "stages.grpo.shared_prefill=false"]},
              "smol_grpo": {"reward": "uses_word", "steps": 5, "prompts-per-step": 8, "group-size": 4,
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,

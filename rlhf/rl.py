@@ -112,15 +112,18 @@ class RLStage(PolicyStage):
         the policy itself, or on a copy where rollouts run ahead (`max_staleness`); vllm from the policy's
         checkpoint, its weights replaced after every update."""
         c, options = self.config, dict(self.config.engine_options or {})
+        # FSDP's ranks run the same forwards, and may hold different numbers of distinct prompts
+        fsdp = bool(self.launch.generate_extra().get("synced_gpus"))
+        if c.shared_prefill_required and fsdp:
+            raise StageError(f"{self.stage_name}: shared_prefill: true under FSDP, where every rank must run the "
+                             "same forwards and ranks may hold different numbers of distinct prompts; set "
+                             f"stages.{self.stage_name}.shared_prefill: false (or leave it unset) or launch with "
+                             "DeepSpeed or DDP")
         settings = SamplingSettings(c.max_new_tokens, c.temperature, c.top_p, bf16=c.bf16_sampling, sampler=c.sampler,
-                                    logprobs=c.sampler_logprobs, shared_prefill=c.shared_prefill)
+                                    logprobs=c.sampler_logprobs, shared_prefill=c.shared_prefill and not fsdp)
         if self.launch.num_processes > 1 and (c.rollout_engine != "hf" or c.max_staleness):
             raise StageError(f"{self.stage_name}: rollout_engine: {c.rollout_engine} and max_staleness > 0 are "
                              "tested in one process only; launch without several processes")
-        if c.shared_prefill and self.launch.generate_extra().get("synced_gpus"):
-            raise StageError(f"{self.stage_name}: shared_prefill: true under FSDP, where every rank must run the "
-                             "same forwards and ranks may hold different numbers of distinct prompts; set "
-                             f"stages.{self.stage_name}.shared_prefill: false or launch with DeepSpeed or DDP")
         if c.rollout_engine == "hf":
             return engine_class("hf")(self.tokenizer, self.launch, settings, copy=c.max_staleness > 0, **options)
         return engine_class(c.rollout_engine)(self.tokenizer, self.launch, settings, model=self.input_path("policy"),

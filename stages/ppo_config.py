@@ -74,11 +74,14 @@ class PPOConfig:
     """Sample rollouts under bfloat16 autocast (faster on CPUs with AVX512-BF16 and on GPUs); the logprobs,
     values and update stay float32, so the samples come from a slightly different policy than the one the
     ratio is computed for (as with an inference engine; rlhf.sampling.generate)."""
-    sampler: str = checked("gumbel", choices=SAMPLERS, keyed_unless="multinomial")
-    """How the hf engine draws each rollout token (rlhf.sampling.generate): gumbel (greedy decoding over the
-    warped scores plus Gumbel noise; `generate` of the tiny model 27% faster on 2 CPU cores) or multinomial
-    (transformers' own `torch.multinomial`, the default until 2026-12-06): the same distribution, other
-    draws. Keyed unless multinomial, so artifacts sampled before the change keep their keys."""
+    sampler: str = checked("inverse_cdf", choices=SAMPLERS, keyed_unless="multinomial")
+    """How the hf engine draws each rollout token (rlhf.sampling.generate): inverse_cdf (greedy decoding over
+    the warped scores with one uniform per row inverted through their cumulative softmax; the default since
+    2026-12-07, `generate` of the tiny model 13% faster a token than gumbel on 2 CPU cores), gumbel (greedy
+    decoding over the warped scores plus Gumbel noise, one uniform per vocabulary entry; the default from
+    2026-12-06, 27% faster than multinomial) or multinomial (transformers' own `torch.multinomial`, the
+    default before): the same distribution, other draws. Keyed unless multinomial, so artifacts sampled
+    before either change keep their keys (set gumbel to reproduce a run of 2026-12-06 or 07)."""
     rollout_engine: str = checked("hf", choices=tuple(ENGINES), keyed_when_set=True)
     """Where rollouts are sampled (rlhf/engines.py): hf (`generate` in this process; on the training policy
     itself, or on a copy when `max_staleness` > 0) or vllm (vLLM's offline engine: `make vllm-setup`)."""
@@ -117,14 +120,16 @@ class PPOConfig:
     false: never. The logits come from `generate`'s cached decoding rather than one pass over each
     sequence, so they differ by float rounding (~1e-6 on the tiny model) and a run redraws as on another
     CPU. Keyed unless false, so runs made with the forward keep their keys."""
-    shared_prefill: bool = checked(False, keyed_when_set=True)
+    shared_prefill: bool | None = checked(None, keyed_unless=False)
     """The hf engine runs a prompt that several rollout rows share (a group of `samples_per_prompt`) through
     the model once before sampling, its cache copied to every row, instead of once per row
     (rlhf.sampling.prefill_shared_prompts): the same tokens drawn, the first token's logits to float rounding
     (~1e-5). Measured on 2 CPU cores: `generate` 6% faster for the tiny model's groups of 8 (19-token
     prompts), 17% for SmolLM2-135M's groups of 4 (69-token chat prompts); more for longer prompts and larger
-    groups. vLLM shares prefixes itself (engine_options {enable_prefix_caching: true}). Off by default, so
-    every run made before it keeps its numbers and keys; refused under FSDP."""
+    groups. vLLM shares prefixes itself (engine_options {enable_prefix_caching: true}). None (the default,
+    since 2026-12-07): on wherever a group shares a prompt and the hf engine samples (resolved when the config
+    loads), and left off under FSDP, whose ranks must run the same forwards; true: required (refused
+    elsewhere); false: never. Keyed unless false, so runs made before it keep their keys."""
     pack_sequences: bool = True
     """Run the scoring and training forwards on packed sequences (a batch's real tokens in one row,
     attention kept within each sequence): no compute on padding, the same numbers to float rounding.
@@ -219,6 +224,9 @@ class PPOConfig:
                              "set share_prompts: false (or leave it unset) or pack_sequences: true")
         if self.sampler_logprobs is None:
             self.sampler_logprobs = not (self.reuse_rollout_forward or self.sampler_logprobs_refused)
+        self.shared_prefill_required = self.shared_prefill is True  # not a field, as reuse_required
+        if self.shared_prefill is None:
+            self.shared_prefill = self.samples_per_prompt > 1 and self.rollout_engine == "hf"
         if not self.rewards:
             raise ValueError("rewards: empty; name at least one reward model or function, e.g. {reward: 1.0}")
         bad = {k: w for k, w in self.rewards.items() if not math.isfinite(float(w))}

@@ -401,8 +401,9 @@ def test_a_field_keyed_unless_its_old_default_keeps_the_keys_built_at_that_value
 
     assert result_config(Cfg(sampler="old")) == {"lr": 1e-3}  # the key of every artifact built at the old default
     assert result_config(Cfg()) == {"lr": 1e-3, "sampler": "new"}  # the new default gets keys of its own
-    # the RL stages' sampler is such a field: gumbel by default, multinomial before
+    # the RL stages' sampler is such a field: inverse_cdf by default, gumbel and multinomial before
     from stages.ppo_config import PPOConfig
 
-    assert result_config(PPOConfig())["sampler"] == "gumbel"
+    assert result_config(PPOConfig())["sampler"] == "inverse_cdf"
+    assert result_config(PPOConfig(sampler="gumbel"))["sampler"] == "gumbel"
     assert "sampler" not in result_config(PPOConfig(sampler="multinomial"))

@@ -171,18 +171,18 @@ def test_the_loss_variants_train_through_the_loop(upstream, in_place, loss):
 
 
 def test_each_sampler_reaches_generate_and_trains(upstream, in_place, monkeypatch):
-    """The default run (`in_place`) draws every rollout through the Gumbel-max path and
-    `sampler: multinomial` through transformers' own (tests/test_sampling.py checks both distributions):
-    other draws, and the policy trains with each."""
+    """The default run (`in_place`) draws every rollout through the inverse CDF and `sampler: multinomial`
+    through transformers' own (tests/test_sampling.py checks every sampler's distribution): other draws, and
+    the policy trains with each."""
     import rlhf.engines
 
     seen, real = [], rlhf.engines.generate
     monkeypatch.setattr(rlhf.engines, "generate", lambda *a, **k: seen.append(k["sampler"]) or real(*a, **k))
     rows, weights, _ = run_grpo(upstream, "stages.grpo.sampler=multinomial")
-    assert len(seen) == 3 and set(seen) == {"multinomial"}  # one rollout per step, none by gumbel
+    assert len(seen) == 3 and set(seen) == {"multinomial"}  # one rollout per step, none by the default
     seen.clear()
     run_grpo(upstream, "stages.grpo.num_steps=1")
-    assert seen == ["gumbel"]  # the default
+    assert seen == ["inverse_cdf"]  # the default
     assert any(not torch.equal(weights[k], v) for k, v in _sft(upstream).items())
     ref_rows, _, _ = in_place
     assert [r["env/score"] for r in rows] != [r["env/score"] for r in ref_rows]
@@ -330,25 +330,39 @@ def test_share_prompts_by_default_for_groups_and_only_with_packing(upstream):
         config("grpo", "share_prompts=true", "pack_sequences=false")
 
 
-def test_shared_prefill_trains_as_without_it_and_is_keyed_only_when_set(upstream, in_place, monkeypatch):
-    """`shared_prefill: true` reaches `generate`, samples the same tokens (the same scores, step by step) and
-    trains the same weights to float rounding (the first token's logits come from a one-token step); unset it
-    leaves the config's keys alone; with vLLM it is refused before anything trains."""
+def test_shared_prefill_by_default_for_groups_trains_as_without_it(upstream, in_place, monkeypatch):
+    """The default GRPO run (`in_place`, groups of a prompt) prefills each prompt once; `shared_prefill: false`
+    reaches `generate`, samples the same tokens (the same scores, step by step) and trains the same weights to
+    float rounding (the first token's logits come from a one-token step). Keyed where on, so runs made before
+    the default keep their keys; off without groups and with vLLM, where true is refused before anything
+    trains; under FSDP the default is left off and true refused."""
     import rlhf.engines
     from rlhf.config import ConfigError
     from rlhf.schema import result_config
+    from rlhf.stage import StageError
 
     seen, real = [], rlhf.engines.generate
     monkeypatch.setattr(rlhf.engines, "generate", lambda *a, **k: seen.append(k["shared_prefill"]) or real(*a, **k))
-    rows, weights, _ = run_grpo(upstream, "stages.grpo.shared_prefill=true")
-    assert seen == [True] * 3
+    rows, weights, _ = run_grpo(upstream, "stages.grpo.shared_prefill=false")
+    assert seen == [False] * 3
     ref_rows, ref_weights, _ = in_place
     assert [r["env/score"] for r in rows] == [r["env/score"] for r in ref_rows]
     assert all(torch.allclose(weights[k], ref_weights[k], atol=1e-5) for k in ref_weights)
-    assert "shared_prefill" not in result_config(rl_config(upstream, "grpo"))
-    assert result_config(rl_config(upstream, "grpo", "shared_prefill=true"))["shared_prefill"] is True
+    assert any(not torch.equal(weights[k], ref_weights[k]) for k in ref_weights)  # the premise: they are two runs
+    assert result_config(rl_config(upstream, "grpo"))["shared_prefill"] is True
+    for off in (rl_config(upstream, "grpo", "shared_prefill=false"), rl_config(upstream, "ppo", "samples_per_prompt=1"),
+                rl_config(upstream, "grpo", "rollout_engine=vllm")):
+        assert off.shared_prefill is False and "shared_prefill" not in result_config(off)
     with pytest.raises(ConfigError, match="shared_prefill: true applies to rollout_engine: hf"):
         rl_config(upstream, "grpo", "shared_prefill=true", "rollout_engine=vllm")
+    for setting, on in ((), True), (("stages.grpo.shared_prefill=true",), None):
+        stage = Pipeline(load_experiment(upstream, grpo(upstream, *setting))).stages["grpo"].open(tracking=False)
+        monkeypatch.setattr(stage.launch, "generate_extra", lambda: {"synced_gpus": True})  # as FSDP's launch
+        if on is None:
+            with pytest.raises(StageError, match="shared_prefill: true under FSDP"):
+                stage.build_engine()
+        else:
+            assert stage.build_engine().settings.shared_prefill is False
 
 
 def test_the_plan_refuses_cispo_without_its_cap_and_an_engine_that_is_not_installed(upstream, capsys):

@@ -108,24 +108,29 @@ def spy_on_sampling(monkeypatch, model) -> list[torch.Tensor]:
     return calls
 
 
-def spy_on_gumbel(monkeypatch) -> list[torch.Tensor]:
-    """Record the scores `GumbelMax` adds its noise to, (B, V) per token: the warped distribution each token of
-    the Gumbel sampler is drawn from (what `generate` returns as its scores has the noise added)."""
-    from rlhf.sampling import GumbelMax
+def spy_on_draws(monkeypatch) -> list[torch.Tensor]:
+    """Record the scores a draw of its own (`GumbelMax`, `InverseCDF`) samples from, (B, V) per token: the
+    warped distribution each token of those samplers is drawn from (what `generate` returns as its scores
+    is the draw's output)."""
+    from rlhf.sampling import DRAWS
 
-    calls, original = [], GumbelMax.__call__
+    calls = []
 
-    def call(self, input_ids, scores):
-        calls.append(scores.clone())
-        return original(self, input_ids, scores)
+    def spy(original):
+        def call(self, input_ids, scores):  # transformers reads a processor's signature
+            calls.append(scores.clone())
+            return original(self, input_ids, scores)
 
-    monkeypatch.setattr(GumbelMax, "__call__", call)
+        return call
+
+    for draw in DRAWS.values():
+        monkeypatch.setattr(draw, "__call__", spy(draw.__call__))
     return calls
 
 
 @pytest.mark.parametrize("temperature,carried,sampler,kept", [
-    (1.0, False, "gumbel", True), (0.7, False, "gumbel", True), (0.7, False, "gumbel", False),
-    (0.7, True, "gumbel", False), (0.7, True, "multinomial", True), (0.7, True, "multinomial", False)])
+    (1.0, False, "gumbel", True), (0.7, False, "inverse_cdf", True), (0.7, False, "gumbel", False),
+    (0.7, True, "inverse_cdf", False), (0.7, True, "multinomial", True), (0.7, True, "multinomial", False)])
 def test_trained_logprobs_are_those_of_the_sampling_distribution(upstream, carried_policy, monkeypatch, temperature,
                                                                   carried, sampler, kept):
     """The old logprobs, kept by the sampler (`sampler_logprobs`) or from a forward pass, against the
@@ -136,12 +141,12 @@ def test_trained_logprobs_are_those_of_the_sampling_distribution(upstream, carri
     stage = ppo_stage(upstream, *overrides)
     assert stage.config.sampler_logprobs is kept
     sampled = spy_on_sampling(monkeypatch, stage.policy)
-    warped = spy_on_gumbel(monkeypatch)
+    warped = spy_on_draws(monkeypatch)
     torch.manual_seed(1)
     traj = stage.make_trajectory(stage.prompts_for_step(0))
-    if sampler == "gumbel":
+    if sampler != "multinomial":
         assert len(sampled) == 1
-        scores = torch.stack(warped, dim=1)  # (B, R, V) the scores before the noise
+        scores = torch.stack(warped, dim=1)  # (B, R, V) the scores before the draw
     else:
         assert not warped
         (scores,) = sampled  # (B, R, V) generate's logits after its processors: the distribution each token came from

@@ -1,9 +1,12 @@
-"""How `rlhf.sampling.generate` draws tokens: transformers' multinomial sampling, or the Gumbel-max trick.
+"""How `rlhf.sampling.generate` draws tokens: transformers' multinomial sampling, the Gumbel-max trick, or
+the inverse of the cumulative distribution.
 
 The Gumbel-max trick: for scores s and G_i i.i.d. Gumbel(0, 1) (G = -log(-log U), U uniform),
 P(argmax_i (s_i + G_i) = k) = exp(s_k) / sum_i exp(s_i) (Gumbel 1954; e.g. Maddison et al. 2014). So
 greedy decoding over the warped scores plus that noise samples softmax(warped scores), the distribution
-transformers' sampling draws from with `torch.multinomial`. The tests count draws against the exact
+transformers' sampling draws from with `torch.multinomial`. The inverse CDF: with p = softmax(s) and
+c_k = p_1 + ... + p_k, one U uniform on [0, 1) falls in [c_{k-1}, c_k) with probability c_k - c_{k-1} = p_k;
+a token with p_k = 0 has an empty interval. The tests count draws against the exact
 probabilities: with n draws a frequency's standard error is sqrt(p (1 - p) / n), and each test allows 5 of
 them (a true sampler fails that about once in 10^6 per frequency); the seeds are fixed, so the counts are too.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf.sampling import GumbelMax, generate, generation_config, prefill_shared_prompts
+from rlhf.sampling import DRAWS, SAMPLERS, GumbelMax, InverseCDF, generate, generation_config, prefill_shared_prompts
 
 
 def _within(freq: torch.Tensor, probs: torch.Tensor, n: int, sigmas: float = 5.0) -> bool:
@@ -21,17 +24,39 @@ def _within(freq: torch.Tensor, probs: torch.Tensor, n: int, sigmas: float = 5.0
     return bool(((freq - probs).abs() <= bound).all())
 
 
-def test_gumbel_max_draws_the_softmax_of_the_scores_and_never_a_removed_token():
+@pytest.mark.parametrize("draw", [GumbelMax, InverseCDF])
+def test_each_draw_picks_the_softmax_of_the_scores_and_never_a_removed_token(draw):
+    """n rows of the same scores, one draw each, the argmax as greedy decoding takes it; removed tokens
+    (-inf, as top-k / top-p leave them) first, between and last, where an inverse CDF that searched for
+    c_k >= u (not > u) or let u reach c_V would land on them."""
     torch.manual_seed(0)
-    scores = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    inf = float("-inf")
+    scores = torch.tensor([inf, 2.0, 1.0, inf, 0.0, -1.0, inf])
     n = 200_000
-    picks = GumbelMax()(None, scores.expand(n, -1).clone()).argmax(-1)
-    freq = torch.bincount(picks, minlength=5).double() / n
+    picks = draw()(None, scores.expand(n, -1).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=7).double() / n
     probs = torch.softmax(scores.double(), -1)
-    assert freq[4] == 0  # a token top-k / top-p removed (-inf) is never drawn
+    assert (freq[scores == inf] == 0).all()  # a token top-k / top-p removed (-inf) is never drawn
     assert _within(freq, probs, n)
-    # the noise matters: without it greedy decoding would always pick token 0
-    assert freq[0] < 0.7
+    # the draw matters: without it greedy decoding would always pick token 1
+    assert freq[1] < 0.7
+
+
+def test_the_inverse_cdf_of_a_one_token_distribution_and_of_a_uniform_at_its_ends(monkeypatch):
+    """The ends of the unit interval: u = 0 picks the first token with mass, u just below 1 the last one,
+    whatever zero-probability tokens sit before and after them."""
+    inf = float("-inf")
+    scores = torch.tensor([[inf, 0.0, 0.0, inf], [inf, inf, 5.0, inf]])
+    for u, expected in ((0.0, [1, 2]), (1 - 2 ** -24, [2, 2])):
+        monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.full(shape, u, **kw))
+        assert InverseCDF()(None, scores.clone()).argmax(-1).tolist() == expected
+    # float32 probabilities whose cumulative sum ends below that largest u: u is scaled by the sum, so it
+    # still falls on a token with mass rather than past the end, onto the removed last token
+    torch.manual_seed(0)
+    rows = torch.cat([torch.randn(64, 50) * 3, torch.full((64, 1), inf)], dim=1)
+    short = rows[torch.softmax(rows, -1).cumsum(-1)[:, -1] < 1 - 2 ** -24]
+    assert len(short)  # the premise
+    assert (InverseCDF()(None, short.clone()).argmax(-1) == 49).all()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +79,7 @@ def tiny_lm():
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
-def test_both_samplers_draw_the_first_token_from_the_warped_distribution(tiny_lm, temperature, top_p):
+def test_every_sampler_draws_the_first_token_from_the_warped_distribution(tiny_lm, temperature, top_p):
     """The first response token of one prompt, drawn n times by each sampler, against softmax of the
     logits at `temperature` with nucleus `top_p` (transformers' TopPLogitsWarper gives the nucleus)."""
     from transformers import TopPLogitsWarper
@@ -67,29 +92,32 @@ def test_both_samplers_draw_the_first_token_from_the_warped_distribution(tiny_lm
     expected = torch.softmax(TopPLogitsWarper(top_p)(None, logits[None].clone())[0].double(), -1)
     config = generation_config(tok, max_new_tokens=1, temperature=temperature, top_p=top_p)
     freqs = {}
-    for sampler in ("multinomial", "gumbel"):
+    for sampler in SAMPLERS:
         torch.manual_seed(1)
         first = generate(model, config, sampler=sampler, **enc)[:, -1]
         freqs[sampler] = torch.bincount(first, minlength=32).double() / n
         assert _within(freqs[sampler], expected, n), sampler
-    assert (freqs["gumbel"][expected == 0] == 0).all()
+        assert (freqs[sampler][expected == 0] == 0).all(), sampler
     if top_p < 1:
         assert (expected == 0).sum() >= 10  # the premise: the nucleus removed tokens
     # other draws of the same distribution, not the same draws
     assert not torch.equal(freqs["gumbel"], freqs["multinomial"])
+    assert not torch.equal(freqs["inverse_cdf"], freqs["gumbel"])
 
 
 def test_greedy_configs_stay_greedy_and_an_unknown_sampler_is_refused(tiny_lm):
     model, tok = tiny_lm
     enc = tok(["t1 t2 t3"] * 4, return_tensors="pt")
     greedy = generation_config(tok, max_new_tokens=3, temperature=0)
-    a = generate(model, greedy, sampler="gumbel", **enc)
-    assert torch.equal(a, generate(model, greedy, **enc)) and (a[:, -3:] == a[:1, -3:]).all()
+    a = generate(model, greedy, **enc)
+    assert (a[:, -3:] == a[:1, -3:]).all()
+    for sampler in DRAWS:
+        assert torch.equal(a, generate(model, greedy, sampler=sampler, **enc)), sampler
     with pytest.raises(ValueError, match="sampler 'exponential'"):
         generate(model, greedy, sampler="exponential", **enc)
 
 
-@pytest.mark.parametrize("sampler", ["multinomial", "gumbel"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
 def test_the_logprobs_kept_while_sampling_are_those_a_forward_pass_gives(tiny_lm, sampler, temperature, top_p):
     """`generate(..., logprobs=True)` keeps each drawn token's log-probability under softmax(logits /
@@ -122,7 +150,7 @@ def test_the_logprobs_kept_while_sampling_are_those_a_forward_pass_gives(tiny_lm
         generate(model, config, sampler=sampler, logprobs=True, bf16=True, **enc)
 
 
-@pytest.mark.parametrize("sampler", ["multinomial", "gumbel"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_shared_prefill_runs_each_distinct_prompt_once_and_draws_the_same_tokens(tiny_lm, sampler, lora):
     """Four prompts of different lengths (left-padded), each repeated four times in mixed order: with
