@@ -162,7 +162,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     def by_sequence(x):  # (1, H, L, D) -> (n, H, t, D), each sequence a row from column 0
         if shared is not None:  # a shared prompt's tokens in every row that reads it (gradients sum)
-            return x[0][:, shared].transpose(0, 1)
+            # index_select, not x[0][:, shared]: its backward (index_add_) sums a token's gradients in a fixed
+            # order, where indexing's (index_put_ with accumulate) adds them atomically from several threads
+            # on CPU, in an order that changes from run to run (a seeded run would not repeat to the bit)
+            return x[0].index_select(1, shared.flatten()).unflatten(1, shared.shape).transpose(0, 1)
         rows = x.new_zeros(n, t, x.shape[1], x.shape[3])
         rows[sequence, position] = x[0].transpose(0, 1)
         return rows.transpose(1, 2)

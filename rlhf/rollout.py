@@ -120,9 +120,18 @@ def policy_forward(model, query_ids, query_mask, response_ids, response_mask, te
     """
     if packed:
         batch = _packed(packed, query_ids, query_mask, response_ids, response_mask)
-        with batch.active():  # logits only where a response token is predicted: (1, N, V)
+        # logits only where a response token is predicted: (1, N, V). A shared prompt's last token predicts
+        # the first token of every response to it; the model keeps its logits once and they are copied with
+        # index_select, whose backward sums the copies' gradients in a fixed order (indexing with repeated
+        # positions inside the model would add them atomically from several threads on CPU, in an order that
+        # changes from run to run, and a seeded run would not repeat to the bit)
+        keep, copies = torch.unique(batch.before_response, return_inverse=True)
+        repeated = len(keep) < len(batch.before_response)
+        with batch.active():
             logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                           logits_to_keep=batch.before_response).logits
+                           logits_to_keep=keep if repeated else batch.before_response).logits
+        if repeated:
+            logits = logits.index_select(1, copies)
         tokens = response_ids[batch.response_mask].unsqueeze(0)  # (1, N)
     else:
         input_ids, attention_mask, position_ids = sequence_inputs(query_ids, query_mask, response_ids, response_mask)

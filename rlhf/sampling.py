@@ -180,9 +180,10 @@ def prefill_shared_prompts(model, input_ids: torch.Tensor, attention_mask: torch
     Rows (left-padded, `encode_prompts`) are matched on their ids and mask; the distinct ones are prefilled
     with the position ids `generate` derives from the mask, and the cache is copied to every row
     (`Cache.reorder_cache`, what beam search uses). `generate` then runs the last prompt token of every row
-    through the cache before the first draw, as it does after a cache it was given. The samples are the
-    same; the first token's logits come from a one-token step instead of the prompt's full pass, so they
-    differ by float rounding (~1e-5 on the tiny model)."""
+    through the cache before the first draw, as it does after a cache it was given. The first token's
+    logits come from a one-token step instead of the prompt's full pass, so they differ by float rounding
+    (~1e-5 on the tiny model): the same samples under `GumbelMax`, and under `InverseCDF` a row now and
+    then draws another token (3 of 640 rows of 32 tokens on the tiny model)."""
     if input_ids.shape[1] < 2:
         return None
     width = input_ids.shape[1]
@@ -223,7 +224,7 @@ def generate(model, config: GenerationConfig, bf16: bool = False, sampler: str =
 
     `shared_prefill`: run each distinct prompt through the model once, not once per row that repeats it
     (`prefill_shared_prompts`; a group of G responses to one prompt prefills it once instead of G times).
-    The same samples, the first token's logits to float rounding.
+    The same samples but for float rounding (`prefill_shared_prompts`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")

@@ -193,3 +193,38 @@ def test_gradient_checkpointing_recompute_is_refused():
     logp = policy_forward(lm, *_batch(), 1.0, packed=True)[0]
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         logp.sum().backward()
+
+
+def test_shared_prompts_give_the_same_gradients_to_the_bit_on_two_threads():
+    """A shared prompt's tokens are read by every response to it, so their gradients sum several copies:
+    on CPU, indexing with repeated positions sums them with atomic adds from several threads, in an order
+    that changes from call to call (a seeded GRPO run then does not repeat itself: its weights drift by
+    ~1e-8 and, within a few steps, the inverse-CDF sampler draws other tokens). `packed_attention` and
+    `policy_forward` gather with index_select, whose backward sums in a fixed order. One group of 64
+    responses (the bench's GRPO sizes otherwise), so that both threads add to the prompt's gradients all
+    along; five backward passes, equal."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    use_packed_attention(model)
+    g = torch.Generator().manual_seed(0)
+    q_ids = torch.randint(1, VOCAB, (1, 19), generator=g).expand(64, -1)  # one prompt, 64 responses to it
+    q_mask = torch.ones_like(q_ids, dtype=torch.bool)
+    r_ids = torch.randint(1, VOCAB, (64, 20), generator=g)
+    r_mask = torch.arange(20) < torch.randint(4, 21, (64, 1), generator=g)  # responses of 4-20 tokens
+    batch = pack(q_ids, q_mask, r_ids, r_mask, share_prompts=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(5):
+            model.zero_grad()
+            logp, _ = policy_forward(model, q_ids, q_mask, r_ids, r_mask, 1.0, packed=batch)
+            (logp * torch.linspace(-1, 1, 20) * r_mask).sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
