@@ -104,7 +104,10 @@ class InverseCDF:
     one per vocabulary entry: 0.25 against 2.6 ms for 64 x 4096 on 2 CPU cores, and `generate` of the tiny
     model 13% faster a token. A token removed by top-k/top-p (probability 0) leaves c flat, so it is never
     picked. On CPU torch sums a float32 cumsum in float64 and rounds each c_k once, so a probability is off
-    by at most ~1e-7. Draws come from torch's global generator, so a seed fixes them.
+    by at most ~1e-7. Draws come from torch's global generator, so a seed fixes them. Float rounding of the
+    scores moves every boundary c_k a little, so it changes a draw more often than Gumbel's argmax (which
+    moves only where two noisy scores nearly tie): same seed and same arithmetic, same tokens; another
+    CPU or batch shape, now and then another token.
     """
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

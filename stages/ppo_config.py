@@ -124,9 +124,9 @@ class PPOConfig:
     """The hf engine runs a prompt that several rollout rows share (a group of `samples_per_prompt`) through
     the model once before sampling, its cache copied to every row, instead of once per row
     (rlhf.sampling.prefill_shared_prompts): the same tokens drawn but for float rounding (the first token's
-    logits to ~1e-5, which turned 3 of 640 rows of the tiny model to another token under inverse_cdf). Measured on 2 CPU cores: `generate` 6% faster for the tiny model's groups of 8 (19-token
-    prompts), 17% for SmolLM2-135M's groups of 4 (69-token chat prompts); more for longer prompts and larger
-    groups. vLLM shares prefixes itself (engine_options {enable_prefix_caching: true}). None (the default,
+    logits to ~1e-5, which turned 3 of 640 rows of the tiny model to another token under inverse_cdf).
+    Measured on 2 CPU cores: `generate` 6% faster for the tiny model's groups of 8 (19-token prompts), 17%
+    for SmolLM2-135M's groups of 4 (69-token chat prompts); more for longer prompts and larger groups. vLLM shares prefixes itself (engine_options {enable_prefix_caching: true}). None (the default,
     since 2026-12-07): on wherever a group shares a prompt and the hf engine samples (resolved when the config
     loads), and left off under FSDP, whose ranks must run the same forwards; true: required (refused
     elsewhere); false: never. Keyed unless false, so runs made before it keep their keys."""
