@@ -8,7 +8,8 @@
 4. GRPO: our GRPO stage vs TRL's GRPOTrainer (the project's own TRL) on the SFT policy pipeline built,
    rewarded by the task's check (uses_word), with the same prompts and settings, interleaved over seeds;
    every final policy scored by one script (bench/eval_task.py) on the same held-out prompts; our stage
-   also with `sampler: multinomial` (TRL's sampler, and our default until 2026-12-06).
+   also with `sampler: multinomial` (TRL's sampler, and our default until 2026-12-06), `sampler: gumbel`
+   (our default until 2026-12-07) and `shared_prefill: false`.
 5. GRPO on SmolLM2-135M-Instruct (`make smol` converts it): the same comparison with LoRA, a few steps.
 6. Rollout engines (where `make vllm-setup` made .venv-vllm): `generate` against vLLM (bench/engines.py).
 7. DPO and KTO: our stages with the model's own logits against the same stages with TRL's fused LM head
