@@ -206,7 +206,9 @@ def value_forward(model, query_ids, query_mask, response_ids, response_mask, pac
     if packed:
         batch = _packed(packed, query_ids, query_mask, response_ids, response_mask)
         heads = packed_heads(model, batch)  # (L,)
-        values = unpack(heads[batch.before_response], response_mask)  # (B, R)
+        # index_select: a shared prompt's last token is read once per response, its gradients summed in a
+        # fixed order (as in `policy_forward`)
+        values = unpack(heads.index_select(0, batch.before_response), response_mask)  # (B, R)
         if value_mask is None:
             return values
         after_eos = value_mask.bool() & ~response_mask.bool()  # (B, R), at most one column per row
