@@ -274,7 +274,8 @@ class PPOStage(RLStage):
                 totals[k] = totals.get(k, 0.0) + float(v)
             count += 1
             if last:
-                self.accelerator.clip_grad_norm_(launch.trained_parameters(), c.max_grad_norm)
+                if c.max_grad_norm:  # 0: no clipping
+                    self.accelerator.clip_grad_norm_(launch.trained_parameters(), c.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad()
         return {k: v / count for k, v in totals.items()}

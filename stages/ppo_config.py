@@ -193,8 +193,9 @@ class PPOConfig:
     """Value clip around the rollout's values."""
     vf_coef: float = checked(0.5, ge=0)
     """Weight of the value loss."""
-    max_grad_norm: float = checked(1.0, gt=0)
-    """Gradient clipping norm (policy and value together)."""
+    max_grad_norm: float = checked(1.0, ge=0)
+    """Gradient clipping norm (policy and value together); 0: no clipping, and no norm computed (TRL's PPO
+    loop clips nothing)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA on the policy; the reference is then the same weights with adapters disabled."""
     kl_budget: float = checked(15.0, gt=0)

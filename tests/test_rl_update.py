@@ -210,3 +210,20 @@ def test_the_whole_minibatch_gradient_is_that_of_the_plain_losses(kl_penalty):
     assert whole.keys() == expected.keys()
     for k in expected:
         assert torch.allclose(whole[k], expected[k], rtol=1e-5, atol=1e-9), k
+
+
+def test_max_grad_norm_zero_computes_no_norm():
+    # 0 turns clipping off (as the Trainer stages, and TRL's PPO loop, which never clips): no norm is computed,
+    # where any positive norm clips once per optimizer step
+    policy, value = tiny_models()
+    traj, advantages, returns = batch(policy)
+    calls = {}
+    for norm in (0.0, 1e9):
+        config = PPOConfig(rollout_batch_size=B, num_minibatches=2, ppo_epochs=1, pack_sequences=False,
+                           max_grad_norm=norm, kl_coef=0.1)
+        stage = stage_for(config, policy, value, FakeAccelerator(World(1), 0))
+        calls[norm] = []
+        stage.accelerator.clip_grad_norm_ = lambda parameters, max_norm, seen=calls[norm]: seen.append(max_norm)
+        stage.update(traj, advantages, returns)
+        assert len(stage.optimizer.steps) == 2
+    assert calls == {0.0: [], 1e9: [1e9, 1e9]}
