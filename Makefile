@@ -131,12 +131,12 @@ BENCH_VENV  ?= bench/.venv
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 BENCH_ARGS  ?=
 
-$(BENCH_STAMP):
+$(BENCH_STAMP): Makefile
 	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	# torch first and alone, as for .venv; then TRL and the versions it was measured with
 	$(BENCH_VENV)/bin/python -m pip install --disable-pip-version-check -q $(TORCH)
 	$(BENCH_VENV)/bin/python -m pip install --disable-pip-version-check -q trl==1.12.0 transformers==5.24.0 \
-		accelerate==1.15.0 datasets==5.2.0
+		accelerate==1.15.0 datasets==5.2.0 peft==0.22.0
 	@touch $(BENCH_STAMP)
 
 bench: $(STAMP) $(BENCH_STAMP)  ## ours vs TRL (PPO, SFT, GRPO) and pipeline wall time -> bench/RESULTS.md (BENCH_ARGS=--quick: minutes)

@@ -128,6 +128,7 @@ def add_ppo_args(p) -> None:
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=3e-4, help="policy and value learning rate")
+    add_lora_args(p, "the policy's: the value model trains every weight on both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--count-flops", action="store_true",
@@ -136,6 +137,32 @@ def add_ppo_args(p) -> None:
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The linear layers LoRA adapts on both sides (configs/smol.yaml's)."""
+
+
+def add_lora_args(p, whose: str) -> None:
+    """--lora-r and --lora-alpha: LoRA on every linear layer of the blocks (`whose`: which model gets it)."""
+    p.add_argument("--lora-r", type=int, default=0,
+                   help=f"LoRA rank on every linear layer of the blocks, {whose} (0: train every weight)")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+
+
+def lora_block(a) -> dict:
+    """Our stage's `lora` for --lora-r/--lora-alpha ({} without LoRA): the layers of LORA_TARGETS, dropout 0."""
+    if not a.lora_r:
+        return {}
+    return {"lora": {"enabled": True, "r": a.lora_r, "alpha": a.lora_alpha, "dropout": 0.0,
+                     "target_modules": LORA_TARGETS}}
+
+
+def peft_config(a):
+    """TRL's `peft_config` for --lora-r/--lora-alpha (None without LoRA): the layers, rank, alpha and dropout of
+    our stage's `lora` (`lora_block`). With it TRL's reference is the policy with its adapters disabled, as ours."""
+    if not a.lora_r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
 
 
 def add_grpo_args(p) -> None:
@@ -164,9 +191,7 @@ def add_grpo_args(p) -> None:
                    help="loss aggregation (our names; bench/grpo_trl.py maps them to TRL's loss_type)")
     p.add_argument("--estimator", default="grpo", choices=["grpo", "dr_grpo"],
                    help="grpo: (r - group mean) / group std; dr_grpo: r - group mean")
-    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every linear layer of the blocks (0: train "
-                                                           "every weight)")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    add_lora_args(p, "the policy's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--count-flops", action="store_true",

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (LORA_TARGETS, MatmulCount, Recorder, add_grpo_args, peak_gpu_mib,  # noqa: E402
+from common import (MatmulCount, Recorder, add_grpo_args, lora_block, peak_gpu_mib,  # noqa: E402
                     peak_rss_mib, write_result)
 
 def stage_config(a) -> dict:
@@ -36,8 +36,7 @@ def stage_config(a) -> dict:
         # the benchmark measures training, not the watchdogs' judgement
         "kl_budget": 1e9, "min_response_length": 0.0, "min_unique_share": None,
         "eval_every": 0, "save_every": 0,
-        **({"lora": {"enabled": True, "r": a.lora_r, "alpha": a.lora_alpha, "dropout": 0.0,
-                     "target_modules": LORA_TARGETS}} if a.lora_r else {}),
+        **lora_block(a),
     }
 
 

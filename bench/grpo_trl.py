@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LORA_TARGETS, MatmulCount, add_grpo_args, peak_gpu_mib, peak_rss_mib, read_rows, write_result  # noqa: E402
+from common import MatmulCount, add_grpo_args, peak_gpu_mib, peak_rss_mib, peft_config, read_rows, write_result  # noqa: E402
 
 SCALE_REWARDS = {"grpo": "group", "dr_grpo": "none"}
 """Our estimator -> TRL's scale_rewards (both subtract the group's mean)."""
@@ -96,18 +96,6 @@ def trl_config(a) -> dict:
         "bf16": False, "fp16": False, "activation_checkpointing": False, "disable_dropout": True,
         "use_vllm": False, "seed": a.seed, "data_seed": a.seed,
     }
-
-
-def peft_config(a):
-    """TRL's `peft_config` for --lora-r/--lora-alpha (None without LoRA): the layers, rank, alpha and dropout of
-    our stage's `lora` (bench/grpo_ours.py). With it TRL's reference is the policy with its adapters disabled,
-    as ours."""
-    if not a.lora_r:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                      task_type="CAUSAL_LM")
 
 
 def reward_function(name: str, columns: list[str]):

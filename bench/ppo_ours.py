@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MatmulCount, Recorder, add_ppo_args, peak_rss_mib, write_result  # noqa: E402
+from common import MatmulCount, Recorder, add_ppo_args, lora_block, peak_rss_mib, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -48,6 +48,7 @@ def main() -> None:
         # the benchmark measures training, not the watchdogs' judgement
         "kl_budget": 1e9, "min_response_length": 0.0, "min_unique_share": None,
         "eval_every": 0, "save_every": 0,
+        **lora_block(a),  # the policy's adapters; the value model trains every weight, as TRL's
     }
     exp = {"name": "bench-ppo", "seed": a.seed, "store": str(out / "store"),
            "tracking": {"wandb": "disabled", "dir": str(out / "runs")},

@@ -3,7 +3,10 @@ reward-model directories and hyperparameters as bench/ppo_ours.py. Runs in the b
 
 Settings TRL defaults differently from us and that are set here to match our stage: fp32 (TRL: bf16),
 no gradient checkpointing (TRL: on), a constant learning rate (TRL: linear decay), AdamW eps 1e-5,
-value-loss weight 0.5 (TRL: 0.1), all rollout forwards in one batch, no sample generations.
+value-loss weight 0.5 (TRL: 0.1), all rollout forwards in one batch, no sample generations. With --lora-r,
+TRL's `peft_config` on the policy's seven linear layers (our stage's `lora`): the reference is the policy with
+its adapters off on both sides, and the value model trains every weight on both. TRL has one learning rate for
+policy and value, so ours gets --lr for both.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MatmulCount, add_ppo_args, peak_rss_mib, read_prompts, write_result  # noqa: E402
+from common import MatmulCount, add_ppo_args, peak_rss_mib, peft_config, read_prompts, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +41,8 @@ def main() -> None:
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     train = Dataset.from_dict({"input_ids": ids})
     policy = AutoModelForCausalLM.from_pretrained(a.policy)
-    ref = AutoModelForCausalLM.from_pretrained(a.policy)
+    # with LoRA (--lora-r) TRL wraps the policy itself and its reference is the policy with adapters off, as ours
+    ref = None if a.lora_r else AutoModelForCausalLM.from_pretrained(a.policy)
     reward = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1)
     # TRL's rollout batch is per_device_train_batch_size * gradient_accumulation_steps, split into
@@ -92,13 +96,14 @@ def main() -> None:
 
     trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          value_model=value, train_dataset=train, eval_dataset=train.select(range(a.batch)),
-                         callbacks=[Keep()])
+                         callbacks=[Keep()], peft_config=peft_config(a))
     t0 = time.perf_counter()
     with MatmulCount(a.count_flops) as counted:
         trainer.train()
     train_s = time.perf_counter() - t0
     out = Path(a.out) / "policy"
-    trainer.policy_model.save_pretrained(str(out))
+    policy = trainer.policy_model
+    (policy.merge_and_unload() if a.lora_r else policy).save_pretrained(str(out))  # a plain policy, as ours saves
     tok.save_pretrained(str(out))
     steps = len([r for r in rows if "objective/scores" in r])
     write_result(a.json, {

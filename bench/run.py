@@ -11,6 +11,8 @@
    also with `sampler: multinomial` (TRL's sampler, and our default until 2026-12-06), `sampler: gumbel`
    (our default until 2026-12-07) and `shared_prefill: false`.
 5. GRPO on SmolLM2-135M-Instruct (`make smol` converts it): the same comparison with LoRA, a few steps.
+   PPO on SmolLM2 (`smol_ppo`: LoRA on the policy, the value model from the smol experiment's reward
+   model, which `rlhf run configs/smol.yaml --until reward` builds): section 2's comparison, a few steps.
 6. Rollout engines (where `make vllm-setup` made .venv-vllm): `generate` against vLLM (bench/engines.py).
 7. DPO and KTO: our stages with the model's own logits against the same stages with TRL's fused LM head
    (what a DPOTrainer or KTOTrainer script runs on a CPU), on the SFT policy and preferences pipeline built,
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS_PY = ROOT / ".venv" / "bin" / "python"
 TRL_PY = ROOT / "bench" / ".venv" / "bin" / "python"
 DEV_NOTES = "## Measured during development"
-SECTIONS = ["pipeline", "ppo", "sft", "grpo", "smol_grpo", "engines", "pairs"]
+SECTIONS = ["pipeline", "ppo", "sft", "grpo", "smol_grpo", "smol_ppo", "engines", "pairs"]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import difference, mean_se, ratio  # noqa: E402
 
@@ -85,10 +87,17 @@ SETTINGS = {
                            "minibatches": 1, "epochs": 1, "response-length": 48, "temperature": 0.7, "lr": 3e-4,
                            "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
                            "lora-alpha": 32},
+             # PPO on SmolLM2-135M-Instruct: configs/smol.yaml's ppo block (LoRA r 16 on the policy's linear layers,
+             # the value model from the smol reward model, every weight trained; 32 prompts, 2 minibatches, 2
+             # epochs, 48 tokens at temperature 0.7), fp32 on both sides (no bfloat16 sampling: TRL samples in the
+             # training precision), one learning rate for policy and value (TRL has one); a few steps, to time them
+             "smol_ppo_runs": 2, "smol_ppo_eval_prompts": 64,
+             "smol_ppo": {"steps": 4, "batch": 32, "minibatches": 2, "epochs": 2, "response-length": 48,
+                          "kl-coef": 0.05, "temperature": 0.7, "lr": 3e-4, "lora-r": 16, "lora-alpha": 32},
              # DPO and KTO: configs/compare.yaml's blocks (32 pairs, 64 unpaired answers a step), fewer steps
              "pairs": {"dpo": {"steps": 100, "batch": 32, "lr": 1e-4}, "kto": {"steps": 100, "batch": 64, "lr": 1e-4}},
              # one more run of ours (defaults) and TRL per section, this many steps, with the matrix arithmetic counted
-             "flop_steps": {"ppo": 10, "grpo": 20}},
+             "flop_steps": {"ppo": 10, "grpo": 20, "smol_ppo": 2}},
     "quick": {"config": "bench/quick.yaml", "runs": 3, "eval_prompts": 64,
               "ppo": {"steps": 3, "batch": 32, "minibatches": 4, "epochs": 4, "response-length": 32,
                       "kl-coef": 0.05, "temperature": 1.0, "lr": 3e-4},
@@ -103,8 +112,11 @@ SETTINGS = {
                             "minibatches": 1, "epochs": 1, "response-length": 16, "temperature": 0.7, "lr": 3e-4,
                             "beta": 0.04, "loss": "sequence_mean", "estimator": "grpo", "lora-r": 16,
                             "lora-alpha": 32},
+              "smol_ppo_runs": 1, "smol_ppo_eval_prompts": 8,
+              "smol_ppo": {"steps": 1, "batch": 8, "minibatches": 2, "epochs": 1, "response-length": 16,
+                           "kl-coef": 0.05, "temperature": 0.7, "lr": 3e-4, "lora-r": 16, "lora-alpha": 32},
               "pairs": {"dpo": {"steps": 5, "batch": 32, "lr": 1e-4}, "kto": {"steps": 5, "batch": 64, "lr": 1e-4}},
-              "flop_steps": {"ppo": 2, "grpo": 2}},
+              "flop_steps": {"ppo": 2, "grpo": 2, "smol_ppo": 1}},
 }
 
 
@@ -183,15 +195,18 @@ def bench_pipeline(cfg: str, store: Path, threads: int, out: Path) -> dict:
     return {"cold_s": cold, "rerun_s": warm}
 
 
-def eval_args(s: dict, reward: Path) -> list:
-    """bench/eval_policy.py's arguments after `--policy`: the held-out prompts, length and temperature of `s`."""
-    return ["--reward", reward, "--prompts", "data/prompts/eval.jsonl.gz", "--num-prompts", s["eval_prompts"],
-            "--response-length", s["ppo"]["response-length"], "--temperature", s["ppo"]["temperature"]]
+def eval_args(s: dict, reward: Path, key: str = "ppo") -> list:
+    """bench/eval_policy.py's arguments after `--policy`: the held-out prompts, length and temperature of section
+    `key` (ppo, smol_ppo) of `s`."""
+    return ["--reward", reward, "--prompts", "data/prompts/eval.jsonl.gz",
+            "--num-prompts", s.get(f"{key}_eval_prompts", s["eval_prompts"]),
+            "--response-length", s[key]["response-length"], "--temperature", s[key]["temperature"]]
 
 
 def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threads: int, logs: tuple[Path, Path],
-            pythons: tuple[Path, Path] | None = None, overrides: list[str] = (), count_flops: bool = False) -> dict:
-    """Train one PPO run (`fw`: ours or trl) with the settings `s` into `d`, then score its final policy.
+            pythons: tuple[Path, Path] | None = None, overrides: list[str] = (), count_flops: bool = False,
+            key: str = "ppo") -> dict:
+    """Train one PPO run (`fw`: ours or trl) with the settings `s[key]` into `d`, then score its final policy.
 
     Returns the run's result.json with bench/eval_policy.py's result under "eval". `logs` are the training
     and evaluation logs; `pythons` the (ours, TRL) interpreters, by default those of this run of bench/run.py;
@@ -203,13 +218,13 @@ def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threa
     if overrides and fw != "ours":
         raise ValueError(f"overrides are for our stage, not {fw}")
     run([py, script, "--policy", sft, "--reward", reward, "--prompts", "data/prompts/train.jsonl.gz",
-         *flags(s["ppo"]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
+         *flags(s[key]), "--threads", threads, "--seed", seed, "--out", d, "--json", d / "result.json",
          *(["--set", *overrides] if overrides else []), *(["--count-flops"] if count_flops else [])],
         threads, logs[0])
     r = json.loads((d / "result.json").read_text())
     if count_flops:
         return r
-    run([ours_py, "bench/eval_policy.py", "--policy", r["policy_dir"], *eval_args(s, reward), "--json", d / "eval.json"],
+    run([ours_py, "bench/eval_policy.py", "--policy", r["policy_dir"], *eval_args(s, reward, key), "--json", d / "eval.json"],
         threads, logs[1])
     r["eval"] = json.loads((d / "eval.json").read_text())
     return r
@@ -228,27 +243,48 @@ def count_arithmetic(s: dict, key: str, out: Path, run_one: Callable[[str, Path,
     return {"steps": steps, **runs}
 
 
-def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path) -> dict:
-    """Ours, its variants (`s["ppo_variants"]`: name -> overrides of our stage) and TRL, interleaved over
-    `s["runs"]` seeds in alternating order."""
-    variants = {"ours": [], **s.get("ppo_variants", {}), "trl": []}
+def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path, key: str = "ppo") -> dict:
+    """Section `key` (ppo, smol_ppo): ours, its variants (`s[key + "_variants"]`: name -> overrides of our stage)
+    and TRL, interleaved over `s[key + "_runs"]` (else `s["runs"]`) seeds in alternating order."""
+    variants = {"ours": [], **s.get(f"{key}_variants", {}), "trl": []}
     results: dict[str, list] = {name: [] for name in variants}
-    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *eval_args(s, reward), "--json", out / "ppo" / "sft-eval.json"],
-        threads, out / "logs" / "eval-sft.log")
-    sft_eval = json.loads((out / "ppo" / "sft-eval.json").read_text())
-    for i in range(s["runs"]):
+    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *eval_args(s, reward, key), "--json", out / key / "sft-eval.json"],
+        threads, out / "logs" / f"{key}-eval-sft.log")
+    sft_eval = json.loads((out / key / "sft-eval.json").read_text())
+    for i in range(s.get(f"{key}_runs", s["runs"])):
         # alternate which goes first, so drift in the machine's speed hits both alike
         for name in (list(variants) if i % 2 == 0 else list(reversed(variants))):
             fw, tag = ("trl" if name == "trl" else "ours"), re.sub(r"\W+", "-", name)
-            r = ppo_run(fw, i, out / "ppo" / f"{tag}-{i}", s, sft, reward, threads,
-                        (out / "logs" / f"ppo-{tag}-{i}.log", out / "logs" / f"eval-{tag}-{i}.log"),
-                        overrides=variants[name])
+            r = ppo_run(fw, i, out / key / f"{tag}-{i}", s, sft, reward, threads,
+                        (out / "logs" / f"{key}-{tag}-{i}.log", out / "logs" / f"{key}-eval-{tag}-{i}.log"),
+                        overrides=variants[name], key=key)
             results[name].append(r)
-            log(f"ppo {name} run {i}: {r['episodes_per_s']:.2f} episodes/s, peak {r['peak_rss_mib']:.0f} MiB, "
+            log(f"{key} {name} run {i}: {r['episodes_per_s']:.2f} episodes/s, peak {r['peak_rss_mib']:.0f} MiB, "
                 f"reward {r['eval']['reward']:.3f}")
-    counted = count_arithmetic(s, "ppo", out, lambda fw, d, c, logfile: ppo_run(
-        fw, 0, d, c, sft, reward, threads, (logfile, Path(os.devnull)), count_flops=True))
+    counted = count_arithmetic(s, key, out, lambda fw, d, c, logfile: ppo_run(
+        fw, 0, d, c, sft, reward, threads, (logfile, Path(os.devnull)), count_flops=True, key=key))
     return {"sft_eval": sft_eval, **results, **({"arithmetic": counted} if counted else {})}
+
+
+def smol_reward() -> tuple[Path, Path] | None:
+    """SmolLM2 as the store converted it and the smol experiment's reward model (LoRA merged, a plain sequence
+    classifier): the (policy, reward) directories of the smol_ppo section, None where the reward stage has not run."""
+    store = ROOT / "artifacts"
+    if not (store / "aliases" / "smol" / "reward").exists():
+        return None
+    reward = artifact(store, "smol", "reward")
+    manifest = json.loads((reward / "manifest.json").read_text())
+    return store / "artifacts" / manifest["inputs"]["model"]["key"], reward
+
+
+def bench_smol_ppo(s: dict, threads: int, out: Path) -> dict:
+    """The smol_ppo section: PPO from SmolLM2 with the smol reward model, ours against TRL."""
+    found = smol_reward()
+    if found is None:
+        return {"text": "Not measured: the smol experiment's reward model is not in the store "
+                        "(`make smol`, or only that far: `make .venv/.smol-installed-stamp && .venv/bin/rlhf run "
+                        "configs/smol.yaml --until reward`).\n"}
+    return bench_ppo(s, *found, threads, out, key="smol_ppo")
 
 
 def grpo_eval(s: dict, key: str, policy: Path, json_out: Path, threads: int, logfile: Path) -> dict:
@@ -625,52 +661,7 @@ def report(res: dict) -> str:
         add(f"| from an empty store | {p['cold_s']:.1f} s |")
         add(f"| rerun, nothing changed | {p['rerun_s']:.1f} s |\n")
     if "ppo" in res:
-        p, s = res["ppo"], settings_of(res, "ppo")
-        hp = s["ppo"]
-        add("## PPO: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n")
-        measured("ppo")
-        add(f"Same SFT policy and reward model ({s['config']}), prompts data/prompts/train.jsonl.gz; "
-            f"{hp['steps']} PPO steps of {hp['batch']} prompts, {hp['minibatches']} minibatches, {hp['epochs']} PPO "
-            f"epochs, {hp['response-length']} response tokens, KL coefficient {hp['kl-coef']} (k1), temperature "
-            f"{hp['temperature']}, learning rate {hp['lr']} (constant), clip 0.2/0.2, value weight 0.5, gamma 1, "
-            "lambda 0.95, fp32; raw reward-model score on the state after EOS (both place it there), no EOS "
-            "penalty, no score normalisation, no gradient clipping (TRL's PPO loop has none). "
-            f"{s['runs']} runs each, interleaved, one process per run. Episodes/s counts the training loop only. "
-            f"Reward: mean reward-model score of the final policy on the first {s['eval_prompts']} prompts of "
-            "data/prompts/eval.jsonl.gz (one sample each, seeded, bench/eval_policy.py); gold: the VADER judge "
-            "on the same samples.\n")
-        add("| | episodes/s | peak RSS (MiB) | reward | gold judge | EOS rate |\n|---|---|---|---|---|---|")
-        e = p["sft_eval"]
-        add(f"| SFT policy (before PPO) | | | {e['reward']:.3f} | {e['gold']:.3f} | {e['eos_rate']:.2f} |")
-        names = arms(p)
-        for fw in names:
-            rs, name = p[fw], "TRL 1.12.0" if fw == "trl" else fw
-            add(f"| {name} | {fmt(stats([r['episodes_per_s'] for r in rs]))} | "
-                f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} | {fmt(stats([r['eval']['reward'] for r in rs]), 3)} | "
-                f"{fmt(stats([r['eval']['gold'] for r in rs]), 3)} | {fmt(stats([r['eval']['eos_rate'] for r in rs]))} |")
-        def median(fw: str, value: Callable[[dict], float]) -> float:
-            return statistics.median(value(r) for r in p[fw])
-
-        def speed_ratio(fw: str) -> float:
-            return median(fw, lambda r: r["episodes_per_s"]) / median("trl", lambda r: r["episodes_per_s"])
-
-        speed = speed_ratio("ours")
-        mem = median("ours", lambda r: r["peak_rss_mib"]) - median("trl", lambda r: r["peak_rss_mib"])
-        rew = median("ours", lambda r: r["eval"]["reward"]) - median("trl", lambda r: r["eval"]["reward"])
-        others = ", ".join(f"{n} {speed_ratio(n):.2f}x" for n in names[1:-1])
-        add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** (goal: at least 2x){'; ' + others if others else ''}; "
-            f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
-        if line := ratio_line(p, "episodes_per_s", 2.0):
-            add(line)
-        if line := arithmetic_line(p, speed, "episodes"):
-            add(line)
-        if line := faults_line(p):
-            add(line)
-        phase_sections(p, names[:-1], add)
-        add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
-            "rollout batch (with `sampler_logprobs` the sampler keeps the logprobs and no policy forward runs); "
-            "score = the reward model; update = the PPO epochs (forward and backward of policy "
-            "and value, optimizer steps). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
+        ppo_report(res, "ppo", add, measured)
     if "sft" in res:
         p, s = res["sft"], settings_of(res, "sft")
         hp = s["sft"]
@@ -694,6 +685,11 @@ def report(res: dict) -> str:
         add(res["smol_grpo"]["text"])
     elif "smol_grpo" in res:
         grpo_report(res, "smol_grpo", add, measured)
+    if "smol_ppo" in res and "text" in res["smol_ppo"]:
+        add("## PPO on SmolLM2-135M-Instruct: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n")
+        add(res["smol_ppo"]["text"])
+    elif "smol_ppo" in res:
+        ppo_report(res, "smol_ppo", add, measured)
     if "engines" in res:
         add("## Rollout engines: GRPO on SmolLM2-135M-Instruct through `generate` and vLLM\n")
         measured("engines")
@@ -701,6 +697,67 @@ def report(res: dict) -> str:
     if "pairs" in res:
         pairs_report(res, settings_of(res, "pairs"), add, measured)
     return "\n".join(lines) + "\n"
+
+
+def ppo_report(res: dict, key: str, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
+    """A PPO section of RESULTS.md: `key` ppo (the tiny SFT policy and reward model) or smol_ppo (SmolLM2 with
+    LoRA and the smol experiment's reward model)."""
+    s = settings_of(res, key)
+    p, hp = res[key], s[key]
+    smol = key == "smol_ppo"
+    add(f"## PPO{' on SmolLM2-135M-Instruct' if smol else ''}: our stage vs TRL 1.12.0 "
+        "`trl.experimental.ppo.PPOTrainer`\n")
+    measured(key)
+    start = ("SmolLM2-135M-Instruct as `make smol` converts it and the smol experiment's reward model "
+             "(configs/smol.yaml, its LoRA merged; the value model starts from it and trains every weight on both "
+             f"sides), LoRA r {hp['lora-r']} alpha {hp.get('lora-alpha', 32)} on the policy's seven linear layers of "
+             "every block (PEFT on both sides; the reference is the policy with its adapters off), "
+             if smol else f"Same SFT policy and reward model ({s['config']}), ")
+    runs, n_eval = s.get(f"{key}_runs", s["runs"]), s.get(f"{key}_eval_prompts", s["eval_prompts"])
+    add(f"{start}prompts data/prompts/train.jsonl.gz; "
+        f"{hp['steps']} PPO steps of {hp['batch']} prompts, {hp['minibatches']} minibatches, {hp['epochs']} PPO "
+        f"epochs, {hp['response-length']} response tokens, KL coefficient {hp['kl-coef']} (k1), temperature "
+        f"{hp['temperature']}, learning rate {hp['lr']} (constant, policy and value), clip 0.2/0.2, value weight "
+        "0.5, gamma 1, lambda 0.95, fp32; raw reward-model score on the state after EOS (both place it there), no "
+        "EOS penalty, no score normalisation, no gradient clipping (TRL's PPO loop has none). "
+        f"{runs} runs each, interleaved, one process per run. Episodes/s counts the training loop only. "
+        f"Reward: mean reward-model score of the final policy on the first {n_eval} prompts of "
+        f"data/prompts/eval.jsonl.gz (one sample each, seeded, bench/eval_policy.py); gold: the VADER judge "
+        "(word_vader) on the same samples.\n")
+    add("| | episodes/s | peak RSS (MiB) | reward | gold judge | EOS rate |\n|---|---|---|---|---|---|")
+    e = p["sft_eval"]
+    add(f"| {'SmolLM2' if smol else 'SFT policy'} (before PPO) | | | {e['reward']:.3f} | {e['gold']:.3f} | {e['eos_rate']:.2f} |")
+    names = arms(p)
+    for fw in names:
+        rs, name = p[fw], "TRL 1.12.0" if fw == "trl" else fw
+        add(f"| {name} | {fmt(stats([r['episodes_per_s'] for r in rs]))} | "
+            f"{fmt(stats([r['peak_rss_mib'] for r in rs]), 0)} | {fmt(stats([r['eval']['reward'] for r in rs]), 3)} | "
+            f"{fmt(stats([r['eval']['gold'] for r in rs]), 3)} | {fmt(stats([r['eval']['eos_rate'] for r in rs]))} |")
+
+    def median(fw: str, value: Callable[[dict], float]) -> float:
+        return statistics.median(value(r) for r in p[fw])
+
+    def speed_ratio(fw: str) -> float:
+        return median(fw, lambda r: r["episodes_per_s"]) / median("trl", lambda r: r["episodes_per_s"])
+
+    speed = speed_ratio("ours")
+    goal = "the goal of 2x is set on the default model's section" if smol else "goal: at least 2x"
+    mem = median("ours", lambda r: r["peak_rss_mib"]) - median("trl", lambda r: r["peak_rss_mib"])
+    rew = median("ours", lambda r: r["eval"]["reward"]) - median("trl", lambda r: r["eval"]["reward"])
+    others = ", ".join(f"{n} {speed_ratio(n):.2f}x" for n in names[1:-1])
+    add(f"\nOurs / TRL episodes per second (medians): **{speed:.2f}x** ({goal}){'; ' + others if others else ''}; "
+        f"peak memory {mem:+.0f} MiB; reward {rew:+.3f}.\n")
+    if line := ratio_line(p, "episodes_per_s", 2.0):
+        add(line)
+    if line := arithmetic_line(p, speed, "episodes"):
+        add(line)
+    if line := faults_line(p):
+        add(line)
+    phase_sections(p, names[:-1], add)
+    add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
+        "rollout batch (with `sampler_logprobs` the sampler keeps the logprobs and no policy forward runs); "
+        "score = the reward model; update = the PPO epochs (forward and backward of policy "
+        "and value, optimizer steps; with LoRA the reference forward is the policy's with its adapters off). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
 
 
 def pairs_report(res: dict, s: dict, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
@@ -749,7 +806,7 @@ def main() -> None:
     OURS_PY, TRL_PY = Path(a.ours_python), Path(a.trl_python)
     s = dict(SETTINGS["quick" if a.quick else "full"])
     if a.runs:
-        s["runs"] = s["grpo_runs"] = s["smol_grpo_runs"] = a.runs
+        s["runs"] = s["grpo_runs"] = s["smol_grpo_runs"] = s["smol_ppo_runs"] = a.runs
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     from omegaconf import OmegaConf
@@ -761,7 +818,7 @@ def main() -> None:
            "pythons": {"ours": shown(OURS_PY), "trl": shown(TRL_PY)}, "commit": commit,
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"])}}
-    if "ppo" in a.only or TRL_PY.exists():  # the TRL 1.12.0 venv serves PPO only
+    if {"ppo", "smol_ppo"} & set(a.only) or TRL_PY.exists():  # the TRL 1.12.0 venv serves PPO only
         res["versions"]["trl"] = versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])
     if "pipeline" in a.only:
         res["pipeline"] = {**bench_pipeline(s["config"], store, a.threads, out), "date": res["date"]}
@@ -782,6 +839,8 @@ def main() -> None:
                        "trl_loss_type": trl_loss_type(hp["loss"], hp["minibatches"], hp.get("grad-accum", 1))}
     if "smol_grpo" in a.only:
         res["smol_grpo"] = {**bench_smol_grpo(s, a.threads, out), "date": res["date"]}
+    if "smol_ppo" in a.only:
+        res["smol_ppo"] = {**bench_smol_ppo(s, a.threads, out), "date": res["date"]}
     if "engines" in a.only:
         res["engines"] = {**bench_engines(a.quick, a.threads, out), "date": res["date"]}
     if "pairs" in a.only:

@@ -143,3 +143,52 @@ def test_every_result_records_the_kernels_share_and_the_report_sets_the_sides_si
     assert "ours 0.26 million, TRL 1.65 million" in line and "ours 2.5 s, TRL 5.5 s" in line
     del p["trl"][1]["minor_faults"]  # results written before runs recorded it: no sentence
     assert faults_line(p) == ""
+
+
+def ppo_results(sections: dict[str, list[float]]) -> dict:
+    """bench/run.py's results with a PPO section per key of `sections` (ours' episodes/s per run; TRL's half)."""
+    from run import SETTINGS
+
+    def one(speed: float, reward: float) -> dict:
+        return {"episodes_per_s": speed, "peak_rss_mib": 1000.0, "steps": 4,
+                "time": {"time/step": 8.0, "time/update": 6.0}, "eval": {"reward": reward, "gold": 0.1, "eos_rate": 0.9}}
+    res = {"quick": False, "date": "day 1", "commit": "abc123", "argv": ["--only", *sections], "threads": 0,
+           "settings": SETTINGS["full"], "machine": {"cpu": "cpu", "cores": 2, "memory_mib": 1, "os": "os", "python": "3"},
+           "versions": {"ours": {"torch": "2"}}}
+    for key, speeds in sections.items():
+        res[key] = {"sft_eval": {"reward": 0.0, "gold": 0.0, "eos_rate": 0.5},
+                    "ours": [one(v, 0.2) for v in speeds], "trl": [one(v / 2, 0.1) for v in speeds]}
+    return res
+
+
+def test_the_smol_ppo_section_reports_its_own_settings_beside_the_default_one():
+    from run import SETTINGS, eval_args, report
+
+    text = report(ppo_results({"ppo": [30.0, 32.0], "smol_ppo": [0.8, 0.9]}))
+    default, smol = text.split("## PPO on SmolLM2-135M-Instruct")
+    assert "## PPO: our stage vs TRL 1.12.0" in default and "(goal: at least 2x)" in default
+    assert "30 PPO steps of 64 prompts" in default and "LoRA" not in default.split("Time per step")[0]
+    hp = SETTINGS["full"]["smol_ppo"]
+    assert f"{hp['steps']} PPO steps of {hp['batch']} prompts" in smol and f"LoRA r {hp['lora-r']}" in smol
+    assert "| SmolLM2 (before PPO) |" in smol and "2.00x** (the goal of 2x is set on the default" in smol
+    assert f"first {SETTINGS['full']['smol_ppo_eval_prompts']} prompts" in smol
+    # each section's runs are scored at its own length and temperature, on its own number of prompts
+    args = dict(zip(*[iter(eval_args(SETTINGS["full"], Path("rm"), "smol_ppo"))] * 2))
+    assert (args["--num-prompts"], args["--response-length"], args["--temperature"]) == (
+        SETTINGS["full"]["smol_ppo_eval_prompts"], hp["response-length"], hp["temperature"])
+    assert dict(zip(*[iter(eval_args(SETTINGS["full"], Path("rm")))] * 2))["--num-prompts"] == 256
+
+
+def test_both_sides_get_the_same_lora_from_one_pair_of_flags():
+    import argparse
+
+    from common import LORA_TARGETS, add_ppo_args, lora_block, peft_config
+
+    p = argparse.ArgumentParser()
+    add_ppo_args(p)
+    base = ["--policy", "p", "--reward", "r", "--prompts", "x", "--out", "o"]
+    assert lora_block(p.parse_args(base)) == {} and peft_config(p.parse_args(base)) is None
+    a = p.parse_args([*base, "--lora-r", "16", "--lora-alpha", "32"])
+    ours, theirs = lora_block(a)["lora"], peft_config(a)
+    assert (ours["r"], ours["alpha"], ours["dropout"]) == (theirs.r, theirs.lora_alpha, theirs.lora_dropout) == (16, 32, 0.0)
+    assert set(ours["target_modules"]) == set(theirs.target_modules) == set(LORA_TARGETS)
