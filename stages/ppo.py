@@ -328,8 +328,10 @@ class PPOStage(RLStage):
                 if last_good is not None:
                     launch.restore_policy(last_good)
                 break
-            # This rollout passed, so its policy is the last good one (a CPU copy: cheap for the
-            # models this runs on CPU, and the only way to go back one step without a checkpoint per step).
+            # This rollout passed, so its policy is the last good one (a CPU copy of what training changes:
+            # the only way to go back one step without a checkpoint per step). The earlier copy goes first,
+            # so that one copy is in memory at a time, not two.
+            last_good = None
             last_good, good_step = launch.policy_state_copy(), step
             # 5. update (while rollouts run ahead, its shuffles draw from a generator of its own: the sampler
             # draws from the global one), then the engine takes the new weights
