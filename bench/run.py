@@ -157,7 +157,9 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 
 def versions(py: Path, mods: list[str]) -> dict:
-    code = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    code = ("import importlib.metadata as m, json, sys\n"
+            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return 'not installed'\n"
+            "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
     out = subprocess.run([str(py), "-c", code, *mods], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
@@ -819,7 +821,7 @@ def main() -> None:
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "versions": {"ours": versions(OURS_PY, ["torch", "transformers", "trl", "accelerate", "peft"])}}
     if {"ppo", "smol_ppo"} & set(a.only) or TRL_PY.exists():  # the TRL 1.12.0 venv serves PPO only
-        res["versions"]["trl"] = versions(TRL_PY, ["torch", "transformers", "trl", "accelerate"])
+        res["versions"]["trl"] = versions(TRL_PY, ["torch", "transformers", "trl", "accelerate", "peft"])
     if "pipeline" in a.only:
         res["pipeline"] = {**bench_pipeline(s["config"], store, a.threads, out), "date": res["date"]}
     elif {"ppo", "sft", "grpo"} & set(a.only):  # the furthest stage these need: PPO the reward model, GRPO
