@@ -12,7 +12,7 @@
    (our default until 2026-12-07) and `shared_prefill: false`.
 5. GRPO on SmolLM2-135M-Instruct (`make smol` converts it): the same comparison with LoRA, a few steps.
    PPO on SmolLM2 (`smol_ppo`: LoRA on the policy, the value model from the smol experiment's reward
-   model, which `rlhf run configs/smol.yaml --until reward` builds): section 2's comparison, a few steps.
+   model, which `make smol` builds; bench/README.md): section 2's comparison, a few steps.
 6. Rollout engines (where `make vllm-setup` made .venv-vllm): `generate` against vLLM (bench/engines.py).
 7. DPO and KTO: our stages with the model's own logits against the same stages with TRL's fused LM head
    (what a DPOTrainer or KTOTrainer script runs on a CPU), on the SFT policy and preferences pipeline built,
