@@ -158,7 +158,8 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 def versions(py: Path, mods: list[str]) -> dict:
     code = ("import importlib.metadata as m, json, sys\n"
-            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return 'not installed'\n"
+            "def v(n):\n    try:\n        return m.version(n)\n"
+            "    except m.PackageNotFoundError:\n        return 'not installed'\n"
             "print(json.dumps({n: v(n) for n in sys.argv[1:]}))")
     out = subprocess.run([str(py), "-c", code, *mods], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
@@ -226,7 +227,8 @@ def ppo_run(fw: str, seed: int, d: Path, s: dict, sft: Path, reward: Path, threa
     r = json.loads((d / "result.json").read_text())
     if count_flops:
         return r
-    run([ours_py, "bench/eval_policy.py", "--policy", r["policy_dir"], *eval_args(s, reward, key), "--json", d / "eval.json"],
+    run([ours_py, "bench/eval_policy.py", "--policy", r["policy_dir"], *eval_args(s, reward, key),
+         "--json", d / "eval.json"],
         threads, logs[1])
     r["eval"] = json.loads((d / "eval.json").read_text())
     return r
@@ -250,7 +252,8 @@ def bench_ppo(s: dict, sft: Path, reward: Path, threads: int, out: Path, key: st
     and TRL, interleaved over `s[key + "_runs"]` (else `s["runs"]`) seeds in alternating order."""
     variants = {"ours": [], **s.get(f"{key}_variants", {}), "trl": []}
     results: dict[str, list] = {name: [] for name in variants}
-    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *eval_args(s, reward, key), "--json", out / key / "sft-eval.json"],
+    run([OURS_PY, "bench/eval_policy.py", "--policy", sft, *eval_args(s, reward, key),
+         "--json", out / key / "sft-eval.json"],
         threads, out / "logs" / f"{key}-eval-sft.log")
     sft_eval = json.loads((out / key / "sft-eval.json").read_text())
     for i in range(s.get(f"{key}_runs", s["runs"])):

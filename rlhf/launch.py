@@ -211,12 +211,19 @@ class RLLaunch:
     def policy_state_copy(self) -> dict:
         """A CPU copy of the policy state that training changes (gathered where sharded): what `restore_policy`
         takes. Where every rank holds the whole policy the frozen parameters are left out: with LoRA on
-        SmolLM2-135M that is 540 MB a copy of weights no step changes; sharded, the gathered state is whole."""
+        SmolLM2-135M that is 19.5 MB a copy instead of 671 MB; sharded, the gathered state is whole."""
         state = self.gathered_policy_state()
         if state is None:  # not sharded: every rank holds the whole policy
             frozen = self.frozen_policy_names()
-            state = {k: v for k, v in self.accelerator.unwrap_model(self.policy).state_dict().items() if k not in frozen}
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+            whole = self.accelerator.unwrap_model(self.policy).state_dict()
+            state = {k: v for k, v in whole.items() if k not in frozen}
+        copies: dict[tuple, torch.Tensor] = {}  # tied weights (an LM head that is the embedding) copied once
+        for k, v in state.items():
+            key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+            if key not in copies:
+                copies[key] = v.detach().to("cpu", copy=True)
+            state[k] = copies[key]
+        return state
 
     def local_rows(self, rows: list) -> list:
         """This rank's share of a batch's rows: with N processes rank r takes rows r*B/N .. (r+1)*B/N - 1,

@@ -151,9 +151,11 @@ def ppo_results(sections: dict[str, list[float]]) -> dict:
 
     def one(speed: float, reward: float) -> dict:
         return {"episodes_per_s": speed, "peak_rss_mib": 1000.0, "steps": 4,
-                "time": {"time/step": 8.0, "time/update": 6.0}, "eval": {"reward": reward, "gold": 0.1, "eos_rate": 0.9}}
+                "time": {"time/step": 8.0, "time/update": 6.0},
+                "eval": {"reward": reward, "gold": 0.1, "eos_rate": 0.9}}
     res = {"quick": False, "date": "day 1", "commit": "abc123", "argv": ["--only", *sections], "threads": 0,
-           "settings": SETTINGS["full"], "machine": {"cpu": "cpu", "cores": 2, "memory_mib": 1, "os": "os", "python": "3"},
+           "settings": SETTINGS["full"],
+           "machine": {"cpu": "cpu", "cores": 2, "memory_mib": 1, "os": "os", "python": "3"},
            "versions": {"ours": {"torch": "2"}}}
     for key, speeds in sections.items():
         res[key] = {"sft_eval": {"reward": 0.0, "gold": 0.0, "eos_rate": 0.5},
@@ -190,5 +192,6 @@ def test_both_sides_get_the_same_lora_from_one_pair_of_flags():
     assert lora_block(p.parse_args(base)) == {} and peft_config(p.parse_args(base)) is None
     a = p.parse_args([*base, "--lora-r", "16", "--lora-alpha", "32"])
     ours, theirs = lora_block(a)["lora"], peft_config(a)
-    assert (ours["r"], ours["alpha"], ours["dropout"]) == (theirs.r, theirs.lora_alpha, theirs.lora_dropout) == (16, 32, 0.0)
+    assert (ours["r"], ours["alpha"], ours["dropout"]) == (16, 32, 0.0)
+    assert (theirs.r, theirs.lora_alpha, theirs.lora_dropout) == (16, 32, 0.0)
     assert set(ours["target_modules"]) == set(theirs.target_modules) == set(LORA_TARGETS)
