@@ -690,10 +690,7 @@ def report(res: dict) -> str:
         add(res["smol_grpo"]["text"])
     elif "smol_grpo" in res:
         grpo_report(res, "smol_grpo", add, measured)
-    if "smol_ppo" in res and "text" in res["smol_ppo"]:
-        add("## PPO on SmolLM2-135M-Instruct: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n")
-        add(res["smol_ppo"]["text"])
-    elif "smol_ppo" in res:
+    if "smol_ppo" in res:
         ppo_report(res, "smol_ppo", add, measured)
     if "engines" in res:
         add("## Rollout engines: GRPO on SmolLM2-135M-Instruct through `generate` and vLLM\n")
@@ -706,12 +703,15 @@ def report(res: dict) -> str:
 
 def ppo_report(res: dict, key: str, add: Callable[[str], None], measured: Callable[[str], None]) -> None:
     """A PPO section of RESULTS.md: `key` ppo (the tiny SFT policy and reward model) or smol_ppo (SmolLM2 with
-    LoRA and the smol experiment's reward model)."""
-    s = settings_of(res, key)
-    p, hp = res[key], s[key]
-    smol = key == "smol_ppo"
+    LoRA and the smol experiment's reward model), or why it was not measured (its "text")."""
+    p, smol = res[key], key == "smol_ppo"
     add(f"## PPO{' on SmolLM2-135M-Instruct' if smol else ''}: our stage vs TRL 1.12.0 "
         "`trl.experimental.ppo.PPOTrainer`\n")
+    if "text" in p:
+        add(p["text"])
+        return
+    s = settings_of(res, key)
+    hp = s[key]
     measured(key)
     start = ("SmolLM2-135M-Instruct as `make smol` converts it and the smol experiment's reward model "
              "(configs/smol.yaml, its LoRA merged; the value model starts from it and trains every weight on both "
@@ -762,7 +762,8 @@ def ppo_report(res: dict, key: str, add: Callable[[str], None], measured: Callab
     add("rollout = sampling the responses; policy, reference and value forwards = the no-grad passes over the "
         "rollout batch (with `sampler_logprobs` the sampler keeps the logprobs and no policy forward runs); "
         "score = the reward model; update = the PPO epochs (forward and backward of policy "
-        "and value, optimizer steps; with LoRA the reference forward is the policy's with its adapters off). The rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
+        "and value, optimizer steps; with LoRA the reference forward is the policy's with its adapters off). The "
+        "rest of a step: rewards, advantages, the watchdogs' policy copy, logging.\n")
 
 
 def pairs_report(res: dict, s: dict, add: Callable[[str], None], measured: Callable[[str], None]) -> None:

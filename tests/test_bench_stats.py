@@ -179,6 +179,10 @@ def test_the_smol_ppo_section_reports_its_own_settings_beside_the_default_one():
     assert (args["--num-prompts"], args["--response-length"], args["--temperature"]) == (
         SETTINGS["full"]["smol_ppo_eval_prompts"], hp["response-length"], hp["temperature"])
     assert dict(zip(*[iter(eval_args(SETTINGS["full"], Path("rm")))] * 2))["--num-prompts"] == 256
+    # where the smol reward model is missing, the section says so under its own heading
+    res = {**ppo_results({}), "smol_ppo": {"text": "Not measured: no reward model.\n", "date": "day 1"}}
+    assert ("## PPO on SmolLM2-135M-Instruct: our stage vs TRL 1.12.0 `trl.experimental.ppo.PPOTrainer`\n\n"
+            "Not measured: no reward model.\n") in report(res)
 
 
 def test_both_sides_get_the_same_lora_from_one_pair_of_flags():

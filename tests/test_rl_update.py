@@ -233,6 +233,7 @@ def test_max_grad_norm_zero_computes_no_norm():
 def test_the_last_good_policy_copy_holds_what_training_changes_and_restores_it(lora):
     # The watchdogs' copy of the last good policy (one per rollout) leaves a LoRA policy's frozen base weights
     # out: they never change, and on SmolLM2-135M the copy is 19.5 MB instead of 671. Restoring it undoes every change.
+    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     policy = tiny_models()[0]
@@ -241,8 +242,6 @@ def test_the_last_good_policy_copy_holds_what_training_changes_and_restores_it(l
     if lora:
         policy = get_peft_model(policy, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                                                    init_lora_weights=False))
-    from accelerate import Accelerator
-
     launch = RLLaunch(Accelerator(cpu=True), micro_batch_size=1, gradient_accumulation_steps=1, max_grad_norm=0.0)
     launch.policy = policy
     whole = policy.state_dict()
